@@ -1,0 +1,80 @@
+"""The full training state in one directory: everything needed to continue exactly.
+
+Rank 0 writes `state.pt` (G, D, both Adam states, the step, the MLflow run id, the config);
+every rank writes its own RNG state to `rng-rank{N}.pt`. Ray Train merges the ranks'
+directories into one checkpoint. Everything is loaded with weights_only=True: tensors and
+plain containers only, no pickled code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+STATE_FILE = "state.pt"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return getattr(model, "module", model)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(
+    directory: str | Path,
+    *,
+    rank: int,
+    step: int,
+    generator: nn.Module,
+    discriminator: nn.Module,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    mlflow_run_id: str | None,
+    config: dict[str, Any],
+) -> None:
+    directory = Path(directory)
+    torch.save(rng_state(), directory / rng_file(rank))
+    if rank != 0:  # the models are replicas; one copy is enough
+        return
+    state = {
+        "step": step,
+        "generator": unwrap(generator).state_dict(),
+        "discriminator": unwrap(discriminator).state_dict(),
+        "opt_g": opt_g.state_dict(),
+        "opt_d": opt_d.state_dict(),
+        "mlflow_run_id": mlflow_run_id,
+        "config": config,
+    }
+    torch.save(state, directory / STATE_FILE)
+
+
+def load_state(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: not a dcgan-dist checkpoint")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_rng(directory: str | Path, rank: int) -> dict[str, Any] | None:
+    """This rank's RNG state, or None when the run had fewer ranks than now."""
+    path = Path(directory) / rng_file(rank)
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None

@@ -1,0 +1,321 @@
+"""The one typed config: every option of dcgan-dist is a field here.
+
+The CLI flags are generated from these dataclasses (`--lr` sets `optim.lr`), a YAML or JSON
+file can fill them in, and `flatten()` turns the tree into dotted keys (`optim.lr`) that are
+the MLflow params and the Ray Tune search keys. Leaf names are unique across the tree, so a
+flag is just the leaf name with dashes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESETS = ("paper", "pytorch-examples", "imagenet32")
+BN_CHOICES = ("paper", "all", "none", "g-only", "d-only")
+IMAGE_SIZES = (32, 64, 128)
+
+
+def option(default, help: str, choices: tuple | None = None):
+    """A config field with the help text (and allowed values) its CLI flag shows."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class ModelConfig:
+    preset: str = option(
+        "pytorch-examples",
+        "architecture preset (see models.PRESETS for each one's deviations from the paper)",
+        PRESETS,
+    )
+    image_size: int = option(32, "image side in pixels; sets the number of stride-2 blocks", IMAGE_SIZES)
+    bn: str = option(
+        "paper",
+        "BatchNorm placement: paper = all layers but G's output and D's input",
+        BN_CHOICES,
+    )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = option(2e-4, "Adam learning rate for both G and D (paper: 2e-4)")
+    beta1: float = option(0.5, "Adam beta1 (paper: 0.5; 0.9 oscillates)")
+    beta2: float = option(0.999, "Adam beta2")
+
+
+@dataclass
+class DataConfig:
+    data: str = option("digits", "data set: 'digits' (bundled with scikit-learn)")
+
+
+@dataclass
+class LoopConfig:
+    batch_size: int = option(128, "GLOBAL batch size, split evenly across workers (paper: 128)")
+    max_steps: int = option(600, "train until this many G/D updates in total (a resumed run continues to it)")
+    seed: int = option(0, "random seed; worker k uses seed + k")
+    log_every: int = option(10, "read, reduce and log training stats every N steps")
+    sample_every: int = option(100, "log a sample grid from a fixed latent batch every N steps")
+    checkpoint_every: int = option(200, "checkpoint the full training state every N steps (and at the end)")
+    keep_checkpoints: int = option(2, "how many of the latest checkpoints Ray Train keeps")
+
+
+@dataclass
+class ClusterConfig:
+    num_workers: int = option(1, "Ray Train workers (data-parallel replicas)")
+    use_gpu: bool = option(False, "one GPU per worker, NCCL; otherwise CPU and gloo")
+    cpus_per_worker: int = option(
+        0, "CPUs (and so torch threads) per worker; 0 = the cluster's CPUs shared among the workers (per GPU with --use-gpu)"
+    )
+    ray_address: str = option("", "Ray cluster to join; empty = RAY_ADDRESS or a new local instance")
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = option("", "MLflow tracking URI; empty = MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    experiment: str = option("dcgan", "MLflow experiment name")
+    run_name: str = option("dcgan", "Ray Train run name; re-running with the same name and storage path resumes")
+    storage_path: str = option("./ray_results", "where Ray Train keeps checkpoints (local/NFS path or s3://)")
+    register_models: bool = option(True, "register G and D in the MLflow model registry at the end")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.loop.batch_size // self.cluster.num_workers
+
+
+class ConfigError(ValueError):
+    """A bad option value; `option` is the flag name it came from."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"--{option.replace('_', '-')}: {message}")
+        self.option = option
+
+
+# ---------------------------------------------------------------- the field tree
+
+
+def _leaves(cls=Config, prefix: str = ""):
+    """(dotted path, dataclass field, python type) for every leaf option, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaves(hints[f.name], path + ".")
+        else:
+            yield path, f, hints[f.name]
+
+
+LEAVES = {path: (f, tp) for path, f, tp in _leaves()}
+_BY_NAME = {path.rsplit(".", 1)[1]: path for path in LEAVES}
+assert len(_BY_NAME) == len(LEAVES), "config leaf names must be unique: they are the flag names"
+
+
+def resolve_key(key: str) -> str:
+    """A full dotted path, or the leaf name alone (`lr` -> `optim.lr`), to the full path."""
+    if key in LEAVES:
+        return key
+    if key.replace("-", "_") in _BY_NAME:
+        return _BY_NAME[key.replace("-", "_")]
+    raise KeyError(key)
+
+
+def _coerce(path: str, value: Any) -> Any:
+    """Convert a value from a file, a flag or a flattened dict to the field's type."""
+    _, tp = LEAVES[path]
+    name = path.rsplit(".", 1)[1]
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(name, f"expected {tp.__name__}, got {value!r}") from None
+
+
+def get(cfg: Config, path: str) -> Any:
+    obj = cfg
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_value(cfg: Config, path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    obj = cfg
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, leaf, _coerce(path, value))
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """{'model.preset': 'paper', 'optim.lr': 0.0002, ...}: MLflow params and Tune search keys."""
+    return {path: get(cfg, path) for path in LEAVES}
+
+
+def from_flat(values: dict[str, Any], base: Config | None = None) -> Config:
+    """Inverse of flatten(); keys may be full paths or unique leaf names."""
+    cfg = copy.deepcopy(base) if base else Config()
+    for key, value in values.items():
+        try:
+            path = resolve_key(key)
+        except KeyError:
+            raise ConfigError(key, "unknown option") from None
+        set_value(cfg, path, value)
+    return cfg
+
+
+def load_file(path: str | Path, base: Config | None = None) -> Config:
+    """A YAML/JSON file of sections ({model: {preset: paper}}) or dotted/leaf keys ({lr: 1e-4})."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config", f"no such file: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+    except yaml.YAMLError as e:
+        raise ConfigError("config", f"{path} is not valid YAML/JSON: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of options")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                flat[f"{key}.{sub_key}"] = sub_value
+        else:
+            flat[key] = value
+    return from_flat(flat, base)
+
+
+def save_file(cfg: Config, path: str | Path) -> None:
+    """Write the config as sectioned YAML (or JSON for a .json path)."""
+    path = Path(path)
+    tree = dataclasses.asdict(cfg)
+    text = json.dumps(tree, indent=2) if path.suffix == ".json" else yaml.safe_dump(tree, sort_keys=False)
+    path.write_text(text)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError naming the first bad option. Nothing is clamped or fixed up."""
+    for path, (f, _) in LEAVES.items():
+        choices = f.metadata["choices"]
+        if choices and get(cfg, path) not in choices:
+            allowed = ", ".join(str(c) for c in choices)
+            raise ConfigError(f.name, f"must be one of {allowed} (got {get(cfg, path)!r})")
+
+    def positive(name: str, value: float) -> None:
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(name, f"must be > 0 (got {value})")
+
+    positive("lr", cfg.optim.lr)
+    for name in ("beta1", "beta2"):
+        value = getattr(cfg.optim, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(name, f"must be in [0, 1) (got {value})")
+    for name in ("batch_size", "max_steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
+        positive(name, getattr(cfg.loop, name))
+    positive("num_workers", cfg.cluster.num_workers)
+    if cfg.cluster.cpus_per_worker < 0:
+        raise ConfigError("cpus_per_worker", f"must be >= 0 (got {cfg.cluster.cpus_per_worker})")
+    if cfg.loop.batch_size % cfg.cluster.num_workers:
+        raise ConfigError(
+            "batch_size",
+            f"{cfg.loop.batch_size} is not divisible by --num-workers {cfg.cluster.num_workers}",
+        )
+    if cfg.model.preset == "imagenet32" and cfg.model.image_size != 32:
+        raise ConfigError("image_size", f"preset imagenet32 is 32 px only (got {cfg.model.image_size})")
+    if not cfg.tracking.experiment.strip():
+        raise ConfigError("experiment", "must not be empty")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg.tracking.run_name):
+        raise ConfigError("run_name", f"use letters, digits, '_', '.', '-' (got {cfg.tracking.run_name!r})")
+    return cfg
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field. Defaults are SUPPRESSed so only flags actually given override."""
+    parser.add_argument("--config", metavar="FILE", help="YAML/JSON config file; flags override it")
+    for path, (f, tp) in LEAVES.items():
+        group_title = path.split(".")[0]
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        kwargs: dict[str, Any] = {"dest": path, "default": argparse.SUPPRESS, "help": help_text}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = tp
+            if f.metadata["choices"]:
+                kwargs["choices"] = f.metadata["choices"]
+            kwargs["metavar"] = tp.__name__.upper() if not f.metadata["choices"] else None
+        _group(parser, group_title).add_argument(flag, **kwargs)
+
+
+def _group(parser: argparse.ArgumentParser, title: str):
+    for group in parser._action_groups:
+        if group.title == title:
+            return group
+    return parser.add_argument_group(title)
+
+
+def from_args(args: argparse.Namespace) -> Config:
+    """Config() <- --config file <- flags, then validated."""
+    cfg = load_file(args.config) if getattr(args, "config", None) else Config()
+    given = {k: v for k, v in vars(args).items() if k in LEAVES}
+    return validate(from_flat(given, cfg))
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line (not the whole usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse(argv: list[str] | None = None, prog: str = "dcgan_dist.train", description: str = "") -> Config:
+    """Parse argv into a validated Config; a bad value exits 2 with one line naming the option."""
+    parser = OneLineErrorParser(prog=prog, description=description)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return from_args(args)
+    except ConfigError as e:
+        parser.error(str(e))

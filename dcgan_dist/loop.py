@@ -1,0 +1,208 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+`train_loop` wires the parts together and does nothing else: `setup` builds models (DDP through
+`prepare_model`), optimizers and the data stream, restoring all of it from Ray Train's latest
+checkpoint when there is one; `run` takes the GAN steps, reduces the training stats across
+ranks once every --log-every steps, logs sample grids and checkpoints on schedule, and on
+rank 0 writes everything to MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+from dcgan_dist import checkpoint, config
+from dcgan_dist.checkpoint import unwrap
+from dcgan_dist.config import Config
+from dcgan_dist.data import batch_stream, open_dataset
+from dcgan_dist.models import PRESETS, build_models, sample_latent
+from dcgan_dist.step import gan_step, make_optimizers
+from dcgan_dist.tracking import RunLogger
+
+# Ray Train V2 sends print() both to the log and to stdout; a named logger prints once.
+log = logging.getLogger(__name__)
+
+STAT_NAMES = ("loss_d", "loss_g", "d_real", "d_fake")
+SAMPLE_GRID_SIZE = 64  # an 8x8 grid
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass
+class Worker:
+    """What one rank trains with."""
+
+    cfg: Config
+    rank: int
+    world_size: int
+    device: torch.device
+    generator: torch.nn.Module
+    discriminator: torch.nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    batches: Iterator[torch.Tensor]
+    z_fixed: torch.Tensor  # the latent batch behind every sample grid, the same across resumes
+    start_step: int
+    logger: RunLogger | None  # rank 0 only
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker."""
+    worker = setup(config.from_flat(loop_config["config"]))
+    cfg, logger = worker.cfg, worker.logger
+    if worker.start_step >= cfg.loop.max_steps:
+        if logger is not None:
+            log.info("Already at step %d of --max-steps %d: nothing to train", worker.start_step, cfg.loop.max_steps)
+            logger.finish()
+        return
+    try:
+        run(worker)
+    except BaseException:
+        if logger is not None:
+            logger.finish("FAILED")
+        raise
+    if logger is not None:
+        architecture = {"preset": cfg.model.preset, "image_size": cfg.model.image_size, "bn": cfg.model.bn,
+                        "z_dim": PRESETS[cfg.model.preset].z_dim}
+        versions = logger.log_and_register_models(
+            unwrap(worker.generator), unwrap(worker.discriminator), cfg.loop.max_steps, architecture,
+            register=cfg.tracking.register_models,
+        )
+        logger.set_tags({f"registered.{name}": version for name, version in versions.items()})
+        logger.finish()
+
+
+def setup(cfg: Config) -> Worker:
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(cfg.loop.seed + rank)  # before building: initial weights follow the seed
+    generator, discriminator = build_models(cfg.model.preset, cfg.model.image_size, cfg.model.bn)
+    state, start_step, mlflow_run_id = None, 0, None
+    resume_from = ray.train.get_checkpoint()
+    if resume_from is not None:
+        with resume_from.as_directory() as directory:
+            state = checkpoint.load_state(directory)
+            rng = checkpoint.load_rng(directory, rank)
+        generator.load_state_dict(state["generator"])
+        discriminator.load_state_dict(state["discriminator"])
+        start_step, mlflow_run_id = state["step"], state["mlflow_run_id"]
+        if rng is not None:
+            checkpoint.set_rng_state(rng)
+        else:  # a rank the checkpointed run did not have
+            torch.manual_seed(cfg.loop.seed + rank + 7919 * start_step)
+
+    # Per-worker BatchNorm statistics, as single-GPU DCGAN has them: no buffer broadcast.
+    ddp_options = {"parallel_strategy_kwargs": {"broadcast_buffers": False}}
+    generator = ray.train.torch.prepare_model(generator, **ddp_options)
+    discriminator = ray.train.torch.prepare_model(discriminator, **ddp_options)
+    opt_g, opt_d = make_optimizers(generator, discriminator, cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
+    if state is not None:
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+
+    dataset = open_dataset(cfg.data.data, cfg.model.image_size)
+    batches = batch_stream(dataset, cfg.per_worker_batch, rank, world_size, cfg.loop.seed, start_step)
+    z_fixed = sample_latent(SAMPLE_GRID_SIZE, cfg.model.preset, generator=torch.Generator().manual_seed(cfg.loop.seed))
+
+    logger = None
+    if rank == 0:
+        logger = RunLogger(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name, mlflow_run_id)
+        if logger.resumed:
+            log.info("Resuming MLflow run %s from step %d", logger.run_id, start_step)
+        else:
+            derived = {"derived.per_worker_batch": cfg.per_worker_batch, "derived.world_size": world_size}
+            logger.log_params(config.flatten(cfg) | derived)
+        logger.set_tags({"ray.world_size": world_size, "ray.run_name": cfg.tracking.run_name})
+
+    return Worker(cfg, rank, world_size, device, generator, discriminator, opt_g, opt_d, batches,
+                  z_fixed.to(device), start_step, logger)
+
+
+def run(w: Worker) -> None:
+    cfg = w.cfg
+    window: list[torch.Tensor] = []  # per-step stats, kept on the device until the window closes
+    run_start = window_start = time.perf_counter()
+    last_progress = 0.0
+    for step in range(w.start_step + 1, cfg.loop.max_steps + 1):
+        real = next(w.batches).to(w.device, non_blocking=True)
+        z = sample_latent(cfg.per_worker_batch, cfg.model.preset, w.device)
+        stats = gan_step(w.generator, w.discriminator, w.opt_g, w.opt_d, real, z)
+        window.append(torch.stack([stats[name] for name in STAT_NAMES]))
+        last_step = step == cfg.loop.max_steps
+
+        if step % cfg.loop.log_every == 0 or last_step:
+            rows = reduce_window(window, w.world_size)  # every rank takes part
+            img_per_s = len(window) * cfg.loop.batch_size / (time.perf_counter() - window_start)
+            if w.logger is not None:
+                first = step - len(window) + 1
+                w.logger.log_metrics(
+                    [(first + i, dict(zip(STAT_NAMES, row))) for i, row in enumerate(rows)]
+                    + [(step, {"img_per_s": img_per_s})]
+                )
+                now = time.perf_counter()
+                if now - last_progress >= PROGRESS_EVERY_S or last_step:
+                    log.info(progress_line(step, w.start_step, cfg.loop.max_steps, now - run_start, img_per_s, rows[-1]))
+                    last_progress = now
+            window, window_start = [], time.perf_counter()
+
+        if w.logger is not None and (step % cfg.loop.sample_every == 0 or last_step):
+            w.logger.log_image(sample_grid(w.generator, w.z_fixed), key="samples", step=step)
+
+        if step % cfg.loop.checkpoint_every == 0 or last_step:
+            save_checkpoint(w, step)
+
+
+def reduce_window(window: list[torch.Tensor], world_size: int) -> list[list[float]]:
+    """Per-step stats of the last window, averaged over ranks: one all-reduce, one host read."""
+    stats = torch.stack(window)  # (steps, len(STAT_NAMES))
+    if world_size > 1:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        stats /= world_size
+    return stats.tolist()
+
+
+def progress_line(step: int, start_step: int, max_steps: int, elapsed: float, img_per_s: float, last: list[float]) -> str:
+    """A tqdm bar as one log line (Ray forwards worker output line by line, so no \\r redraws)."""
+    stats = " ".join(f"{name}={value:.3f}" for name, value in zip(STAT_NAMES, last))
+    return tqdm.format_meter(
+        step, max_steps, elapsed, ncols=130, unit="step", initial=start_step,
+        rate=(step - start_step) / elapsed, postfix=f"{img_per_s:.0f} img/s {stats}",
+    )
+
+
+def sample_grid(generator: torch.nn.Module, z_fixed: torch.Tensor) -> np.ndarray:
+    """G(z_fixed) as one HxWx3 uint8 image. Eval mode: BatchNorm uses its running statistics,
+    as the registered model does when it is used later."""
+    model = unwrap(generator)
+    model.eval()
+    with torch.no_grad():
+        images = model(z_fixed).float().cpu()
+    model.train()
+    grid = make_grid(images, nrow=8, padding=2, normalize=True, value_range=(-1, 1))
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def save_checkpoint(w: Worker, step: int) -> None:
+    """Every rank writes its part and reports; Ray Train merges them into one checkpoint."""
+    run_id = w.logger.run_id if w.logger is not None else None
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint.save(
+            directory, rank=w.rank, step=step, generator=w.generator, discriminator=w.discriminator,
+            opt_g=w.opt_g, opt_d=w.opt_d, mlflow_run_id=run_id, config=config.flatten(w.cfg),
+        )
+        metrics = {"step": step} | ({"mlflow_run_id": run_id} if run_id else {})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

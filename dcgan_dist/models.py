@@ -1,0 +1,203 @@
+"""The DCGAN generator and discriminator (Radford, Metz, Chintala 2016, section 3 and figure 1).
+
+G: z -> linear projection to 4x4xC -> stride-2 fractionally strided convs, each halving the
+channels and doubling the side -> tanh. D mirrors it with stride-2 convs and LeakyReLU(0.2),
+no pooling, no hidden fully connected layer; the last conv's output is flattened into one logit.
+Image size changes only the number of blocks: log2(size) - 2 of them (3 at 32 px, 4 at 64 px).
+
+Torch only: no Ray, MLflow or boto3 here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+IMAGE_CHANNELS = 3  # the paper's G makes 64x64x3; grey data sets are repeated to 3 channels
+
+
+@dataclass(frozen=True)
+class Preset:
+    """An architecture as data. `base_filters` is the width of D's first conv (and of G's last
+    hidden layer); each block doubles it, so the 4x4 projection has base * 2**(blocks-1)."""
+
+    name: str
+    base_filters: int
+    kernel_size: int
+    latent: str  # distribution of z: "uniform" = U(-1, 1), "normal" = N(0, 1)
+    z_dim: int = 100
+    image_sizes: tuple[int, ...] = (32, 64, 128)
+    deviations: str = ""
+
+
+PRESETS = {
+    p.name: p
+    for p in (
+        Preset(
+            "paper",
+            base_filters=128,
+            kernel_size=5,
+            latent="uniform",
+            deviations="None in the architecture: the paper and the authors' code (5x5 kernels, "
+            "128 base filters, a 4x4x1024 projection at 64 px, z ~ U(-1, 1)). Layers without "
+            "BatchNorm get a bias, which the authors' code omits.",
+        ),
+        Preset(
+            "pytorch-examples",
+            base_filters=64,
+            kernel_size=4,
+            latent="normal",
+            deviations="As pytorch/examples dcgan: 4x4 kernels, 64 base filters (a 4x4x512 "
+            "projection at 64 px), z ~ N(0, 1). About 6x cheaper than 'paper'; the default, "
+            "so the bundled digits train on a laptop CPU in minutes.",
+        ),
+        Preset(
+            "imagenet32",
+            base_filters=256,
+            kernel_size=5,
+            latent="uniform",
+            image_sizes=(32,),
+            deviations="The D used for the paper's CIFAR-10 probe (Table 1): 32 px input, three "
+            "convs of 256/512/1024 filters whose 4x4 max-pooled features concatenate to "
+            "28,672 dimensions.",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class BatchNormPlacement:
+    hidden: bool  # every hidden layer (G's projection and inner convs; D's inner convs)
+    edge: bool  # G's output layer and D's input layer, which the paper leaves without BN
+
+
+_PAPER, _EVERY, _NONE = BatchNormPlacement(True, False), BatchNormPlacement(True, True), BatchNormPlacement(False, False)
+
+# --bn choice -> (placement in G, placement in D): the paper's batchnorm-placement ablation.
+BN_PLACEMENTS = {
+    "paper": (_PAPER, _PAPER),
+    "all": (_EVERY, _EVERY),
+    "none": (_NONE, _NONE),
+    "g-only": (_PAPER, _NONE),
+    "d-only": (_NONE, _PAPER),
+}
+
+
+def num_blocks(image_size: int) -> int:
+    blocks = int(math.log2(image_size)) - 2
+    if blocks < 1 or 4 * 2**blocks != image_size:
+        raise ValueError(f"image size must be a power of two >= 8, got {image_size}")
+    return blocks
+
+
+def _same_padding(kernel_size: int) -> tuple[int, int]:
+    """(padding, output_padding) that make a stride-2 conv halve and a transposed conv double."""
+    return (kernel_size - 1) // 2, kernel_size % 2
+
+
+def _batchnorm_or_nothing(channels: int, enabled: bool) -> nn.Module:
+    return nn.BatchNorm2d(channels) if enabled else nn.Identity()
+
+
+class Generator(nn.Module):
+    def __init__(self, preset: Preset, image_size: int, bn: BatchNormPlacement):
+        super().__init__()
+        self.z_dim, self.image_size = preset.z_dim, image_size
+        blocks = num_blocks(image_size)
+        padding, output_padding = _same_padding(preset.kernel_size)
+        self.top_channels = preset.base_filters * 2 ** (blocks - 1)
+        # A BatchNorm's shift makes a bias redundant, so a layer gets a bias only without BN.
+        self.project = nn.Linear(preset.z_dim, 16 * self.top_channels, bias=not bn.hidden)
+        self.project_norm = nn.Sequential(_batchnorm_or_nothing(self.top_channels, bn.hidden), nn.ReLU(inplace=True))
+        layers: list[nn.Module] = []
+        channels = self.top_channels
+        for _ in range(blocks - 1):
+            layers += [
+                nn.ConvTranspose2d(channels, channels // 2, preset.kernel_size, 2, padding, output_padding, bias=not bn.hidden),
+                _batchnorm_or_nothing(channels // 2, bn.hidden),
+                nn.ReLU(inplace=True),
+            ]
+            channels //= 2
+        layers += [
+            nn.ConvTranspose2d(channels, IMAGE_CHANNELS, preset.kernel_size, 2, padding, output_padding, bias=not bn.edge),
+            _batchnorm_or_nothing(IMAGE_CHANNELS, bn.edge),
+            nn.Tanh(),
+        ]
+        self.blocks = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.project(z).view(-1, self.top_channels, 4, 4)
+        return self.blocks(self.project_norm(x))
+
+
+class Discriminator(nn.Module):
+    def __init__(self, preset: Preset, image_size: int, bn: BatchNormPlacement):
+        super().__init__()
+        self.image_size = image_size
+        blocks = num_blocks(image_size)
+        padding, _ = _same_padding(preset.kernel_size)
+        self.feature_channels = []
+        layers: list[nn.Module] = []
+        in_channels, channels = IMAGE_CHANNELS, preset.base_filters
+        for index in range(blocks):
+            norm = bn.edge if index == 0 else bn.hidden
+            layers.append(
+                nn.Sequential(
+                    nn.Conv2d(in_channels, channels, preset.kernel_size, 2, padding, bias=not norm),
+                    _batchnorm_or_nothing(channels, norm),
+                    nn.LeakyReLU(0.2, inplace=True),
+                )
+            )
+            self.feature_channels.append(channels)
+            in_channels, channels = channels, channels * 2
+        self.blocks = nn.ModuleList(layers)
+        # The paper's "flattened and fed into a single sigmoid output": a linear map to one
+        # logit; the sigmoid lives in the loss (BCEWithLogits) for numerical safety.
+        self.classify = nn.Linear(16 * in_channels, 1)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every conv block's activations, first to last (the linear probe's inputs)."""
+        outputs = []
+        for block in self.blocks:
+            x = block(x)
+            outputs.append(x)
+        return outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.classify(x.flatten(1)).squeeze(1)
+
+
+def init_weights(module: nn.Module) -> None:
+    """The paper: all weights from N(0, 0.02). BatchNorm gains N(1, 0.02) as in the authors' code."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def build_models(preset: str, image_size: int, bn: str) -> tuple[Generator, Discriminator]:
+    """G and D for a preset name, image size and --bn choice, freshly initialised."""
+    chosen = PRESETS[preset]
+    if image_size not in chosen.image_sizes:
+        raise ValueError(f"preset {preset} supports image sizes {chosen.image_sizes}, not {image_size}")
+    bn_g, bn_d = BN_PLACEMENTS[bn]
+    generator, discriminator = Generator(chosen, image_size, bn_g), Discriminator(chosen, image_size, bn_d)
+    generator.apply(init_weights)
+    discriminator.apply(init_weights)
+    return generator, discriminator
+
+
+def sample_latent(batch: int, preset: str, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
+    """z for a preset: U(-1, 1)^100 as in the paper, or N(0, 1) for pytorch-examples."""
+    chosen = PRESETS[preset]
+    if chosen.latent == "uniform":
+        return torch.rand(batch, chosen.z_dim, device=device, generator=generator) * 2 - 1
+    return torch.randn(batch, chosen.z_dim, device=device, generator=generator)

@@ -1,0 +1,61 @@
+"""One GAN update: the discriminator, then the generator (Goodfellow et al. 2014, Algorithm 1,
+with the non-saturating generator loss every DCGAN uses).
+
+Losses are computed from logits with BCEWithLogits, which stays finite where a sigmoid followed
+by BCELoss saturates (and is safe under bf16 autocast). Nothing here calls .item(): the returned
+tensors stay on the device, so the hot loop never waits for the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gan_step(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    real: torch.Tensor,
+    z: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Update D on (real, G(z)), then G on D(G(z)); returns detached scalar tensors."""
+    fake = generator(z)
+
+    # D: maximise log D(x) + log(1 - D(G(z))). Real and fake go through D as separate batches,
+    # as in the paper's code, so each BatchNorm normalises one kind of image at a time.
+    logits_real = discriminator(real)
+    logits_fake = discriminator(fake.detach())
+    loss_d = F.binary_cross_entropy_with_logits(
+        logits_real, torch.ones_like(logits_real)
+    ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+
+    # G: maximise log D(G(z)) (non-saturating) rather than minimise log(1 - D(G(z))).
+    # Under DDP, D's replica-local module is enough here: G needs D's gradient with respect to
+    # its input, and D's own weight gradients are discarded (zeroed before D's next update),
+    # so all-reducing them would be wasted communication.
+    d_local = getattr(discriminator, "module", discriminator)
+    logits_gen = d_local(fake)
+    loss_g = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+
+    return {
+        "loss_d": loss_d.detach(),
+        "loss_g": loss_g.detach(),
+        "d_real": torch.sigmoid(logits_real.detach()).mean(),
+        "d_fake": torch.sigmoid(logits_fake.detach()).mean(),
+    }
+
+
+def make_optimizers(generator: nn.Module, discriminator: nn.Module, lr: float, beta1: float, beta2: float):
+    """Adam for each network, as in the paper (lr 2e-4, beta1 0.5)."""
+    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=(beta1, beta2))
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, beta2))
+    return opt_g, opt_d

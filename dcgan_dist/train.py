@@ -1,0 +1,107 @@
+"""`python -m dcgan_dist.train`: train the DCGAN with Ray Train, tracked in MLflow.
+
+Parse the config, check everything that can be checked (values, data, MLflow store, storage
+path) before any Ray worker starts, then run `TorchTrainer.fit()`. With no flags: a local Ray
+instance, one worker, the bundled digits, and an MLflow store in ./mlflow.db. Re-running with
+the same --run-name and --storage-path resumes from the latest checkpoint, into the same
+MLflow run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dcgan_dist import config, data, tracking
+from dcgan_dist.config import Config, ConfigError
+
+
+def preflight(cfg: Config) -> Config:
+    """Resolve paths and URIs to what workers on any node can use, and fail early with the
+    option at fault. Raises ConfigError or tracking.TrackingError."""
+    if cfg.data.data not in data.SOURCES:
+        raise ConfigError("data", f"unknown data set {cfg.data.data!r}; available: {', '.join(data.SOURCES)}")
+    dataset = data.open_dataset(cfg.data.data, cfg.model.image_size)
+    if len(dataset) // cfg.cluster.num_workers < cfg.per_worker_batch:
+        raise ConfigError(
+            "batch_size",
+            f"{cfg.data.data} has {len(dataset)} images, too few for a batch of {cfg.per_worker_batch} "
+            f"on each of {cfg.cluster.num_workers} workers",
+        )
+
+    cfg.tracking.tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    tracking.check_reachable(cfg.tracking.tracking_uri)
+    tracking.ensure_experiment(cfg.tracking.tracking_uri, cfg.tracking.experiment)
+
+    if "://" not in cfg.tracking.storage_path:
+        storage = Path(cfg.tracking.storage_path).expanduser().resolve()
+        try:
+            storage.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError("storage_path", f"cannot create {storage}: {e.strerror}") from None
+        cfg.tracking.storage_path = str(storage)
+    return cfg
+
+
+def cpus_per_worker(cfg: Config, cluster_resources: dict[str, float]) -> int:
+    """--cpus-per-worker, or (0) an even share of the cluster's CPUs. Ray sets each worker's
+    OMP_NUM_THREADS from its CPU request, so a 1-CPU worker would train on one thread."""
+    if cfg.cluster.cpus_per_worker:
+        return cfg.cluster.cpus_per_worker
+    cpus = cluster_resources.get("CPU", 1)
+    sharers = cluster_resources.get("GPU", 1) if cfg.cluster.use_gpu else cfg.cluster.num_workers
+    return max(1, int(cpus // max(sharers, 1)))
+
+
+def fit(cfg: Config):
+    """Run the training on Ray (joining --ray-address / RAY_ADDRESS, or starting a local
+    instance) and return Ray Train's Result."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from dcgan_dist.loop import train_loop
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.cluster.ray_address or None)
+    cfg.cluster.cpus_per_worker = cpus_per_worker(cfg, ray.cluster_resources())
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.flatten(cfg)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.cluster.num_workers,
+            use_gpu=cfg.cluster.use_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker} | ({"GPU": 1} if cfg.cluster.use_gpu else {}),
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.tracking.run_name,
+            storage_path=cfg.tracking.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.loop.keep_checkpoints),
+        ),
+    )
+    return trainer.fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config.parse(argv, prog="python -m dcgan_dist.train", description=__doc__.split("\n\n")[0])
+    try:
+        cfg = preflight(cfg)
+    except (ConfigError, tracking.TrackingError) as e:
+        print(f"python -m dcgan_dist.train: error: {e}", file=sys.stderr)
+        return 2
+
+    result = fit(cfg)
+    run_id = (result.metrics or {}).get("mlflow_run_id")
+    print(f"\nTraining finished at step {(result.metrics or {}).get('step')}; checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    if run_id:
+        uri = cfg.tracking.tracking_uri
+        print(f"MLflow run: {run_id} (experiment {cfg.tracking.experiment!r}, store {tracking.redact(uri)})")
+        if uri.startswith("sqlite:"):
+            print(f"Open it with:  mlflow ui --backend-store-uri {uri}   then browse http://127.0.0.1:5000")
+        else:
+            print(f"Open it at:  {tracking.redact(uri)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Fixtures that start real services: a local Ray instance and an MLflow sqlite store.
+
+One Ray instance serves the whole session (starting Ray costs seconds), and no test starts a
+second one beside it: Ray Train's helpers look for "the" local instance and fail when two run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    # As many CPUs as the machine has (CI: 2), so --cpus-per-worker auto does not oversubscribe.
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_sqlite(tmp_path, monkeypatch):
+    """A fresh sqlite MLflow store (the registry needs a database) in a scratch directory."""
+    monkeypatch.chdir(tmp_path)  # mlruns/ artifacts land here, not in the checkout
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def train_args(tmp_path, tracking_uri: str, **overrides) -> list[str]:
+    """argv for a small, fast training run into tmp_path."""
+    options = {
+        "max-steps": 12, "batch-size": 32, "log-every": 4, "sample-every": 6, "checkpoint-every": 6,
+        "tracking-uri": tracking_uri, "storage-path": str(tmp_path / "ray_results"), "run-name": "test",
+        "experiment": "tests",
+    } | {key.replace("_", "-"): value for key, value in overrides.items()}
+    return [item for key, value in options.items() for item in (f"--{key}", str(value))]
+
+
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")

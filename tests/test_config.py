@@ -1,0 +1,125 @@
+"""The config: flags generated from the dataclasses, file loading, validation, flatten()."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dcgan_dist import config
+from dcgan_dist.config import Config, ConfigError
+
+REQUIRED_FLAGS = [
+    "--preset", "--image-size", "--bn", "--lr", "--beta1", "--batch-size", "--max-steps", "--data",
+    "--num-workers", "--use-gpu", "--tracking-uri", "--experiment", "--storage-path", "--seed",
+    "--checkpoint-every", "--sample-every", "--config",
+]
+
+
+def run_train_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dcgan_dist.train", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_help_lists_every_option():
+    result = run_train_cli("--help")
+    assert result.returncode == 0
+    for flag in REQUIRED_FLAGS:
+        assert flag in result.stdout, flag
+    # every config field is a flag
+    for path in config.LEAVES:
+        assert "--" + path.rsplit(".", 1)[1].replace("_", "-") in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["--lr", "-1"], "--lr"),
+        (["--beta1", "1.5"], "--beta1"),
+        (["--image-size", "48"], "--image-size"),
+        (["--preset", "stylegan"], "--preset"),
+        (["--bn", "sometimes"], "--bn"),
+        (["--batch-size", "128", "--num-workers", "3"], "--batch-size"),
+        (["--max-steps", "0"], "--max-steps"),
+        (["--data", "mnist-from-nowhere"], "--data"),
+        (["--preset", "imagenet32", "--image-size", "64"], "--image-size"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_naming_the_option(args, option):
+    result = run_train_cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert option in lines[0]
+    assert "Ray" not in result.stderr + result.stdout  # rejected before Ray starts
+
+
+def test_bad_value_in_config_file_exits_2(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  beta1: 1.5\n")
+    result = run_train_cli("--config", str(path))
+    assert result.returncode == 2
+    assert "--beta1" in result.stderr
+
+
+def test_cli_file_flatten_round_trip(tmp_path):
+    argv = ["--preset", "paper", "--image-size", "64", "--bn", "g-only", "--lr", "1e-3", "--beta1", "0.9",
+            "--batch-size", "64", "--max-steps", "77", "--num-workers", "2", "--use-gpu", "--seed", "5",
+            "--experiment", "ablation", "--run-name", "rt-1"]
+    from_cli = config.parse(argv)
+    for suffix in (".yaml", ".json"):
+        path = tmp_path / f"cfg{suffix}"
+        config.save_file(from_cli, path)
+        from_file = config.load_file(path)
+        assert config.flatten(from_file) == config.flatten(from_cli)
+    flat = config.flatten(from_cli)
+    assert flat["optim.lr"] == 1e-3 and flat["model.bn"] == "g-only" and flat["cluster.use_gpu"] is True
+    assert config.from_flat(flat) == from_cli
+    # flatten() keys are exactly the dotted field paths, JSON-serialisable for MLflow and Tune
+    assert set(flat) == set(config.LEAVES)
+    json.dumps(flat)
+
+
+def test_flags_override_the_file(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("optim:\n  lr: 0.001\n  beta1: 0.9\nmax_steps: 50\n")  # sections or leaf names
+    cfg = config.parse(["--config", str(path), "--lr", "5e-4"])
+    assert cfg.optim.lr == 5e-4  # the flag wins
+    assert cfg.optim.beta1 == 0.9 and cfg.loop.max_steps == 50  # the file fills the rest
+    assert cfg.model.preset == Config().model.preset  # defaults elsewhere
+
+
+def test_file_errors_name_the_problem(tmp_path):
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model:\n  depth: 3\n")
+    with pytest.raises(ConfigError, match="model.depth"):
+        config.load_file(unknown)
+    wrong_type = tmp_path / "wrong.yaml"
+    wrong_type.write_text("batch_size: lots\n")
+    with pytest.raises(ConfigError, match="--batch-size: expected int"):
+        config.load_file(wrong_type)
+    with pytest.raises(ConfigError, match="no such file"):
+        config.load_file(tmp_path / "missing.yaml")
+
+
+def test_short_keys_resolve_to_dotted_paths():
+    assert config.resolve_key("lr") == "optim.lr"
+    assert config.resolve_key("image-size") == "model.image_size"
+    assert config.resolve_key("model.bn") == "model.bn"
+    with pytest.raises(KeyError):
+        config.resolve_key("learning_rate")
+
+
+def test_nothing_is_clamped():
+    cfg = Config()
+    cfg.optim.lr = 0.0
+    with pytest.raises(ConfigError, match="--lr"):
+        config.validate(cfg)
+    assert cfg.optim.lr == 0.0
+
+
+def test_default_is_the_paper_optimiser_and_batch():
+    cfg = Config()
+    assert (cfg.optim.lr, cfg.optim.beta1, cfg.loop.batch_size, cfg.model.bn) == (2e-4, 0.5, 128, "paper")
+    assert cfg.data.data == "digits"

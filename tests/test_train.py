@@ -1,0 +1,146 @@
+"""End to end: `dcgan_dist.train` on a real local Ray instance into a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from dcgan_dist import checkpoint
+from dcgan_dist.models import build_models
+from dcgan_dist.train import main
+from tests.conftest import train_args
+
+pytestmark = pytest.mark.slow
+
+
+def only_run(client: MlflowClient, experiment: str = "tests"):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
+
+
+def steps_of(client: MlflowClient, run_id: str, metric: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, metric))
+
+
+def latest_checkpoint_state(storage: Path, run_name: str = "test") -> dict:
+    import ray.train
+
+    result = ray.train.Result.from_path(str(storage / run_name))
+    with result.checkpoint.as_directory() as directory:
+        return checkpoint.load_state(directory)
+
+
+def test_training_leaves_metrics_samples_and_registered_models(ray_local, mlflow_sqlite, tmp_path):
+    assert main(train_args(tmp_path, mlflow_sqlite)) == 0
+
+    client = MlflowClient(mlflow_sqlite)
+    run = only_run(client)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.0002" and run.data.params["model.bn"] == "paper"
+    assert run.data.params["derived.world_size"] == "1"
+    for metric in ("loss_d", "loss_g", "d_real", "d_fake"):
+        assert steps_of(client, run.info.run_id, metric) == list(range(1, 13)), metric
+    assert steps_of(client, run.info.run_id, "img_per_s") == [4, 8, 12]
+    assert all(np.isfinite(m.value) for m in client.get_metric_history(run.info.run_id, "loss_d"))
+
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert any("samples" in path and "step+6+" in path for path in images), images
+    assert any("samples" in path and "step+12+" in path for path in images), images
+
+    mlflow.set_tracking_uri(mlflow_sqlite)
+    for name in ("dcgan-generator", "dcgan-discriminator"):
+        version = client.get_model_version_by_alias(name, "latest")
+        assert version.run_id == run.info.run_id
+    # saved as torch.export programs: loading runs no pickled code
+    generator = mlflow.pytorch.load_model("models:/dcgan-generator@latest")
+    discriminator = mlflow.pytorch.load_model("models:/dcgan-discriminator@latest")
+    z = torch.rand(5, 100) * 2 - 1
+    with torch.no_grad():
+        images = generator(z)
+        assert images.shape == (5, 3, 32, 32)
+        logits = discriminator(images)
+        assert logits.shape == (5,)
+
+    # the shipped weights and architecture rebuild the full module (for D's per-layer features)
+    folder = Path(mlflow.artifacts.download_artifacts("models:/dcgan-discriminator@latest")) / "extra_files"
+    spec = json.loads((folder / "architecture.json").read_text())
+    assert spec == {"preset": "pytorch-examples", "image_size": 32, "bn": "paper", "z_dim": 100}
+    _, rebuilt = build_models(spec["preset"], spec["image_size"], spec["bn"])
+    rebuilt.load_state_dict(torch.load(folder / "state_dict.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.eval()(images), logits, atol=1e-5)
+
+
+def test_resume_continues_the_same_mlflow_run_and_state(ray_local, mlflow_sqlite, tmp_path):
+    storage = tmp_path / "ray_results"
+    args = train_args(tmp_path, mlflow_sqlite, max_steps=20, checkpoint_every=10, log_every=5)
+    assert main(args) == 0
+    client = MlflowClient(mlflow_sqlite)
+    first_run = only_run(client)
+    state_20 = latest_checkpoint_state(storage)
+    assert state_20["step"] == 20
+    assert state_20["opt_d"]["state"][0]["step"].item() == 20  # Adam's own step count
+
+    assert main(train_args(tmp_path, mlflow_sqlite, max_steps=40, checkpoint_every=10, log_every=5)) == 0
+    resumed = only_run(client)
+    assert resumed.info.run_id == first_run.info.run_id and resumed.info.status == "FINISHED"
+    # steps 21..40 continue the same metric history: no gap, no duplicate
+    assert steps_of(client, resumed.info.run_id, "loss_d") == list(range(1, 41))
+    state_40 = latest_checkpoint_state(storage)
+    assert state_40["step"] == 40 and state_40["mlflow_run_id"] == first_run.info.run_id
+    # the optimizer state was restored, not rebuilt: Adam counted all 40 updates
+    assert state_40["opt_d"]["state"][0]["step"].item() == 40
+    assert state_40["opt_g"]["state"][0]["step"].item() == 40
+
+
+def test_resumed_run_matches_an_uninterrupted_one(ray_local, mlflow_sqlite, tmp_path):
+    """Full-state resume: 10 steps + 10 resumed steps = 20 steps straight (weights, Adam, RNG, data)."""
+    split = train_args(tmp_path, mlflow_sqlite, max_steps=10, run_name="split", checkpoint_every=10, log_every=5)
+    assert main(split) == 0
+    assert main(train_args(tmp_path, mlflow_sqlite, max_steps=20, run_name="split", checkpoint_every=10, log_every=5)) == 0
+    assert main(train_args(tmp_path, mlflow_sqlite, max_steps=20, run_name="straight", checkpoint_every=10, log_every=5)) == 0
+
+    split_state = latest_checkpoint_state(tmp_path / "ray_results", "split")
+    straight_state = latest_checkpoint_state(tmp_path / "ray_results", "straight")
+    for network in ("generator", "discriminator"):
+        for key, tensor in straight_state[network].items():
+            assert torch.allclose(split_state[network][key].float(), tensor.float(), atol=1e-5), (network, key)
+
+
+def test_two_workers_train_with_ddp(ray_local, mlflow_sqlite, tmp_path):
+    assert main(train_args(tmp_path, mlflow_sqlite, num_workers=2, max_steps=8, log_every=4)) == 0
+    client = MlflowClient(mlflow_sqlite)
+    run = only_run(client)
+    assert run.data.params["derived.world_size"] == "2"
+    assert run.data.params["derived.per_worker_batch"] == "16"
+    assert steps_of(client, run.info.run_id, "loss_g") == list(range(1, 9))
+
+
+def test_unreachable_tracking_server_fails_before_ray(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dcgan_dist.train", *train_args(tmp_path, "http://127.0.0.1:9")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "http://127.0.0.1:9" in result.stderr and "unreachable" in result.stderr
+    assert "Ray" not in result.stdout + result.stderr
+
+
+def test_unwritable_storage_path_fails_before_ray(tmp_path, mlflow_sqlite):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = subprocess.run(
+        [sys.executable, "-m", "dcgan_dist.train",
+         *train_args(tmp_path, mlflow_sqlite, storage_path=str(blocker / "results"))],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2 and "--storage-path" in result.stderr

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over the DCGAN config (`python -m tuning.sweep`)."""
