@@ -86,6 +86,7 @@ class TrackingConfig:
     run_name: str = option("dcgan", "Ray Train run name; re-running with the same name and storage path resumes")
     storage_path: str = option("./ray_results", "where Ray Train keeps checkpoints (local/NFS path or s3://)")
     register_models: bool = option(True, "register G and D in the MLflow model registry at the end")
+    parent_run_id: str = option("", "make the MLflow run a child of this run (set by sweeps)")
 
 
 @dataclass
@@ -138,7 +139,7 @@ def resolve_key(key: str) -> str:
     raise KeyError(key)
 
 
-def _coerce(path: str, value: Any) -> Any:
+def coerce(path: str, value: Any) -> Any:
     """Convert a value from a file, a flag or a flattened dict to the field's type."""
     _, tp = LEAVES[path]
     name = path.rsplit(".", 1)[1]
@@ -178,7 +179,7 @@ def set_value(cfg: Config, path: str, value: Any) -> None:
     obj = cfg
     for part in parents:
         obj = getattr(obj, part)
-    setattr(obj, leaf, _coerce(path, value))
+    setattr(obj, leaf, coerce(path, value))
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
@@ -296,9 +297,10 @@ def _group(parser: argparse.ArgumentParser, title: str):
     return parser.add_argument_group(title)
 
 
-def from_args(args: argparse.Namespace) -> Config:
-    """Config() <- --config file <- flags, then validated."""
-    cfg = load_file(args.config) if getattr(args, "config", None) else Config()
+def from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
+    """base (or Config()) <- --config file <- flags, then validated."""
+    base = base or Config()
+    cfg = load_file(args.config, base) if getattr(args, "config", None) else base
     given = {k: v for k, v in vars(args).items() if k in LEAVES}
     return validate(from_flat(given, cfg))
 

@@ -120,7 +120,8 @@ def setup(cfg: Config) -> Worker:
 
     logger = None
     if rank == 0:
-        logger = RunLogger(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name, mlflow_run_id)
+        logger = RunLogger(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name, mlflow_run_id,
+                           parent_run_id=cfg.tracking.parent_run_id)
         if logger.resumed:
             log.info("Resuming MLflow run %s from step %d", logger.run_id, start_step)
         else:
@@ -137,6 +138,7 @@ def run(w: Worker) -> None:
     window: list[torch.Tensor] = []  # per-step stats, kept on the device until the window closes
     run_start = window_start = time.perf_counter()
     last_progress = 0.0
+    latest: dict[str, float] = {}  # the last closed window's means, carried by every report
     for step in range(w.start_step + 1, cfg.loop.max_steps + 1):
         real = next(w.batches).to(w.device, non_blocking=True)
         z = sample_latent(cfg.per_worker_batch, cfg.model.preset, w.device)
@@ -144,9 +146,14 @@ def run(w: Worker) -> None:
         window.append(torch.stack([stats[name] for name in STAT_NAMES]))
         last_step = step == cfg.loop.max_steps
 
-        if step % cfg.loop.log_every == 0 or last_step:
+        window_closed = step % cfg.loop.log_every == 0 or last_step
+        if window_closed:
             rows = reduce_window(window, w.world_size)  # every rank takes part
             img_per_s = len(window) * cfg.loop.batch_size / (time.perf_counter() - window_start)
+            # Window means go to Ray Train (and so to Tune's schedulers); per-step values to MLflow.
+            latest = {"img_per_s": img_per_s} | {
+                name: sum(column) / len(column) for name, column in zip(STAT_NAMES, zip(*rows))
+            }
             if w.logger is not None:
                 first = step - len(window) + 1
                 w.logger.log_metrics(
@@ -162,8 +169,11 @@ def run(w: Worker) -> None:
         if w.logger is not None and (step % cfg.loop.sample_every == 0 or last_step):
             w.logger.log_image(sample_grid(w.generator, w.z_fixed), key="samples", step=step)
 
+        # Every rank reports at the same steps (a report is a barrier across workers).
         if step % cfg.loop.checkpoint_every == 0 or last_step:
-            save_checkpoint(w, step)
+            save_checkpoint(w, step, {"step": step} | latest)
+        elif window_closed:
+            ray.train.report(with_run_id({"step": step} | latest, w.logger))
 
 
 def reduce_window(window: list[torch.Tensor], world_size: int) -> list[list[float]]:
@@ -196,7 +206,12 @@ def sample_grid(generator: torch.nn.Module, z_fixed: torch.Tensor) -> np.ndarray
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def save_checkpoint(w: Worker, step: int) -> None:
+def with_run_id(metrics: dict[str, Any], logger: RunLogger | None) -> dict[str, Any]:
+    """Rank 0's reports carry the MLflow run id, so the driver (or a sweep) can name the run."""
+    return metrics | ({"mlflow_run_id": logger.run_id} if logger is not None else {})
+
+
+def save_checkpoint(w: Worker, step: int, metrics: dict[str, Any]) -> None:
     """Every rank writes its part and reports; Ray Train merges them into one checkpoint."""
     run_id = w.logger.run_id if w.logger is not None else None
     with tempfile.TemporaryDirectory() as directory:
@@ -204,5 +219,4 @@ def save_checkpoint(w: Worker, step: int) -> None:
             directory, rank=w.rank, step=step, generator=w.generator, discriminator=w.discriminator,
             opt_g=w.opt_g, opt_d=w.opt_d, mlflow_run_id=run_id, config=config.flatten(w.cfg),
         )
-        metrics = {"step": step} | ({"mlflow_run_id": run_id} if run_id else {})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        ray.train.report(with_run_id(metrics, w.logger), checkpoint=ray.train.Checkpoint.from_directory(directory))

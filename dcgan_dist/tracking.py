@@ -73,7 +73,7 @@ def ensure_experiment(uri: str, name: str) -> str:
 class RunLogger:
     """Rank 0's handle on one MLflow run (new, or re-opened when training resumes)."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None):
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None, parent_run_id: str = ""):
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(uri)
         if run_id is not None:
@@ -85,7 +85,13 @@ class RunLogger:
                     "resume with the tracking URI it started with, or use a new --run-name"
                 ) from None
         experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
-        self.run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name if run_id is None else None)
+        self.run = mlflow.start_run(
+            run_id=run_id,
+            experiment_id=experiment_id,
+            run_name=run_name if run_id is None else None,
+            # A sweep's trials are child runs of the sweep's run (the tag the MLflow UI nests by).
+            tags={"mlflow.parentRunId": parent_run_id} if parent_run_id and run_id is None else None,
+        )
         self.run_id = self.run.info.run_id
         self.resumed = run_id is not None
 

@@ -53,19 +53,15 @@ def cpus_per_worker(cfg: Config, cluster_resources: dict[str, float]) -> int:
     return max(1, int(cpus // max(sharers, 1)))
 
 
-def fit(cfg: Config):
-    """Run the training on Ray (joining --ray-address / RAY_ADDRESS, or starting a local
-    instance) and return Ray Train's Result."""
-    import ray
+def build_trainer(cfg: Config, callbacks: list | None = None):
+    """The TorchTrainer for a preflighted config (Ray must be initialised). Sweeps build one
+    per trial, with Tune's report callback."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from dcgan_dist.loop import train_loop
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.cluster.ray_address or None)
-    cfg.cluster.cpus_per_worker = cpus_per_worker(cfg, ray.cluster_resources())
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config={"config": config.flatten(cfg)},
         scaling_config=ray.train.ScalingConfig(
@@ -77,9 +73,20 @@ def fit(cfg: Config):
             name=cfg.tracking.run_name,
             storage_path=cfg.tracking.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.loop.keep_checkpoints),
+            callbacks=callbacks,
         ),
     )
-    return trainer.fit()
+
+
+def fit(cfg: Config):
+    """Run the training on Ray (joining --ray-address / RAY_ADDRESS, or starting a local
+    instance) and return Ray Train's Result."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.cluster.ray_address or None)
+    cfg.cluster.cpus_per_worker = cpus_per_worker(cfg, ray.cluster_resources())
+    return build_trainer(cfg).fit()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,6 @@
-"""Fixtures that start real services: a local Ray instance and an MLflow sqlite store.
+"""Fixtures that start real services: a local Ray instance and MLflow sqlite stores.
 
-One Ray instance serves the whole session (starting Ray costs seconds), and no test starts a
-second one beside it: Ray Train's helpers look for "the" local instance and fail when two run.
+One Ray instance serves the whole session (starting Ray costs seconds).
 """
 
 from __future__ import annotations
@@ -13,10 +12,15 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_local():
+    """A real local Ray instance with as many CPUs as CI has (2).
+
+    The dashboard stays on: Ray Train's placement-group cleaner asks its State API whether a
+    trial's controller died, and without it the resources of a trial ASHA stops are never freed.
+    """
     import ray
 
-    # As many CPUs as the machine has (CI: 2), so --cpus-per-worker auto does not oversubscribe.
-    ray.init(num_cpus=2, include_dashboard=False)
+    # address="local": never join a cluster some other process started on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,117 @@
+"""`python -m tuning.sweep` on a real local Ray instance, into a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import train_args
+from tuning import sweep
+
+
+def sweep_args(tmp_path, tracking_uri, *search, **overrides) -> list[str]:
+    options = {"max_steps": 8, "batch_size": 16, "log_every": 4, "checkpoint_every": 8} | overrides
+    args = train_args(tmp_path, tracking_uri, **options)
+    for spec in search:
+        args += ["--search", spec]
+    return args
+
+
+def runs_by_kind(client: MlflowClient, experiment: str = "tests"):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep.kind") == "parent"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["--search", "learning_rate=1e-3"], "learning_rate"),
+        (["--search", "batch_size=lots"], "--batch-size"),
+        (["--search", "lr="], "--search"),
+        (["--search", "bn=paper,sometimes"], "--bn"),
+        (["--search", "lr=-1,2e-4"], "--lr"),
+        (["--search", "lr=loguniform:0:1e-3"], "loguniform"),
+        ([], "empty"),
+        (["--search", "lr=1e-4", "--metric", "loss_d"], "--mode"),
+    ],
+)
+def test_bad_search_exits_2_naming_it(args, option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.parse_args(args)
+    assert exit_info.value.code == 2
+    assert option in capsys.readouterr().err
+
+
+def test_bad_key_exits_2_before_any_trial(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tuning.sweep", "--search", "depth=3,4"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "depth" in result.stderr and "Ray" not in result.stdout + result.stderr
+
+
+def test_search_keys_are_config_paths_and_the_paper_ablation():
+    settings = sweep.parse_args(["--search", "optim.lr=1e-4,2e-4", "--search", "beta1=uniform:0.1:0.9"])
+    assert [(d.path, d.grid, d.distribution) for d in settings.dimensions] == [
+        ("optim.lr", [1e-4, 2e-4], ""), ("optim.beta1", [], "uniform")
+    ]
+    paper = sweep.parse_args(["--ablation", "paper"])
+    assert {d.path: d.grid for d in paper.dimensions} == {
+        "optim.beta1": [0.5, 0.9], "optim.lr": [2e-4, 1e-3], "model.bn": ["paper", "all", "none"]
+    }
+    assert paper.scheduler == "asha" and (paper.metric, paper.mode) == ("loss_g", "min")
+    # training flags apply to every trial; sweeps do not register a model version per trial
+    flagged = sweep.parse_args(["--ablation", "paper", "--max-steps", "77", "--workers-per-trial", "2", "--batch-size", "64"])
+    assert flagged.base.loop.max_steps == 77 and flagged.base.cluster.num_workers == 2
+    assert flagged.base.tracking.register_models is False
+
+
+@pytest.mark.slow
+def test_grid_sweep_leaves_one_child_run_per_trial_and_the_table(ray_local, mlflow_sqlite, tmp_path):
+    args = sweep_args(tmp_path, mlflow_sqlite, "lr=2e-4,1e-3", "beta1=0.5,0.9") + ["--scheduler", "none"]
+    assert sweep.main(args) == 0
+
+    client = MlflowClient(mlflow_sqlite)
+    parents, children = runs_by_kind(client)
+    assert len(parents) == 1 and len(children) == 4
+    parent_id = parents[0].info.run_id
+    assert all(child.data.tags["mlflow.parentRunId"] == parent_id for child in children)
+    pairs = {(float(c.data.params["optim.lr"]), float(c.data.params["optim.beta1"])) for c in children}
+    assert pairs == {(2e-4, 0.5), (2e-4, 0.9), (1e-3, 0.5), (1e-3, 0.9)}
+    assert all(child.info.status == "FINISHED" for child in children)
+    assert all(len(client.get_metric_history(c.info.run_id, "loss_g")) == 8 for c in children)
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"ablation.md", "ablation.csv", "ablation.png"} <= artifacts
+    table = client.download_artifacts(parent_id, "ablation.csv")
+    assert len(open(table).read().strip().splitlines()) == 1 + 4
+
+    # Re-running the same sweep restores it: finished trials are not trained again.
+    assert sweep.main(args) == 0
+    parents_again, children_again = runs_by_kind(client)
+    assert [p.info.run_id for p in parents_again] == [parent_id]
+    assert {c.info.run_id for c in children_again} == {c.info.run_id for c in children}
+    assert all(len(client.get_metric_history(c.info.run_id, "loss_g")) == 8 for c in children_again)
+
+
+@pytest.mark.slow
+def test_asha_stops_a_losing_trial_early(ray_local, mlflow_sqlite, tmp_path):
+    # One trial learns (lr 2e-4); three barely move (lr ~1e-6), so their D loss stays near
+    # log 4 and ASHA, run one trial at a time, cuts them at the first rung.
+    args = sweep_args(tmp_path, mlflow_sqlite, "lr=2e-4,1e-6,2e-6,3e-6", max_steps=16, checkpoint_every=16) + [
+        "--max-concurrent", "1", "--metric", "loss_d", "--mode", "min", "--grace-steps", "4",
+    ]
+    assert sweep.main(args) == 0
+    client = MlflowClient(mlflow_sqlite)
+    _, children = runs_by_kind(client)
+    assert len(children) == 4
+    stopped = [c for c in children if c.data.tags.get("sweep.stopped_early") == "true"]
+    assert stopped, "ASHA stopped no trial"
+    for child in stopped:
+        assert child.info.status == "KILLED"
+        assert max(m.step for m in client.get_metric_history(child.info.run_id, "loss_d")) < 16
+    learner = [c for c in children if float(c.data.params["optim.lr"]) == 2e-4]
+    assert learner[0].info.status == "FINISHED"

@@ -1,0 +1,99 @@
+"""The ablation table (markdown and CSV) and plot (PNG) for a finished sweep."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on cluster nodes
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tuning.sweep import Sweep  # noqa: E402
+
+
+def trial_rows(results, sweep: Sweep) -> list[dict[str, Any]]:
+    """One row per trial: its searched values, the metric (last and best), steps, status."""
+    better = min if sweep.mode == "min" else max
+    rows = []
+    for result in results:
+        frame = result.metrics_dataframe
+        values = frame[sweep.metric].dropna().tolist() if frame is not None and sweep.metric in frame else []
+        last_step = int(result.metrics.get("step", 0)) if result.metrics else 0
+        if result.error is not None:
+            status = "error"
+        elif last_step < sweep.base.loop.max_steps:
+            status = "stopped early"
+        else:
+            status = "completed"
+        rows.append(
+            {"trial": (result.metrics or {}).get("trial_id", "?")}
+            | {d.path: result.config.get(d.path) for d in sweep.dimensions}
+            | {
+                f"last {sweep.metric}": values[-1] if values else None,
+                f"best {sweep.metric}": better(values) if values else None,
+                "steps": last_step,
+                "status": status,
+                "mlflow_run_id": (result.metrics or {}).get("mlflow_run_id", ""),
+            }
+        )
+    return sorted(rows, key=lambda r: (r[f"best {sweep.metric}"] is None, (1 if sweep.mode == "min" else -1) * (r[f"best {sweep.metric}"] or 0)))
+
+
+def trial_curves(results, metric: str) -> dict[str, tuple[list[int], list[float]]]:
+    curves = {}
+    for result in results:
+        frame = result.metrics_dataframe
+        if frame is None or metric not in frame or "step" not in frame:
+            continue
+        frame = frame[["step", metric]].dropna()
+        curves[(result.metrics or {}).get("trial_id", "?")] = (frame["step"].tolist(), frame[metric].tolist())
+    return curves
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    columns = list(rows[0])
+
+    def cell(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], curves: dict, sweep: Sweep, path: Path) -> None:
+    """Left: the best metric per value of each searched key. Right: every trial's curve."""
+    keys = [d.path for d in sweep.dimensions]
+    figure, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * (len(keys) + 1), 3.6), squeeze=False)
+    best = f"best {sweep.metric}"
+    for axis, key in zip(axes[0], keys):
+        points = [(row[key], row[best]) for row in rows if row[best] is not None]
+        labels = sorted({value for value, _ in points}, key=lambda v: (isinstance(v, str), v))
+        axis.scatter([labels.index(label) for label, _ in points], [value for _, value in points])
+        axis.set_xticks(range(len(labels)), [str(label) for label in labels])
+        axis.set_xlabel(key)
+        axis.set_ylabel(best)
+    curve_axis = axes[0][-1]
+    for trial, (steps, values) in curves.items():
+        curve_axis.plot(steps, values, label=trial)
+    curve_axis.set_xlabel("step")
+    curve_axis.set_ylabel(sweep.metric)
+    curve_axis.legend(fontsize=6)
+    figure.suptitle(f"{sweep.sweep_name}: {sweep.metric} ({sweep.mode})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write(rows: list[dict[str, Any]], curves: dict, sweep: Sweep, folder: Path) -> dict[str, Path]:
+    files = {"markdown": folder / "ablation.md", "csv": folder / "ablation.csv", "plot": folder / "ablation.png"}
+    files["markdown"].write_text(markdown(rows))
+    with files["csv"].open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, curves, sweep, files["plot"])
+    return files

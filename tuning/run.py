@@ -1,0 +1,146 @@
+"""Running a parsed sweep: Ray Tune over TorchTrainer trials, one MLflow child run per trial
+under one parent run, and the ablation table and plot at the end."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.tune
+from mlflow import MlflowClient
+from mlflow.entities import Param
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from dcgan_dist import config, tracking, train
+from tuning import report
+from tuning.sweep import Sweep
+
+
+def search_space(sweep: Sweep) -> dict[str, Any]:
+    space = {}
+    for d in sweep.dimensions:
+        if d.grid and d.distribution != "choice":
+            space[d.path] = ray.tune.grid_search(d.grid)
+        elif d.distribution == "choice":
+            space[d.path] = ray.tune.choice(d.grid)
+        elif d.distribution == "uniform":
+            space[d.path] = ray.tune.uniform(d.low, d.high)
+        elif d.distribution == "loguniform":
+            space[d.path] = ray.tune.loguniform(d.low, d.high)
+        else:
+            space[d.path] = ray.tune.randint(int(d.low), int(d.high))
+    return space
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], sweep_name: str, parent_run_id: str, train_storage: str) -> None:
+    """One trial: the base config with this trial's values, trained by its own TorchTrainer."""
+    cfg = config.from_flat(params, config.from_flat(base))
+    trial_id = ray.tune.get_context().get_trial_id()
+    # The trial id is stable across Tuner.restore, so a resumed trial resumes its Train run
+    # (and its MLflow child run) from its own latest checkpoint.
+    cfg.tracking.run_name = f"{sweep_name}-{trial_id}"
+    cfg.tracking.parent_run_id = parent_run_id
+    cfg.tracking.storage_path = train_storage
+    train.build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+
+
+def join(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def parent_run(client: MlflowClient, sweep: Sweep, tune_path: str) -> tuple[str, bool]:
+    """The sweep's MLflow run: the one this sweep name and storage made before, or a new one."""
+    experiment_id = tracking.ensure_experiment(sweep.base.tracking.tracking_uri, sweep.base.tracking.experiment)
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`sweep.path` = '{tune_path}'",
+        max_results=1,
+    )
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id, True
+    run = client.create_run(experiment_id, run_name=sweep.sweep_name, tags={"sweep.path": tune_path, "sweep.kind": "parent"})
+    params = {f"search.{d.path}": d.describe() for d in sweep.dimensions} | {
+        "sweep.metric": sweep.metric, "sweep.mode": sweep.mode, "sweep.scheduler": sweep.scheduler,
+        "sweep.num_samples": sweep.num_samples, "sweep.grace_steps": sweep.grace_steps,
+    } | config.flatten(sweep.base)
+    items = [Param(k, str(tracking.redact(v))) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[start : start + 100])
+    return run.info.run_id, False
+
+
+TRIAL_DRIVER_CPU = 0.01  # the trial's own process only drives its TorchTrainer
+
+
+def plan_resources(sweep: Sweep, resources: dict[str, float]) -> tuple[int, int]:
+    """(trials at once, CPUs per worker) such that every running trial's workers fit beside
+    the trial drivers: a trial whose workers cannot be placed would wait forever."""
+    base = sweep.base
+    workers, cpus = base.cluster.num_workers, resources.get("CPU", 1)
+    if base.cluster.use_gpu:
+        fit = int(resources.get("GPU", 0) // workers)
+    else:
+        fit = int(cpus // (workers * max(base.cluster.cpus_per_worker, 1) + TRIAL_DRIVER_CPU))
+    at_once = min(sweep.max_concurrent or fit, fit) if fit else 0
+    if sweep.max_concurrent > at_once >= 1:
+        print(f"--max-concurrent {sweep.max_concurrent}: only {at_once} trials fit in {resources} at once; running {at_once}")
+    if at_once < 1:
+        raise RuntimeError(f"one trial needs {workers} workers ({'GPUs' if base.cluster.use_gpu else 'CPUs'}); the cluster has {resources}")
+    per_worker = base.cluster.cpus_per_worker or max(1, int((cpus - TRIAL_DRIVER_CPU * at_once) // (workers * at_once)))
+    return at_once, per_worker
+
+
+def run_sweep(sweep: Sweep) -> int:
+    base = sweep.base
+    if not ray.is_initialized():
+        ray.init(address=base.cluster.ray_address or None)
+    at_once, base.cluster.cpus_per_worker = plan_resources(sweep, ray.cluster_resources())
+
+    tune_path = join(base.tracking.storage_path, sweep.sweep_name)
+    client = MlflowClient(base.tracking.tracking_uri)
+    parent_id, resumed = parent_run(client, sweep, tune_path)
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(
+            run_trial, base=config.flatten(base), sweep_name=sweep.sweep_name, parent_run_id=parent_id,
+            train_storage=join(base.tracking.storage_path, f"{sweep.sweep_name}-trials"),
+        ),
+        # Its TorchTrainer's workers hold the real resources; Tune refuses an empty request.
+        {"CPU": TRIAL_DRIVER_CPU},
+    )
+    if ray.tune.Tuner.can_restore(tune_path):
+        print(f"Resuming sweep {sweep.sweep_name} from {tune_path}: finished trials are kept")
+        tuner = ray.tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = None
+        if sweep.scheduler == "asha":
+            scheduler = ASHAScheduler(time_attr="step", max_t=base.loop.max_steps, grace_period=sweep.grace_steps, reduction_factor=2)
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=search_space(sweep),
+            tune_config=ray.tune.TuneConfig(
+                metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
+                num_samples=sweep.num_samples, max_concurrent_trials=at_once,
+            ),
+            run_config=ray.tune.RunConfig(name=sweep.sweep_name, storage_path=base.tracking.storage_path),
+        )
+    results = tuner.fit()
+
+    rows = report.trial_rows(results, sweep)
+    curves = report.trial_curves(results, sweep.metric)
+    for row in rows:  # ASHA's stops kill the trial's workers before they can close their run
+        if row["status"] == "stopped early" and row["mlflow_run_id"]:
+            client.set_tag(row["mlflow_run_id"], "sweep.stopped_early", "true")
+            client.set_terminated(row["mlflow_run_id"], status="KILLED")
+    with tempfile.TemporaryDirectory() as folder:
+        files = report.write(rows, curves, sweep, Path(folder))
+        for path in files.values():
+            client.log_artifact(parent_id, str(path))
+        print(files["markdown"].read_text())
+    failed = sum(row["status"] == "error" for row in rows)
+    client.set_terminated(parent_id, status="FAILED" if failed == len(rows) else "FINISHED")
+    print(f"MLflow parent run: {parent_id} ({len(rows)} trials, {failed} failed{', resumed' if resumed else ''})")
+    return 1 if failed == len(rows) else 0
