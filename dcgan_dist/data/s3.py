@@ -10,6 +10,7 @@ paths go through the same helpers, so the packer and the reader treat both alike
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -32,6 +33,8 @@ PATIENT = BotoConfig(retries={"mode": "standard", "max_attempts": 8}, connect_ti
 FAST = BotoConfig(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=2, read_timeout=5)
 # Multipart above 64 MiB, in 64 MiB parts.
 TRANSFER = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20)
+
+READ_BUFFER = 1 << 20
 
 _clients: dict[tuple[int, bool], object] = {}
 
@@ -93,6 +96,26 @@ def describe(url: str, error: Exception) -> StorageError:
     return StorageError(f"{url}: {error}")
 
 
+class _RawBody(io.RawIOBase):
+    """botocore's StreamingBody as a raw stream, so io.BufferedReader can put a large buffer in
+    front of it (tarfile reads in 10 KiB records; each would otherwise be one socket read)."""
+
+    def __init__(self, body):
+        self.body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.body.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.body.close()
+        super().close()
+
+
 def open_read(url: str, fast: bool = False):
     """A binary file-like object for a local path or an s3:// URL (streamed, not downloaded)."""
     if not is_s3(url):
@@ -102,15 +125,18 @@ def open_read(url: str, fast: bool = False):
             raise StorageError(f"{url}: {e.strerror or e}") from None
     bucket, key = split(url)
     try:
-        return client(fast).get_object(Bucket=bucket, Key=key)["Body"]
+        body = client(fast).get_object(Bucket=bucket, Key=key)["Body"]
     except (ClientError, BotoCoreError) as e:
         raise describe(url, e) from None
+    return io.BufferedReader(_RawBody(body), buffer_size=READ_BUFFER)
 
 
 def read_bytes(url: str, fast: bool = False) -> bytes:
     stream = open_read(url, fast)
     try:
         return stream.read()
+    except StorageError:
+        raise
     except (BotoCoreError, OSError) as e:
         raise describe(url, e) from None
     finally:
