@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import io
-import logging
 import os
 import socket
+import subprocess
 import tempfile
 import time
 
@@ -110,16 +110,20 @@ def main() -> None:
     rows = [("decode+scale, torchvision decode_image, 1 thread", f"{rate(lambda d: stream.decode(d, args.image_size), images):,.0f} img/s/core"),
             ("decode+scale, PIL Image.open+convert, 1 thread", f"{rate(pil_decode, images):,.0f} img/s/core")]
 
-    from moto.server import ThreadedMotoServer
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
-    server.start()
+    # its own process, as a real endpoint would be: a server thread here would share our GIL
+    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="bench")
@@ -135,7 +139,8 @@ def main() -> None:
                 rows.append((f"GAN steps fed from {name} shards ({args.image_size} px, batch {args.batch})",
                              f"{train_rate(url, args.image_size, args.steps, args.batch):.2f} steps/s"))
     finally:
-        server.stop()
+        server.terminate()
+        server.wait()
 
     width = max(len(name) for name, _ in rows)
     print(f"{'measurement':<{width}}  result")

@@ -25,10 +25,9 @@ import torch.distributed as dist
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from dcgan_dist import checkpoint, config
+from dcgan_dist import checkpoint, config, data
 from dcgan_dist.checkpoint import unwrap
 from dcgan_dist.config import Config
-from dcgan_dist import data
 from dcgan_dist.data.stream import check_corrupt_share
 from dcgan_dist.models import PRESETS, build_models, sample_latent
 from dcgan_dist.step import gan_step, make_optimizers

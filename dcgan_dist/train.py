@@ -54,6 +54,8 @@ def check_manifest(cfg: Config) -> int:
     timeouts) with the URL or the field at fault. Returns the number of images."""
     if not manifest.is_manifest_url(cfg.data.data):
         raise ConfigError("data", f"{cfg.data.data!r}: a manifest URL must end in .json")
+    if not s3.is_s3(cfg.data.data) and "://" not in cfg.data.data:
+        cfg.data.data = str(Path(cfg.data.data).expanduser().resolve())  # workers run elsewhere
     try:
         shards = manifest.read(cfg.data.data, fast=True)
         first_shard = shards.shard_urls[0]

@@ -70,6 +70,23 @@ def test_pack_digits_to_s3_and_read_back_the_exact_count(s3_bucket, tmp_path):
     assert Image.open(tmp_path / "preview.png").size == (8 * 34 + 2, 8 * 34 + 2)
 
 
+def test_shards_cli_packs_and_inspects(tmp_path, capsys):
+    from dcgan_dist import shards
+
+    out = tmp_path / "cli"
+    assert shards.main(["pack", "--source", "digits", "--out", str(out), "--image-size", "32",
+                        "--shard-size", "1000", "--format", "png", "--no-progress"]) == 0
+    assert "1797 images in 2 shards" in capsys.readouterr().out
+    assert shards.main(["inspect", str(out / "manifest.json"), "--preview", str(tmp_path / "grid.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "samples_read    1797" in printed and "image_format    png" in printed
+    (out / "shard-000001.tar").write_bytes((out / "shard-000001.tar").read_bytes()[:5000])  # truncate
+    assert shards.main(["inspect", str(out / "manifest.json"), "--preview", str(tmp_path / "grid.png")]) == 1
+    assert "shard-000001.tar: sha256 differs" in capsys.readouterr().out
+    assert shards.main(["inspect", str(tmp_path / "nothing" / "manifest.json")]) == 2
+    assert "nothing/manifest.json" in capsys.readouterr().err
+
+
 def test_pack_resumes_without_redoing_finished_shards(tmp_path):
     out = tmp_path / "digits"
     pack.pack("digits", None, str(out), 32, shard_size=600, progress=False)

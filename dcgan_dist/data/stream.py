@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 COUNT_NAMES = ("corrupt_samples", "bad_shards", "samples")
+SAMPLE_SHUFFLE = 1  # seed salt (an int: make_seed hashes, and str hashes differ per process)
+MAX_CORRUPT_IN_A_ROW = 1000  # nothing but corrupt images: stop rather than spin
 
 
 class DataError(RuntimeError):
@@ -110,7 +112,7 @@ def shuffle_samples(samples: Iterator[dict], bufsize: int, seed: int, rank: int,
     if bufsize <= 1:
         yield from samples
         return
-    rng = random.Random(_seed(seed, rank, start_step, "samples"))
+    rng = random.Random(_seed(seed, rank, start_step, SAMPLE_SHUFFLE))
     yield from wds.shuffle(bufsize, initial=bufsize, rng=rng)(samples)
 
 
@@ -123,6 +125,7 @@ def decode(data: bytes, image_size: int) -> torch.Tensor:
 
 
 def decode_samples(samples: Iterator[dict], counters: Counters, image_size: int) -> Iterator[torch.Tensor]:
+    corrupt_in_a_row = 0
     for sample in samples:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         try:
@@ -131,8 +134,12 @@ def decode_samples(samples: Iterator[dict], counters: Counters, image_size: int)
             image = decode(sample[key], image_size)
         except Exception as e:  # noqa: BLE001 - a corrupt image or a missing key
             counters.corrupt_samples += 1
+            corrupt_in_a_row += 1
             log.warning("skipping sample %s of %s: %s", sample.get("__key__"), redact(sample.get("__url__", "?")), e)
+            if corrupt_in_a_row >= MAX_CORRUPT_IN_A_ROW:
+                raise DataError(f"{corrupt_in_a_row} corrupt images in a row; last: {e}") from None
             continue
+        corrupt_in_a_row = 0
         counters.samples += 1
         yield image
 
@@ -178,12 +185,14 @@ class ShardBatches:
         return self
 
     def __next__(self) -> torch.Tensor:
-        while True:
+        for _ in range(2):
             try:
                 images, counts = next(self._batches)
                 break
             except StopIteration:  # a nominal epoch ended; the stream goes on
                 self._batches = iter(self.loader)
+        else:
+            raise DataError("the shard stream gave no batch in a whole epoch")
         self._counts[int(counts[0])] = counts[1:]
         return images
 
