@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{report['samples']} images in {report['shards']} shards ({report['packed_now']} packed now, "
                   f"{len(report['skipped'])} unreadable images skipped): {redact(report['manifest'])}")
             return 0
-        report = pack_free_inspect(args.url, args.preview)
+        report = run_inspect(args.url, args.preview)
     except (s3.StorageError, manifest.ManifestError, FileNotFoundError, ValueError) as e:
         print(f"python -m dcgan_dist.shards: error: {e}", file=sys.stderr)
         return 2
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if report["problems"] else 0
 
 
-def pack_free_inspect(url: str, preview: str) -> dict:
-    from dcgan_dist.data.inspect import inspect
+def run_inspect(url: str, preview: str) -> dict:
+    from dcgan_dist.data.inspect import inspect  # torch and torchvision: only needed here
 
     return inspect(url, preview)
 

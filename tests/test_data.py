@@ -256,7 +256,10 @@ def test_missing_manifest_exits_2_naming_the_url(s3_bucket, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_workers_train_from_s3_on_uneven_shards_and_log_counts(ray_local, mlflow_sqlite, s3_bucket, tmp_path):
+def test_two_workers_train_from_s3_on_uneven_shards_and_log_counts(ray_local, mlflow_sqlite, s3_bucket, tmp_path,
+                                                                   monkeypatch):
+    secret = "s3cr3t-never-logged"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)  # moto accepts any; the workers need it too
     # uneven shards, one corrupt image in each: every shard read adds to data/corrupt_samples
     url = write_shards(f"s3://{s3_bucket}/train", [40, 40, 13, 5], corrupt_per_shard=1)
     args = train_args(tmp_path, mlflow_sqlite, data=url, num_workers=2, max_steps=6, log_every=3,
@@ -272,7 +275,10 @@ def test_two_workers_train_from_s3_on_uneven_shards_and_log_counts(ray_local, ml
     assert sorted(m.step for m in corrupt) == [3, 6]
     assert max(m.value for m in corrupt) >= 2  # both ranks read at least one shard
     assert [m.value for m in client.get_metric_history(run.info.run_id, "data/bad_shards")] == [0.0, 0.0]
-    assert not any("testing" in str(value) for value in run.data.params.values())  # no keys in params
+    # the credentials reached the workers but no param, tag, checkpoint, artifact or log file
+    assert not any(secret in str(value) for value in {**run.data.params, **run.data.tags}.values())
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert leaked == []
 
     # 1 corrupt image in 40 (or in 5) is more than a 0.1 % limit allows: the run stops, saying why
     strict = train_args(tmp_path, mlflow_sqlite, data=url, max_steps=3, log_every=3, run_name="strict",
