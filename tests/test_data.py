@@ -15,7 +15,6 @@ import boto3
 import lmdb
 import numpy as np
 import pytest
-import torch
 import webdataset as wds
 from mlflow import MlflowClient
 from PIL import Image
