@@ -55,7 +55,11 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    data: str = option("digits", "data set: 'digits' (bundled with scikit-learn)")
+    data: str = option("digits", "'digits' (bundled), or a shard manifest: PATH/manifest.json or s3://bucket/prefix/manifest.json")
+    loader_workers: int = option(2, "DataLoader processes per Ray worker that read and decode shards (0 = in the training process)")
+    shuffle_buffer: int = option(1000, "samples in each reader's shuffle buffer (shards are also sampled at random)")
+    shard_retries: int = option(3, "retries for a shard that fails to open before it is skipped and counted")
+    max_corrupt_fraction: float = option(0.01, "stop the run when more than this share of images read were corrupt")
 
 
 @dataclass
@@ -253,6 +257,11 @@ def validate(cfg: Config) -> Config:
     for name in ("batch_size", "max_steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
         positive(name, getattr(cfg.loop, name))
     positive("num_workers", cfg.cluster.num_workers)
+    for name in ("loader_workers", "shuffle_buffer", "shard_retries"):
+        if getattr(cfg.data, name) < 0:
+            raise ConfigError(name, f"must be >= 0 (got {getattr(cfg.data, name)})")
+    if not 0.0 <= cfg.data.max_corrupt_fraction <= 1.0:
+        raise ConfigError("max_corrupt_fraction", f"must be in [0, 1] (got {cfg.data.max_corrupt_fraction})")
     if cfg.cluster.cpus_per_worker < 0:
         raise ConfigError("cpus_per_worker", f"must be >= 0 (got {cfg.cluster.cpus_per_worker})")
     if cfg.loop.batch_size % cfg.cluster.num_workers:

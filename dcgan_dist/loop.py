@@ -10,6 +10,7 @@ rank 0 writes everything to MLflow.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,10 +25,10 @@ import torch.distributed as dist
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from dcgan_dist import checkpoint, config
+from dcgan_dist import checkpoint, config, data
 from dcgan_dist.checkpoint import unwrap
 from dcgan_dist.config import Config
-from dcgan_dist.data import batch_stream, open_dataset
+from dcgan_dist.data.stream import check_corrupt_share
 from dcgan_dist.models import PRESETS, build_models, sample_latent
 from dcgan_dist.step import gan_step, make_optimizers
 from dcgan_dist.tracking import RunLogger
@@ -36,6 +37,7 @@ from dcgan_dist.tracking import RunLogger
 log = logging.getLogger(__name__)
 
 STAT_NAMES = ("loss_d", "loss_g", "d_real", "d_fake")
+COUNT_NAMES = ("corrupt_samples", "bad_shards", "samples")  # data counters, summed over ranks
 SAMPLE_GRID_SIZE = 64  # an 8x8 grid
 PROGRESS_EVERY_S = 10.0
 
@@ -52,7 +54,7 @@ class Worker:
     discriminator: torch.nn.Module
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
-    batches: Iterator[torch.Tensor]
+    batches: Iterator[torch.Tensor]  # with .counts(): what the data pipeline skipped
     z_fixed: torch.Tensor  # the latent batch behind every sample grid, the same across resumes
     start_step: int
     logger: RunLogger | None  # rank 0 only
@@ -60,6 +62,7 @@ class Worker:
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker."""
+    os.environ.update(loop_config.get("env", {}))  # the driver's AWS_* settings, for the data
     worker = setup(config.from_flat(loop_config["config"]))
     cfg, logger = worker.cfg, worker.logger
     if worker.start_step >= cfg.loop.max_steps:
@@ -114,8 +117,7 @@ def setup(cfg: Config) -> Worker:
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
 
-    dataset = open_dataset(cfg.data.data, cfg.model.image_size)
-    batches = batch_stream(dataset, cfg.per_worker_batch, rank, world_size, cfg.loop.seed, start_step)
+    batches = data.open_batches(cfg, rank, world_size, start_step)
     z_fixed = sample_latent(SAMPLE_GRID_SIZE, cfg.model.preset, generator=torch.Generator().manual_seed(cfg.loop.seed))
 
     logger = None
@@ -148,7 +150,9 @@ def run(w: Worker) -> None:
 
         window_closed = step % cfg.loop.log_every == 0 or last_step
         if window_closed:
-            rows = reduce_window(window, w.world_size)  # every rank takes part
+            counts = [w.batches.counts()[name] for name in COUNT_NAMES]
+            rows, totals = reduce_window(window, w.world_size, counts)  # every rank takes part
+            data_counts = dict(zip(COUNT_NAMES, totals))
             img_per_s = len(window) * cfg.loop.batch_size / (time.perf_counter() - window_start)
             # Window means go to Ray Train (and so to Tune's schedulers); per-step values to MLflow.
             latest = {"img_per_s": img_per_s} | {
@@ -158,13 +162,16 @@ def run(w: Worker) -> None:
                 first = step - len(window) + 1
                 w.logger.log_metrics(
                     [(first + i, dict(zip(STAT_NAMES, row))) for i, row in enumerate(rows)]
-                    + [(step, {"img_per_s": img_per_s})]
+                    + [(step, {"img_per_s": img_per_s, "data/corrupt_samples": data_counts["corrupt_samples"],
+                               "data/bad_shards": data_counts["bad_shards"]})]
                 )
                 now = time.perf_counter()
                 if now - last_progress >= PROGRESS_EVERY_S or last_step:
                     log.info(progress_line(step, w.start_step, cfg.loop.max_steps, now - run_start, img_per_s, rows[-1]))
                     last_progress = now
             window, window_start = [], time.perf_counter()
+            # the same summed counts on every rank, so all ranks stop together
+            check_corrupt_share(data_counts["corrupt_samples"], data_counts["samples"], cfg.data.max_corrupt_fraction)
 
         if w.logger is not None and (step % cfg.loop.sample_every == 0 or last_step):
             w.logger.log_image(sample_grid(w.generator, w.z_fixed), key="samples", step=step)
@@ -176,13 +183,16 @@ def run(w: Worker) -> None:
             ray.train.report(with_run_id({"step": step} | latest, w.logger))
 
 
-def reduce_window(window: list[torch.Tensor], world_size: int) -> list[list[float]]:
-    """Per-step stats of the last window, averaged over ranks: one all-reduce, one host read."""
+def reduce_window(window: list[torch.Tensor], world_size: int, counts: list[float]) -> tuple[list[list[float]], list[float]]:
+    """Per-step stats of the last window averaged over ranks, and the data counters summed over
+    ranks: one all-reduce, one host read."""
     stats = torch.stack(window)  # (steps, len(STAT_NAMES))
+    packed = torch.cat([stats.flatten(), torch.tensor(counts, dtype=stats.dtype, device=stats.device)])
     if world_size > 1:
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-        stats /= world_size
-    return stats.tolist()
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    packed = packed.cpu()
+    rows = (packed[: stats.numel()].view_as(stats) / world_size).tolist()
+    return rows, packed[stats.numel():].tolist()
 
 
 def progress_line(step: int, start_step: int, max_steps: int, elapsed: float, img_per_s: float, last: list[float]) -> str:

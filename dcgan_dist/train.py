@@ -9,23 +9,29 @@ MLflow run.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 from dcgan_dist import config, data, tracking
 from dcgan_dist.config import Config, ConfigError
+from dcgan_dist.data import manifest, s3
 
 
 def preflight(cfg: Config) -> Config:
     """Resolve paths and URIs to what workers on any node can use, and fail early with the
     option at fault. Raises ConfigError or tracking.TrackingError."""
-    if cfg.data.data not in data.SOURCES:
-        raise ConfigError("data", f"unknown data set {cfg.data.data!r}; available: {', '.join(data.SOURCES)}")
-    dataset = data.open_dataset(cfg.data.data, cfg.model.image_size)
-    if len(dataset) // cfg.cluster.num_workers < cfg.per_worker_batch:
+    if cfg.data.data in data.SOURCES:
+        num_images = len(data.open_dataset(cfg.data.data, cfg.model.image_size))
+    elif manifest.is_manifest_url(cfg.data.data):
+        num_images = check_manifest(cfg)
+    else:
+        raise ConfigError("data", f"unknown data set {cfg.data.data!r}; available: {', '.join(data.SOURCES)}, "
+                                  "or a shard manifest (PATH/manifest.json, s3://bucket/prefix/manifest.json)")
+    if num_images // cfg.cluster.num_workers < cfg.per_worker_batch:
         raise ConfigError(
             "batch_size",
-            f"{cfg.data.data} has {len(dataset)} images, too few for a batch of {cfg.per_worker_batch} "
+            f"{tracking.redact(cfg.data.data)} has {num_images} images, too few for a batch of {cfg.per_worker_batch} "
             f"on each of {cfg.cluster.num_workers} workers",
         )
 
@@ -41,6 +47,28 @@ def preflight(cfg: Config) -> Config:
             raise ConfigError("storage_path", f"cannot create {storage}: {e.strerror}") from None
         cfg.tracking.storage_path = str(storage)
     return cfg
+
+
+def check_manifest(cfg: Config) -> int:
+    """Fetch the manifest and HEAD its first shard, failing in seconds (few retries, short
+    timeouts) with the URL or the field at fault. Returns the number of images."""
+    if not manifest.is_manifest_url(cfg.data.data):
+        raise ConfigError("data", f"{cfg.data.data!r}: a manifest URL must end in .json")
+    if not s3.is_s3(cfg.data.data) and "://" not in cfg.data.data:
+        cfg.data.data = str(Path(cfg.data.data).expanduser().resolve())  # workers run elsewhere
+    try:
+        shards = manifest.read(cfg.data.data, fast=True)
+        first_shard = shards.shard_urls[0]
+        if not s3.exists(first_shard, fast=True):
+            raise ConfigError("data", f"manifest {tracking.redact(cfg.data.data)}: its first shard {tracking.redact(first_shard)} is missing")
+    except s3.StorageError as e:
+        raise ConfigError("data", str(e)) from None
+    except manifest.ManifestError as e:
+        raise ConfigError("data", str(e)) from None
+    if shards.image_size != cfg.model.image_size:
+        raise ConfigError("image_size", f"{cfg.model.image_size} disagrees with field 'image_size' = {shards.image_size} "
+                                        f"of manifest {tracking.redact(cfg.data.data)}")
+    return shards.num_samples
 
 
 def cpus_per_worker(cfg: Config, cluster_resources: dict[str, float]) -> int:
@@ -63,7 +91,10 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
 
     return TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.flatten(cfg)},
+        # The driver's AWS_* settings travel to the workers in memory (never logged), so they
+        # read shards from the endpoint, with the credentials, that the preflight checked.
+        train_loop_config={"config": config.flatten(cfg),
+                           "env": {name: os.environ[name] for name in s3.AWS_ENV_VARS if name in os.environ}},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.cluster.num_workers,
             use_gpu=cfg.cluster.use_gpu,

@@ -1,7 +1,9 @@
-"""Training data: a source of images in [-1, 1] (3 x H x W), and an endless, rank-sharded,
-resumable stream of batches from it.
+"""Training data: a source of images in [-1, 1] (3 x H x W), and an endless, rank-sharded
+stream of batches from it.
 
-`--data digits` (scikit-learn's bundled 8x8 digits) is the default; it needs no download.
+`--data digits` (scikit-learn's bundled 8x8 digits) is the default; it needs no download and
+replays its exact order on resume. `--data PATH/manifest.json` or `s3://bucket/prefix/manifest.json`
+streams WebDataset shards written by `python -m dcgan_dist.shards pack` (see stream.py).
 """
 
 from __future__ import annotations
@@ -42,3 +44,34 @@ def batch_stream(
         for (images,) in itertools.islice(loader, skip, None):
             yield images
         epoch, skip = epoch + 1, 0
+
+
+class InMemoryBatches:
+    """batch_stream() over a bundled data set; nothing there is ever skipped."""
+
+    def __init__(self, batches: Iterator[torch.Tensor]):
+        self._batches = batches
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return next(self._batches)
+
+    def counts(self) -> dict[str, int]:
+        return {"corrupt_samples": 0, "bad_shards": 0, "samples": 0}
+
+
+def open_batches(cfg, rank: int, world_size: int, start_step: int = 0):
+    """The batch iterator the training loop uses for `cfg.data.data`: an iterator of NCHW
+    batches with a `counts()` method ({"corrupt_samples", "bad_shards", "samples"} so far)."""
+    if cfg.data.data in SOURCES:
+        dataset = open_dataset(cfg.data.data, cfg.model.image_size)
+        return InMemoryBatches(batch_stream(dataset, cfg.per_worker_batch, rank, world_size, cfg.loop.seed, start_step))
+    from dcgan_dist.data import manifest, stream
+
+    return stream.ShardBatches(
+        manifest.read(cfg.data.data), cfg.per_worker_batch, rank, world_size, cfg.loop.seed, start_step,
+        loader_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+        shard_retries=cfg.data.shard_retries,
+    )

@@ -1,0 +1,155 @@
+"""The shard packer: images from a source -> centre-crop -> resize -> JPEG/PNG -> WebDataset
+tar shards of `shard_size` samples + manifest.json, on local disk or under an s3:// prefix.
+
+Shards are built by a pool of processes, each writing a whole shard to a local temporary file
+and then moving it into place (a rename, or a multipart upload to S3), so a shard is either
+complete or absent. `pack-state.json` beside the shards records each finished shard; running
+the same command again skips them, and refuses to mix shards packed with other settings.
+Images that cannot be read are skipped and counted in the report, never silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from dcgan_dist.data import manifest, s3
+from dcgan_dist.data.sources import Source, open_source
+
+TOOL_VERSION = "0.1.0"
+FORMATS = {"jpeg": ("jpg", {"quality": 95}), "png": ("png", {"compress_level": 6})}
+STATE_NAME = "pack-state.json"
+
+
+@dataclass(frozen=True)
+class PackSettings:
+    source: str
+    image_size: int
+    image_format: str
+    shard_size: int
+    num_items: int
+
+
+def preprocess(image: Image.Image, image_size: int) -> Image.Image:
+    """Centre-crop to a square, resize to image_size (antialiased); grey stays grey."""
+    image = image.convert("L" if image.mode in ("L", "1", "I;16", "I") else "RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    if side != image_size:
+        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return image
+
+
+def encode(image: Image.Image, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format.upper(), **FORMATS[image_format][1])
+    return buffer.getvalue()
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+# The source and settings of the running pack; worker processes inherit them by fork.
+_job: tuple[Source, PackSettings, str] | None = None
+
+
+def write_shard(index: int) -> dict:
+    """Build shard `index` and move it into place; returns its manifest record."""
+    source, settings, out = _job
+    first = index * settings.shard_size
+    items = source.items[first:first + settings.shard_size]
+    extension = FORMATS[settings.image_format][0]
+    local_dir = out if not s3.is_s3(out) else None
+    fd, tmp = tempfile.mkstemp(suffix=".tar", dir=local_dir)
+    os.close(fd)
+    os.chmod(tmp, 0o644)
+    written, skipped = 0, []
+    try:
+        with wds.TarWriter(tmp) as sink:
+            for offset, item in enumerate(items):
+                try:
+                    with source.load(item) as image:
+                        data = encode(preprocess(image, settings.image_size), settings.image_format)
+                except Exception as e:  # noqa: BLE001 - an unreadable image is skipped and reported
+                    skipped.append(f"{item!r}: {e}")
+                    continue
+                sink.write({"__key__": f"{first + offset:09d}", extension: data})
+                written += 1
+        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        size = Path(tmp).stat().st_size
+        s3.upload_file(Path(tmp), s3.join(out, shard_name(index)))
+    finally:
+        if Path(tmp).exists():
+            Path(tmp).unlink()
+    return {"url": shard_name(index), "num_samples": written, "bytes": size, "sha256": digest, "skipped": skipped}
+
+
+def read_state(out: str, settings: PackSettings) -> dict[int, dict]:
+    """Finished shards of an earlier, interrupted pack with the same settings."""
+    state_url = s3.join(out, STATE_NAME)
+    if not s3.exists(state_url):
+        return {}
+    state = json.loads(s3.read_bytes(state_url))
+    if state["settings"] != asdict(settings):
+        raise ValueError(f"{state_url}: {out} holds a pack with other settings {state['settings']}; "
+                         "use another --out or delete it")
+    return {int(index): record for index, record in state["shards"].items()
+            if s3.exists(s3.join(out, record["url"]))}
+
+
+def pack(source_name: str, source_path: str | None, out: str, image_size: int, image_format: str = "jpeg",
+         shard_size: int = 1000, workers: int = 1, progress: bool = True) -> dict:
+    """Pack a source into shards + manifest.json under `out`; returns a short report."""
+    global _job
+    source = open_source(source_name, source_path)
+    if not s3.is_s3(out):
+        out = str(Path(out).resolve())
+        Path(out).mkdir(parents=True, exist_ok=True)
+    settings = PackSettings(source_name, image_size, image_format, shard_size, len(source.items))
+    num_shards = -(-len(source.items) // shard_size)
+    done = read_state(out, settings)
+    todo = [index for index in range(num_shards) if index not in done]
+    state_url = s3.join(out, STATE_NAME)
+
+    _job = (source, settings, out)
+    bar = tqdm(total=num_shards, initial=len(done), unit="shard", disable=not progress, desc=f"pack {source_name}")
+    pool = None
+    try:
+        if workers > 1 and len(todo) > 1:
+            pool = multiprocessing.get_context("fork").Pool(min(workers, len(todo)))
+            records = pool.imap_unordered(write_shard, todo)
+        else:
+            pool, records = None, map(write_shard, todo)
+        for index, record in zip(todo, records) if pool is None else ((int(r["url"][6:12]), r) for r in records):
+            done[index] = record
+            s3.write_bytes(state_url, json.dumps({"settings": asdict(settings), "shards": done}).encode())
+            bar.update()
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+    finally:
+        if pool is not None:  # a shard failed: stop the others; finished ones stay recorded
+            pool.terminate()
+        bar.close()
+        _job = None
+
+    shards = [{key: value for key, value in done[index].items() if key != "skipped"} for index in range(num_shards)]
+    manifest.write(s3.join(out, "manifest.json"),
+                   manifest.Manifest(s3.join(out, "manifest.json"), source_name, image_size, image_format, shards),
+                   TOOL_VERSION)
+    skipped = [line for index in range(num_shards) for line in done[index].get("skipped", [])]
+    return {"manifest": s3.join(out, "manifest.json"), "shards": num_shards, "packed_now": len(todo),
+            "samples": sum(shard["num_samples"] for shard in shards), "skipped": skipped}

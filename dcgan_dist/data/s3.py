@@ -1,0 +1,204 @@
+"""Object storage through boto3: one client per process, URL helpers, and the opener that
+lets WebDataset read `s3://` shards (registered in `webdataset.gopen.gopen_schemes`, so no
+`curl`/`aws` subprocess is involved).
+
+Credentials and the endpoint come from boto3's usual chain: `AWS_ENDPOINT_URL` (or
+`AWS_ENDPOINT_URL_S3`), `AWS_PROFILE`, `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, config
+files, instance roles. Retries use botocore's `standard` mode with bounded timeouts. Local
+paths go through the same helpers, so the packer and the reader treat both alike.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from dcgan_dist.tracking import redact
+
+# Forwarded from the driver to Ray workers (in memory, never logged) so workers see the same
+# endpoint and credentials as the preflight did.
+AWS_ENV_VARS = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_CA_BUNDLE",
+    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+)
+# Training reads: patient. Preflight: fail within seconds on an unreachable endpoint.
+PATIENT = BotoConfig(retries={"mode": "standard", "max_attempts": 8}, connect_timeout=10, read_timeout=60)
+FAST = BotoConfig(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=2, read_timeout=5)
+# Multipart above 64 MiB, in 64 MiB parts.
+TRANSFER = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20)
+
+READ_BUFFER = 1 << 20
+
+_clients: dict[tuple[int, bool], object] = {}
+
+
+class StorageError(OSError):
+    """A URL that cannot be read or written; the message names the URL and the reason."""
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def split(url: str) -> tuple[str, str]:
+    """s3://bucket/key/parts -> ("bucket", "key/parts")."""
+    bucket, _, key = url[len("s3://"):].partition("/")
+    if not bucket:
+        raise StorageError(f"{url}: no bucket in the URL")
+    return bucket, key
+
+
+def join(base: str, name: str) -> str:
+    """`name` relative to the folder/prefix `base` (absolute names and URLs pass through)."""
+    if "://" in name or name.startswith("/"):
+        return name
+    return base.rstrip("/") + "/" + name if is_s3(base) else str(Path(base) / name)
+
+
+def parent(url: str) -> str:
+    return url.rsplit("/", 1)[0] if is_s3(url) else str(Path(url).parent)
+
+
+def client(fast: bool = False):
+    """This process's S3 client (boto3 clients must not cross a fork, hence the pid key)."""
+    key = (os.getpid(), fast)
+    if key not in _clients:
+        _clients[key] = boto3.session.Session().client("s3", config=FAST if fast else PATIENT)
+    return _clients[key]
+
+
+def endpoint() -> str:
+    return client(fast=True).meta.endpoint_url
+
+
+def describe(url: str, error: Exception) -> StorageError:
+    """An S3/botocore error as one line naming the URL and what went wrong."""
+    url = redact(url)
+    if isinstance(error, ClientError):
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return StorageError(f"{url}: not found")
+        if code == "NoSuchBucket":
+            return StorageError(f"{url}: no such bucket")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"):
+            return StorageError(f"{url}: access denied ({code})")
+        return StorageError(f"{url}: S3 error {code or status}")
+    if isinstance(error, BotoCoreError):
+        return StorageError(f"{url}: endpoint {redact(endpoint())} unreachable or failing ({type(error).__name__}: {error})")
+    return StorageError(f"{url}: {error}")
+
+
+class _RawBody(io.RawIOBase):
+    """botocore's StreamingBody as a raw stream, so io.BufferedReader can put a large buffer in
+    front of it (tarfile reads in 10 KiB records; each would otherwise be one socket read)."""
+
+    def __init__(self, body):
+        self.body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.body.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.body.close()
+        super().close()
+
+
+def open_read(url: str, fast: bool = False):
+    """A binary file-like object for a local path or an s3:// URL (streamed, not downloaded)."""
+    if not is_s3(url):
+        try:
+            return open(url, "rb")
+        except OSError as e:
+            raise StorageError(f"{url}: {e.strerror or e}") from None
+    bucket, key = split(url)
+    try:
+        body = client(fast).get_object(Bucket=bucket, Key=key)["Body"]
+    except (ClientError, BotoCoreError) as e:
+        raise describe(url, e) from None
+    return io.BufferedReader(_RawBody(body), buffer_size=READ_BUFFER)
+
+
+def read_bytes(url: str, fast: bool = False) -> bytes:
+    stream = open_read(url, fast)
+    try:
+        return stream.read()
+    except StorageError:
+        raise
+    except (BotoCoreError, OSError) as e:
+        raise describe(url, e) from None
+    finally:
+        stream.close()
+
+
+def exists(url: str, fast: bool = False) -> bool:
+    """True if the object/file is there; other failures (access, endpoint) raise StorageError."""
+    if not is_s3(url):
+        return Path(url).is_file()
+    bucket, key = split(url)
+    try:
+        client(fast).head_object(Bucket=bucket, Key=key)
+        return True
+    except ClientError as e:
+        if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise describe(url, e) from None
+    except BotoCoreError as e:
+        raise describe(url, e) from None
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write a whole object/file; local files appear atomically (tmp + rename)."""
+    if not is_s3(url):
+        path = Path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return
+    bucket, key = split(url)
+    try:
+        client().put_object(Bucket=bucket, Key=key, Body=data)
+    except (ClientError, BotoCoreError) as e:
+        raise describe(url, e) from None
+
+
+def upload_file(path: Path, url: str) -> None:
+    """Move a finished local file to `url`: a rename locally, a (multipart) upload to S3."""
+    if not is_s3(url):
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).replace(url)
+        return
+    bucket, key = split(url)
+    try:
+        client().upload_file(str(path), bucket, key, Config=TRANSFER)
+    except (ClientError, BotoCoreError) as e:
+        raise describe(url, e) from None
+    except boto3.exceptions.S3UploadFailedError as e:
+        raise StorageError(f"{redact(url)}: upload failed ({e})") from None
+
+
+def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    """WebDataset's opener for s3:// URLs (see register())."""
+    if mode[0] != "r":
+        raise StorageError(f"{url}: only reading is supported by the s3 opener")
+    return open_read(url)
+
+
+def register() -> None:
+    """Make `webdataset.gopen` (and so wds.WebDataset("s3://...")) open s3:// through boto3."""
+    from webdataset.gopen import gopen_schemes
+
+    gopen_schemes["s3"] = gopen_s3

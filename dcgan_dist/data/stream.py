@@ -1,0 +1,212 @@
+"""The WebDataset reader: endless, per-rank batches streamed from the shards of a manifest.
+
+Per rank, and per DataLoader worker inside it:
+
+    ResampledShards (with replacement, seeded by seed/rank/worker/start step/epoch)
+      -> read_shards   (open through webdataset.gopen, whose s3:// opener is boto3; retry a
+                        shard that fails to open, then skip and count it; a truncated tar is
+                        counted as a bad shard)
+      -> shuffle       (a sample buffer of --shuffle-buffer)
+      -> decode        (torchvision.io.decode_image on the raw bytes; corrupt or missing
+                        images are skipped and counted)
+      -> batched       (full batches only) -> with_epoch(...)
+
+Shards are resampled, so the stream never ends and every rank takes exactly the steps the loop
+asks for, however uneven the shards are: DDP cannot hang on a rank that ran dry. Nominal epochs
+are `num_samples // global batch` steps. A resumed run reseeds from its start step: the data
+order is statistically the same, not the exact continuation (the bundled digits replay exactly).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from functools import partial
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.utils import make_seed
+
+from dcgan_dist.data import s3
+from dcgan_dist.data.manifest import Manifest
+from dcgan_dist.tracking import redact
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+COUNT_NAMES = ("corrupt_samples", "bad_shards", "samples")
+SAMPLE_SHUFFLE = 1  # seed salt (an int: make_seed hashes, and str hashes differ per process)
+MAX_CORRUPT_IN_A_ROW = 1000  # nothing but corrupt images: stop rather than spin
+
+
+class DataError(RuntimeError):
+    """The stream cannot go on (no readable shard, too many corrupt images)."""
+
+
+class Counters:
+    """What one pipeline copy (one DataLoader worker) skipped and read, cumulative."""
+
+    def __init__(self):
+        self.corrupt_samples = 0
+        self.bad_shards = 0
+        self.samples = 0
+
+
+def _worker_id() -> int:
+    info = get_worker_info()
+    return info.id if info is not None else 0
+
+
+def _seed(seed: int, rank: int, start_step: int, *more) -> int:
+    return make_seed(seed, rank, _worker_id(), start_step, *more)
+
+
+def tar_samples(fileobj, url: str) -> Iterator[dict]:
+    """The samples of one tar stream, grouped by key ({"__key__", "__url__", "jpg", ...})."""
+    return group_by_keys(dict(member, __url__=url) for member in tar_file_iterator(fileobj))
+
+
+def read_shards(shards: Iterator[dict], counters: Counters, expected: dict[str, int], retries: int) -> Iterator[dict]:
+    """Samples ({"__key__", "jpg"/"png"...}) of each shard; failures are counted and skipped."""
+    s3.register()  # in this process (DataLoader workers may be fresh interpreters)
+    failures_in_a_row = 0
+    for shard in shards:
+        url, stream, error = shard["url"], None, None
+        for attempt in range(retries + 1):
+            try:
+                stream = gopen(url)
+                break
+            except Exception as e:  # noqa: BLE001 - any failure to open is the shard's, counted
+                error = e
+                if attempt < retries:
+                    time.sleep(min(0.2 * 2**attempt, 5.0))
+        count = 0
+        if stream is not None:
+            try:
+                for sample in tar_samples(stream, url):
+                    count += 1
+                    yield sample
+            except Exception as e:  # noqa: BLE001 - a truncated or broken tar
+                error = e
+            finally:
+                stream.close()
+        if stream is None or count < expected.get(url, 0):
+            counters.bad_shards += 1
+            reason = f"read {count} of {expected.get(url, '?')} samples" if stream is not None else "could not open"
+            log.warning("skipping bad shard %s (%s: %s)", redact(url), reason, error if stream is None or count == 0 else "truncated")
+            failures_in_a_row += 1
+            if failures_in_a_row > max(10, 2 * len(expected)):
+                raise DataError(f"{failures_in_a_row} shard reads in a row failed; last: {redact(url)}: {error}")
+        else:
+            failures_in_a_row = 0
+
+
+def shuffle_samples(samples: Iterator[dict], bufsize: int, seed: int, rank: int, start_step: int) -> Iterator[dict]:
+    if bufsize <= 1:
+        yield from samples
+        return
+    rng = random.Random(_seed(seed, rank, start_step, SAMPLE_SHUFFLE))
+    yield from wds.shuffle(bufsize, initial=bufsize, rng=rng)(samples)
+
+
+def decode(data: bytes, image_size: int) -> torch.Tensor:
+    """Encoded image bytes -> 3 x H x W float in [-1, 1] (grey becomes 3 channels)."""
+    image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    if image.shape[-2:] != (image_size, image_size):
+        raise ValueError(f"image is {tuple(image.shape[-2:])}, not {image_size}x{image_size}")
+    return image.float().div_(127.5).sub_(1.0)
+
+
+def decode_samples(samples: Iterator[dict], counters: Counters, image_size: int) -> Iterator[torch.Tensor]:
+    corrupt_in_a_row = 0
+    for sample in samples:
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        try:
+            if key is None:
+                raise KeyError(f"no image ({'/'.join(IMAGE_KEYS)}) among {sorted(sample)}")
+            image = decode(sample[key], image_size)
+        except Exception as e:  # noqa: BLE001 - a corrupt image or a missing key
+            counters.corrupt_samples += 1
+            corrupt_in_a_row += 1
+            log.warning("skipping sample %s of %s: %s", sample.get("__key__"), redact(sample.get("__url__", "?")), e)
+            if corrupt_in_a_row >= MAX_CORRUPT_IN_A_ROW:
+                raise DataError(f"{corrupt_in_a_row} corrupt images in a row; last: {e}") from None
+            continue
+        corrupt_in_a_row = 0
+        counters.samples += 1
+        yield image
+
+
+def with_counts(batches: Iterator[torch.Tensor], counters: Counters) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each batch travels with its worker's cumulative counters (workers are other processes)."""
+    for images in batches:
+        counts = [_worker_id(), counters.corrupt_samples, counters.bad_shards, counters.samples]
+        yield images, torch.tensor(counts, dtype=torch.float64)
+
+
+def pipeline(manifest: Manifest, per_worker_batch: int, rank: int, seed: int, start_step: int,
+             shuffle_buffer: int, shard_retries: int, batches_per_epoch: int) -> wds.DataPipeline:
+    counters = Counters()
+    return wds.DataPipeline(
+        wds.ResampledShards(manifest.shard_urls, seed=seed, deterministic=True,
+                            worker_seed=partial(_seed, seed, rank, start_step)),
+        partial(read_shards, counters=counters, expected=manifest.expected_samples(), retries=shard_retries),
+        partial(shuffle_samples, bufsize=shuffle_buffer, seed=seed, rank=rank, start_step=start_step),
+        partial(decode_samples, counters=counters, image_size=manifest.image_size),
+        wds.batched(per_worker_batch, collation_fn=torch.stack, partial=False),
+        partial(with_counts, counters=counters),
+    ).with_epoch(batches_per_epoch)
+
+
+class ShardBatches:
+    """Endless batches for one rank, and the counts of what was skipped on the way."""
+
+    def __init__(self, manifest: Manifest, per_worker_batch: int, rank: int, world_size: int, seed: int,
+                 start_step: int = 0, loader_workers: int = 2, shuffle_buffer: int = 1000, shard_retries: int = 3):
+        steps_per_epoch = max(1, manifest.num_samples // (per_worker_batch * world_size))
+        dataset = pipeline(manifest, per_worker_batch, rank, seed, start_step, shuffle_buffer, shard_retries,
+                           batches_per_epoch=math.ceil(steps_per_epoch / max(loader_workers, 1)))
+        # persistent workers keep each pipeline's counters and shard RNG epoch across epochs
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=loader_workers,
+                                 persistent_workers=loader_workers > 0,
+                                 prefetch_factor=2 if loader_workers > 0 else None)
+        self.steps_per_epoch = steps_per_epoch
+        self._batches = iter(self.loader)
+        self._counts: dict[int, torch.Tensor] = {}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        for _ in range(2):
+            try:
+                images, counts = next(self._batches)
+                break
+            except StopIteration:  # a nominal epoch ended; the stream goes on
+                self._batches = iter(self.loader)
+        else:
+            raise DataError("the shard stream gave no batch in a whole epoch")
+        self._counts[int(counts[0])] = counts[1:]
+        return images
+
+    def counts(self) -> dict[str, int]:
+        """{"corrupt_samples", "bad_shards", "samples"}: this rank's totals so far."""
+        total = sum(self._counts.values(), torch.zeros(len(COUNT_NAMES), dtype=torch.float64))
+        return dict(zip(COUNT_NAMES, (int(v) for v in total.tolist())))
+
+
+def check_corrupt_share(corrupt_samples: float, samples: float, max_corrupt_fraction: float) -> None:
+    """Raise DataError when corrupt images are more than the allowed share of those read."""
+    seen = corrupt_samples + samples
+    if seen and corrupt_samples / seen > max_corrupt_fraction:
+        raise DataError(
+            f"{int(corrupt_samples)} of {int(seen)} images read were corrupt ({corrupt_samples / seen:.1%}), "
+            f"more than --max-corrupt-fraction {max_corrupt_fraction}; fix the shards or raise the limit"
+        )
