@@ -117,7 +117,10 @@ def run_sweep(sweep: Sweep) -> int:
     else:
         scheduler = None
         if sweep.scheduler == "asha":
-            scheduler = ASHAScheduler(time_attr="step", max_t=base.loop.max_steps, grace_period=sweep.grace_steps, reduction_factor=2)
+            # max_t one past the last step: ASHA stops a trial that reaches max_t, and a trial
+            # that reaches its last step must instead finish by itself (close its run, log models).
+            scheduler = ASHAScheduler(time_attr="step", max_t=base.loop.max_steps + 1,
+                                      grace_period=sweep.grace_steps, reduction_factor=2)
         tuner = ray.tune.Tuner(
             trainable,
             param_space=search_space(sweep),
