@@ -28,7 +28,7 @@ from tqdm import tqdm
 from dcgan_dist import checkpoint, config, data
 from dcgan_dist.checkpoint import unwrap
 from dcgan_dist.config import Config
-from dcgan_dist.data.stream import check_corrupt_share
+from dcgan_dist.data.stream import COUNT_NAMES, check_corrupt_share
 from dcgan_dist.models import PRESETS, build_models, sample_latent
 from dcgan_dist.step import gan_step, make_optimizers
 from dcgan_dist.tracking import RunLogger
@@ -37,7 +37,6 @@ from dcgan_dist.tracking import RunLogger
 log = logging.getLogger(__name__)
 
 STAT_NAMES = ("loss_d", "loss_g", "d_real", "d_fake")
-COUNT_NAMES = ("corrupt_samples", "bad_shards", "samples")  # data counters, summed over ranks
 SAMPLE_GRID_SIZE = 64  # an 8x8 grid
 PROGRESS_EVERY_S = 10.0
 
