@@ -1,10 +1,10 @@
-"""What MLflow logging costs the training loop, as a share of step time.
+"""The bare GAN step, and what MLflow logging costs the training loop as a share of it.
 
-Times the bare GAN step of the default config, then the work the loop adds once per
---log-every window on rank 0: the host read of the window's stats and the (asynchronous)
+Times the GAN step (default config, or --preset/--image-size), then the work the loop adds once
+per --log-every window on rank 0: the host read of the window's stats and the (asynchronous)
 log_batch call into a sqlite store. Prints one table.
 
-    python benchmarks/logging_overhead.py [--steps 20] [--log-every 10]
+    python benchmarks/logging_overhead.py [--preset paper] [--image-size 64] [--steps 20] [--log-every 10]
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--preset", default=Config().model.preset)
+    parser.add_argument("--image-size", type=int, default=Config().model.image_size)
     args = parser.parse_args()
     cfg = Config()
+    cfg.model.preset, cfg.model.image_size = args.preset, args.image_size
     torch.manual_seed(0)
     generator, discriminator = build_models(cfg.model.preset, cfg.model.image_size, cfg.model.bn)
     opt_g, opt_d = make_optimizers(generator, discriminator, cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
@@ -57,9 +60,10 @@ def main() -> None:
         logger.finish()
     log_s = statistics.median(log_times)
     share = log_s / (args.log_every * step_s)
-    print(f"| config | step (median) | logging per {args.log_every}-step window | share of step time |")
-    print("|---|---|---|---|")
-    print(f"| {cfg.model.preset} {cfg.model.image_size}px batch {cfg.loop.batch_size} | {step_s * 1e3:.0f} ms | {log_s * 1e3:.1f} ms | {share:.2%} |")
+    print(f"| config | step (median) | img/s | logging per {args.log_every}-step window | share of step time |")
+    print("|---|---|---|---|---|")
+    print(f"| {cfg.model.preset} {cfg.model.image_size}px batch {cfg.loop.batch_size} | {step_s * 1e3:.0f} ms "
+          f"| {cfg.loop.batch_size / step_s:.0f} | {log_s * 1e3:.1f} ms | {share:.2%} |")
 
 
 if __name__ == "__main__":
