@@ -59,6 +59,13 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable: {e}") from None
 
 
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    """Params as strings, credentials redacted, in log_batch's chunks of at most 100."""
+    items = [Param(key, str(redact(value))) for key, value in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
 def ensure_experiment(uri: str, name: str) -> str:
     """The experiment's id, creating it if needed."""
     client = MlflowClient(uri)
@@ -96,9 +103,7 @@ class RunLogger:
         self.resumed = run_id is not None
 
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [Param(key, str(redact(value))) for key, value in params.items()]
-        for start in range(0, len(items), 100):  # log_batch takes at most 100 params per call
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+        log_params(self.client, self.run_id, params)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for key, value in tags.items():

@@ -52,8 +52,6 @@ def preflight(cfg: Config) -> Config:
 def check_manifest(cfg: Config) -> int:
     """Fetch the manifest and HEAD its first shard, failing in seconds (few retries, short
     timeouts) with the URL or the field at fault. Returns the number of images."""
-    if not manifest.is_manifest_url(cfg.data.data):
-        raise ConfigError("data", f"{cfg.data.data!r}: a manifest URL must end in .json")
     if not s3.is_s3(cfg.data.data) and "://" not in cfg.data.data:
         cfg.data.data = str(Path(cfg.data.data).expanduser().resolve())  # workers run elsewhere
     try:

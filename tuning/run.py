@@ -10,7 +10,6 @@ from typing import Any
 import ray
 import ray.tune
 from mlflow import MlflowClient
-from mlflow.entities import Param
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
@@ -67,9 +66,7 @@ def parent_run(client: MlflowClient, sweep: Sweep, tune_path: str) -> tuple[str,
         "sweep.metric": sweep.metric, "sweep.mode": sweep.mode, "sweep.scheduler": sweep.scheduler,
         "sweep.num_samples": sweep.num_samples, "sweep.grace_steps": sweep.grace_steps,
     } | config.flatten(sweep.base)
-    items = [Param(k, str(tracking.redact(v))) for k, v in params.items()]
-    for start in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[start : start + 100])
+    tracking.log_params(client, run.info.run_id, params)
     return run.info.run_id, False
 
 

@@ -43,9 +43,11 @@ class Dimension:
     high: float = 0.0
 
     def describe(self) -> str:
+        if self.distribution == "choice":
+            return "choice(" + ", ".join(str(v) for v in self.grid) + ")"
         if self.grid:
             return "grid(" + ", ".join(str(v) for v in self.grid) + ")"
-        return f"{self.distribution}({self.low}, {self.high})" if self.distribution != "choice" else f"choice({self.grid})"
+        return f"{self.distribution}({self.low}, {self.high})"
 
 
 @dataclass
