@@ -22,8 +22,10 @@ def rng_file(rank: int) -> str:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside a DistributedDataParallel wrapper (or the module itself)."""
-    return getattr(model, "module", model)
+    """The plain module inside DistributedDataParallel and torch.compile wrappers (or the module
+    itself): its state_dict has the plain parameter names."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
 
 
 def rng_state() -> dict[str, Any]:

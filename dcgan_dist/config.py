@@ -24,6 +24,8 @@ import yaml
 PRESETS = ("paper", "pytorch-examples", "imagenet32")
 BN_CHOICES = ("paper", "all", "none", "g-only", "d-only")
 IMAGE_SIZES = (32, 64, 128)
+PRECISIONS = ("fp32", "bf16")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 def option(default, help: str, choices: tuple | None = None):
@@ -74,6 +76,19 @@ class LoopConfig:
 
 
 @dataclass
+class PerfConfig:
+    precision: str = option(
+        "fp32", "fp32, or bf16: forward passes under bf16 autocast (weights, gradients and Adam stay fp32)", PRECISIONS
+    )
+    channels_last: bool = option(
+        True, "keep images, activations and conv weights channels-last (NHWC): faster convolutions on CPUs and GPUs"
+    )
+    compile: str = option(
+        "off", "torch.compile G and D: off, default, reduce-overhead (adds CUDA graphs on GPUs), max-autotune", COMPILE_MODES
+    )
+
+
+@dataclass
 class ClusterConfig:
     num_workers: int = option(1, "Ray Train workers (data-parallel replicas)")
     use_gpu: bool = option(False, "one GPU per worker, NCCL; otherwise CPU and gloo")
@@ -99,6 +114,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 

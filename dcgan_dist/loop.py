@@ -107,6 +107,7 @@ def setup(cfg: Config) -> Worker:
         else:  # a rank the checkpointed run did not have
             torch.manual_seed(cfg.loop.seed + rank + 7919 * start_step)
 
+    generator, discriminator = (speed_up(model, cfg.perf, device) for model in (generator, discriminator))
     # Per-worker BatchNorm statistics, as single-GPU DCGAN has them: no buffer broadcast.
     ddp_options = {"parallel_strategy_kwargs": {"broadcast_buffers": False}}
     generator = ray.train.torch.prepare_model(generator, **ddp_options)
@@ -134,16 +135,29 @@ def setup(cfg: Config) -> Worker:
                   z_fixed.to(device), start_step, logger)
 
 
+def speed_up(model: torch.nn.Module, perf: config.PerfConfig, device: torch.device) -> torch.nn.Module:
+    """The --channels-last and --compile settings applied to one network (before DDP wraps it).
+    Compiling the inner module keeps DDP's gradient hooks outside the compiled graphs."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its kernels once
+    if perf.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if perf.compile != "off":
+        model = torch.compile(model, mode=perf.compile)
+    return model
+
+
 def run(w: Worker) -> None:
     cfg = w.cfg
     window: list[torch.Tensor] = []  # per-step stats, kept on the device until the window closes
     run_start = window_start = time.perf_counter()
     last_progress = 0.0
     latest: dict[str, float] = {}  # the last closed window's means, carried by every report
+    memory_format = torch.channels_last if cfg.perf.channels_last else torch.contiguous_format
     for step in range(w.start_step + 1, cfg.loop.max_steps + 1):
-        real = next(w.batches).to(w.device, non_blocking=True)
+        real = next(w.batches).to(w.device, non_blocking=True, memory_format=memory_format)
         z = sample_latent(cfg.per_worker_batch, cfg.model.preset, w.device)
-        stats = gan_step(w.generator, w.discriminator, w.opt_g, w.opt_d, real, z)
+        stats = gan_step(w.generator, w.discriminator, w.opt_g, w.opt_d, real, z, cfg.perf.precision)
         window.append(torch.stack([stats[name] for name in STAT_NAMES]))
         last_step = step == cfg.loop.max_steps
 

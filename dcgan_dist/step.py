@@ -4,6 +4,9 @@ with the non-saturating generator loss every DCGAN uses).
 Losses are computed from logits with BCEWithLogits, which stays finite where a sigmoid followed
 by BCELoss saturates (and is safe under bf16 autocast). Nothing here calls .item(): the returned
 tensors stay on the device, so the hot loop never waits for the host.
+
+`precision="bf16"` runs the forward passes under bf16 autocast (weights, gradients and Adam stay
+fp32; bf16 has fp32's exponent range, so no loss scaling is needed).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def gan_step(
@@ -20,30 +25,37 @@ def gan_step(
     opt_d: torch.optim.Optimizer,
     real: torch.Tensor,
     z: torch.Tensor,
+    precision: str = "fp32",
 ) -> dict[str, torch.Tensor]:
     """Update D on (real, G(z)), then G on D(G(z)); returns detached scalar tensors."""
-    fake = generator(z)
+    autocast = torch.autocast(real.device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
+    with autocast:
+        fake = generator(z)
 
-    # D: maximise log D(x) + log(1 - D(G(z))). Real and fake go through D as separate batches,
-    # as in the paper's code, so each BatchNorm normalises one kind of image at a time.
-    logits_real = discriminator(real)
-    logits_fake = discriminator(fake.detach())
-    loss_d = F.binary_cross_entropy_with_logits(
-        logits_real, torch.ones_like(logits_real)
-    ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+        # D: maximise log D(x) + log(1 - D(G(z))). Real and fake go through D as separate batches,
+        # as in the paper's code, so each BatchNorm normalises one kind of image at a time.
+        logits_real = discriminator(real)
+        logits_fake = discriminator(fake.detach())
+        loss_d = F.binary_cross_entropy_with_logits(
+            logits_real, torch.ones_like(logits_real)
+        ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     opt_d.step()
 
     # G: maximise log D(G(z)) (non-saturating) rather than minimise log(1 - D(G(z))).
-    # Under DDP, D's replica-local module is enough here: G needs D's gradient with respect to
-    # its input, and D's own weight gradients are discarded (zeroed before D's next update),
-    # so all-reducing them would be wasted communication.
+    # G needs only D's gradient with respect to its input: D's weight gradients would be thrown
+    # away (zeroed before D's next update), so D is frozen for this pass, which saves their
+    # computation (about a tenth of the step), and, under DDP, D's replica-local module is used
+    # so nothing is all-reduced for them.
     d_local = getattr(discriminator, "module", discriminator)
-    logits_gen = d_local(fake)
-    loss_g = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
+    d_local.requires_grad_(False)
+    with autocast:
+        logits_gen = d_local(fake)
+        loss_g = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
+    d_local.requires_grad_(True)
     opt_g.step()
 
     return {
