@@ -67,7 +67,8 @@ def gan_step(
 
 
 def make_optimizers(generator: nn.Module, discriminator: nn.Module, lr: float, beta1: float, beta2: float):
-    """Adam for each network, as in the paper (lr 2e-4, beta1 0.5)."""
-    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=(beta1, beta2))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, beta2))
+    """Adam for each network, as in the paper (lr 2e-4, beta1 0.5). The fused implementation
+    updates all of a network's tensors in one kernel (CPU and CUDA) instead of several per tensor."""
+    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=(beta1, beta2), fused=True)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, beta2), fused=True)
     return opt_g, opt_d

@@ -25,7 +25,8 @@ def open_dataset(data: str, image_size: int) -> Dataset:
 
 
 def batch_stream(
-    dataset: Dataset, per_worker_batch: int, rank: int, world_size: int, seed: int, start_step: int = 0
+    dataset: Dataset, per_worker_batch: int, rank: int, world_size: int, seed: int, start_step: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Endless batches for one rank. Every rank takes the same number of steps per epoch
     (DistributedSampler pads to equal shards; drop_last keeps batches full), and starting at
@@ -34,7 +35,7 @@ def batch_stream(
     # Its own generator: a DataLoader iterator otherwise draws a seed from the global RNG, which
     # would shift the latents of a resumed run against an uninterrupted one.
     loader = DataLoader(dataset, batch_size=per_worker_batch, sampler=sampler, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=torch.Generator().manual_seed(seed), pin_memory=pin_memory)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} images cannot fill one batch of {per_worker_batch} on each of {world_size} workers")
@@ -65,13 +66,16 @@ class InMemoryBatches:
 def open_batches(cfg, rank: int, world_size: int, start_step: int = 0):
     """The batch iterator the training loop uses for `cfg.data.data`: an iterator of NCHW
     batches with a `counts()` method ({"corrupt_samples", "bad_shards", "samples"} so far)."""
+    # Pinned host memory lets the loop's .to(device, non_blocking=True) copy without a host sync.
+    pin_memory = cfg.cluster.use_gpu
     if cfg.data.data in SOURCES:
         dataset = open_dataset(cfg.data.data, cfg.model.image_size)
-        return InMemoryBatches(batch_stream(dataset, cfg.per_worker_batch, rank, world_size, cfg.loop.seed, start_step))
+        return InMemoryBatches(batch_stream(dataset, cfg.per_worker_batch, rank, world_size, cfg.loop.seed, start_step,
+                                            pin_memory))
     from dcgan_dist.data import manifest, stream
 
     return stream.ShardBatches(
         manifest.read(cfg.data.data), cfg.per_worker_batch, rank, world_size, cfg.loop.seed, start_step,
         loader_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-        shard_retries=cfg.data.shard_retries,
+        shard_retries=cfg.data.shard_retries, pin_memory=pin_memory,
     )

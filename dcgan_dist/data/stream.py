@@ -169,13 +169,14 @@ class ShardBatches:
     """Endless batches for one rank, and the counts of what was skipped on the way."""
 
     def __init__(self, manifest: Manifest, per_worker_batch: int, rank: int, world_size: int, seed: int,
-                 start_step: int = 0, loader_workers: int = 2, shuffle_buffer: int = 1000, shard_retries: int = 3):
+                 start_step: int = 0, loader_workers: int = 2, shuffle_buffer: int = 1000, shard_retries: int = 3,
+                 pin_memory: bool = False):
         steps_per_epoch = max(1, manifest.num_samples // (per_worker_batch * world_size))
         dataset = pipeline(manifest, per_worker_batch, rank, seed, start_step, shuffle_buffer, shard_retries,
                            batches_per_epoch=math.ceil(steps_per_epoch / max(loader_workers, 1)))
         # persistent workers keep each pipeline's counters and shard RNG epoch across epochs
         self.loader = DataLoader(dataset, batch_size=None, num_workers=loader_workers,
-                                 persistent_workers=loader_workers > 0,
+                                 persistent_workers=loader_workers > 0, pin_memory=pin_memory,
                                  prefetch_factor=2 if loader_workers > 0 else None)
         self.steps_per_epoch = steps_per_epoch
         self._batches = iter(self.loader)
