@@ -1,0 +1,62 @@
+"""Collapse detectors, fed the window means the training loop already reduces across ranks.
+
+Three signs that a GAN run has gone wrong (each reported once when it starts, and again only
+after it has cleared):
+- d_loss_vanished: D's loss below `d_loss_floor` for `patience_steps` steps: D separates real
+  from fake perfectly and G gets no useful gradient.
+- grad_exploded: a gradient norm (D's or G's) not finite, or more than `grad_factor` times the
+  median of the windows before it.
+- score_rebound: the evaluation score (lower is better) more than `score_factor` times its best:
+  training has walked away from its best point.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+GRAD_NAMES = ("grad_norm_d", "grad_norm_g")
+EVENTS = ("d_loss_vanished", "grad_exploded", "score_rebound")
+
+
+@dataclass
+class CollapseDetector:
+    d_loss_floor: float = 1e-3
+    patience_steps: int = 50
+    grad_factor: float = 10.0
+    score_factor: float = 1.5
+    warmup_windows: int = 3  # windows of gradient norms before the median is trusted
+    low_loss_steps: int = 0
+    grad_history: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in GRAD_NAMES})
+    active: set[str] = field(default_factory=set)  # events under way: not reported again
+
+    def observe_window(self, steps: int, means: dict[str, float]) -> list[str]:
+        """The events a closed window of `steps` steps raises (its means: loss_d, grad norms)."""
+        found = []
+        self.low_loss_steps = self.low_loss_steps + steps if means["loss_d"] < self.d_loss_floor else 0
+        found += self._edge("d_loss_vanished", self.low_loss_steps >= self.patience_steps)
+        exploded = False
+        for name in GRAD_NAMES:
+            value, history = means[name], self.grad_history[name]
+            if not math.isfinite(value):
+                exploded = True
+                continue
+            if len(history) >= self.warmup_windows and value > self.grad_factor * statistics.median(history):
+                exploded = True
+            else:  # an exploded window would raise the baseline it is judged by
+                history.append(value)
+        found += self._edge("grad_exploded", exploded)
+        return found
+
+    def observe_score(self, score: float, best_score: float | None) -> list[str]:
+        rebound = not math.isfinite(score) or (best_score is not None and score > self.score_factor * best_score)
+        return self._edge("score_rebound", rebound)
+
+    def _edge(self, event: str, present: bool) -> list[str]:
+        if present and event not in self.active:
+            self.active.add(event)
+            return [event]
+        if not present:
+            self.active.discard(event)
+        return []
