@@ -100,8 +100,8 @@ class EvalConfig:
     eval_samples: int = option(1000, "generated and real images per evaluation (scores compare only at equal counts)")
     eval_backbone: str = option("digits", "feature backbone: digits (our own cached classifier) or inception (needs --inception-weights)", EVAL_BACKBONES)
     inception_weights: str = option("", "Inception-v3 state dict file (e.g. torchvision's inception_v3_google-0cc3c7bd.pth); never downloaded")
-    collapse_d_loss: float = option(1e-3, "collapse event when D's loss stays below this for --collapse-steps steps")
-    collapse_steps: int = option(50, "steps D's loss must stay below --collapse-d-loss to count as a collapse")
+    collapse_d_loss: float = option(1e-3, "collapse event when the median of D's loss over the last --collapse-steps steps is below this")
+    collapse_steps: int = option(50, "steps over which D's loss median is judged for a collapse")
     rollback_on_collapse: bool = option(False, "on a collapse event, reload the best G/D (by eval score) and continue")
 
 

@@ -100,9 +100,10 @@ def finish_models(w: Worker) -> None:
         best_models[0].load_state_dict(w.best.generator)
         best_models[1].load_state_dict(w.best.discriminator)
     if w.evaluator is not None:
-        metrics, picture = w.evaluator.memorisation(best_models[0] if best_models else unwrap(w.generator))
+        metrics, pictures = w.evaluator.memorisation(best_models[0] if best_models else unwrap(w.generator))
         logger.log_metrics([(cfg.loop.max_steps, metrics)])
-        logger.log_image(picture, key="memorisation_pairs", step=cfg.loop.max_steps)
+        for name, picture in pictures.items():
+            logger.log_image(picture, key=f"memorisation_{name}", step=cfg.loop.max_steps)
     champion = None
     if best_models is not None and register:
         champion = logger.log_and_register_models(*best_models, w.best.step, architecture, register=True)
@@ -208,7 +209,7 @@ def run(w: Worker) -> None:
                 if now - last_progress >= PROGRESS_EVERY_S or last_step:
                     log.info(progress_line(step, w.start_step, cfg.loop.max_steps, now - run_start, img_per_s, rows[-1]))
                     last_progress = now
-            events = w.detector.observe_window(len(window), latest)  # the same means, so the same events, on every rank
+            events = w.detector.observe_window([row[0] for row in rows], latest)  # the same on every rank
             window, window_start = [], time.perf_counter()
             report_collapse(w, step, events)
             requested, best_exists = totals[len(COUNT_NAMES):]

@@ -88,14 +88,15 @@ class Evaluator:
             metrics |= {f"eval/{name}": value for name, value in classifier_score(probabilities).items()}
         return metrics
 
-    def memorisation(self, generator: nn.Module) -> tuple[dict[str, float], np.ndarray]:
-        """memorisation/* metrics and the picture of the closest (sample, training image) pairs."""
+    def memorisation(self, generator: nn.Module) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """memorisation/* metrics, and pictures: the closest (sample, training image) pairs and
+        the histogram of nearest-neighbour distances."""
         reference, held_out = self.real_images, self.held_out
         if len(held_out) < 10:  # the data set has nothing beyond the reference: split it
             cut = len(reference) - len(reference) // 5
             reference, held_out = reference[:cut], reference[cut:]
-        metrics, picture = memorisation_check(self.generate(generator), reference, held_out)
-        return {f"memorisation/{name}": value for name, value in metrics.items()}, picture
+        metrics, pictures = memorisation_check(self.generate(generator), reference, held_out)
+        return {f"memorisation/{name}": value for name, value in metrics.items()}, pictures
 
 
 def better(score: float, best: Best | None) -> bool:

@@ -25,9 +25,10 @@ def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, batch_size
     return torch.cat(distances), torch.cat(indices)
 
 
-def memorisation_check(samples: torch.Tensor, train_images: torch.Tensor, held_out: torch.Tensor, pairs: int = 16) -> tuple[dict[str, float], np.ndarray]:
-    """Metrics on the nearest-neighbour distances, and an image of the `pairs` closest
-    (sample, nearest training image) pairs, side by side, as HxWx3 uint8."""
+def memorisation_check(samples: torch.Tensor, train_images: torch.Tensor, held_out: torch.Tensor, pairs: int = 16) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Metrics on the nearest-neighbour distances, and two pictures (HxWx3 uint8): `pairs`, the
+    closest (sample, nearest training image) pairs side by side, and `distances`, the histogram
+    of both distance distributions."""
     sample_distance, sample_index = nearest_distances(samples, train_images)
     real_distance, _ = nearest_distances(held_out, train_images)
     metrics = {
@@ -39,4 +40,25 @@ def memorisation_check(samples: torch.Tensor, train_images: torch.Tensor, held_o
     closest = sample_distance.argsort()[:pairs]
     tiles = torch.stack([image for i in closest for image in (samples[i], train_images[sample_index[i]])])
     grid = make_grid(tiles.float(), nrow=8, padding=2, normalize=True, value_range=(-1, 1))  # 4 pairs a row
-    return metrics, (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    pictures = {"pairs": (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
+                "distances": histogram(sample_distance.numpy(), real_distance.numpy())}
+    return metrics, pictures
+
+
+def histogram(sample_distance: np.ndarray, real_distance: np.ndarray) -> np.ndarray:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3), dpi=100)
+    bins = np.linspace(0, max(sample_distance.max(), real_distance.max()), 40)
+    axis.hist(sample_distance, bins=bins, alpha=0.6, density=True, label="generated -> nearest training image")
+    axis.hist(real_distance, bins=bins, alpha=0.6, density=True, label="held-out real -> nearest training image")
+    axis.set_xlabel("pixel L2 distance")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return image
