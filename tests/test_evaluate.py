@@ -39,6 +39,17 @@ def test_fid_matches_the_closed_form_for_gaussians():
     assert frechet_distance(a, b) == pytest.approx(8 * 1.5**2 + 8, rel=0.03)
 
 
+def test_fid_of_sets_smaller_than_the_dimension_matches_the_matrix_square_root():
+    import scipy.linalg
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(40, 64)), rng.normal(size=(50, 64)) * 1.5 + 0.3
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    reference = (((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b)
+                 - 2 * np.trace(scipy.linalg.sqrtm(cov_a @ cov_b).real))
+    assert frechet_distance(a, b) == pytest.approx(reference, rel=1e-4)
+
+
 def test_fid_and_kid_rank_a_set_against_itself_halves_and_noise(digits_features):
     _, _, features, _, noise_features, _ = digits_features
     first, second = features[:800], features[800:1600]
