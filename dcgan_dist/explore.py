@@ -18,11 +18,9 @@ Nothing is downloaded: G is rebuilt from the model's `architecture.json` and `st
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
