@@ -1,6 +1,7 @@
 """The full training state in one directory: everything needed to continue exactly.
 
-Rank 0 writes `state.pt` (G, D, both Adam states, the step, the MLflow run id, the config);
+Rank 0 writes `state.pt` (G, D, both Adam states, the step, the MLflow run id, the config,
+the best snapshot by evaluation score);
 every rank writes its own RNG state to `rng-rank{N}.pt`. Ray Train merges the ranks'
 directories into one checkpoint. Everything is loaded with weights_only=True: tensors and
 plain containers only, no pickled code.
@@ -52,6 +53,7 @@ def save(
     opt_d: torch.optim.Optimizer,
     mlflow_run_id: str | None,
     config: dict[str, Any],
+    best: dict[str, Any] | None = None,
 ) -> None:
     directory = Path(directory)
     torch.save(rng_state(), directory / rng_file(rank))
@@ -65,6 +67,7 @@ def save(
         "opt_d": opt_d.state_dict(),
         "mlflow_run_id": mlflow_run_id,
         "config": config,
+        "best": best,  # the best snapshot by evaluation score (evaluate.Best.state()), or None
     }
     torch.save(state, directory / STATE_FILE)
 

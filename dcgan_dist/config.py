@@ -26,6 +26,7 @@ BN_CHOICES = ("paper", "all", "none", "g-only", "d-only")
 IMAGE_SIZES = (32, 64, 128)
 PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+EVAL_BACKBONES = ("digits", "inception")
 
 
 def option(default, help: str, choices: tuple | None = None):
@@ -109,6 +110,17 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    eval_every: int = option(200, "FID/KID (and the classifier score) of G every N steps and at the end; the best score's G/D is the `champion`; 0 = off")
+    eval_samples: int = option(1000, "generated and real images per evaluation (scores compare only at equal counts)")
+    eval_backbone: str = option("digits", "feature backbone: digits (our own cached classifier) or inception (needs --inception-weights)", EVAL_BACKBONES)
+    inception_weights: str = option("", "Inception-v3 state dict file (e.g. torchvision's inception_v3_google-0cc3c7bd.pth); never downloaded")
+    collapse_d_loss: float = option(1e-3, "collapse event when the median of D's loss over the last --collapse-steps steps is below this")
+    collapse_steps: int = option(50, "steps over which D's loss median is judged for a collapse")
+    rollback_on_collapse: bool = option(False, "on a collapse event, reload the best G/D (by eval score) and continue")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -117,6 +129,7 @@ class Config:
     perf: PerfConfig = field(default_factory=PerfConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def per_worker_batch(self) -> int:
@@ -287,11 +300,25 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.model.preset == "imagenet32" and cfg.model.image_size != 32:
         raise ConfigError("image_size", f"preset imagenet32 is 32 px only (got {cfg.model.image_size})")
+    validate_eval(cfg)
     if not cfg.tracking.experiment.strip():
         raise ConfigError("experiment", "must not be empty")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg.tracking.run_name):
         raise ConfigError("run_name", f"use letters, digits, '_', '.', '-' (got {cfg.tracking.run_name!r})")
     return cfg
+
+
+def validate_eval(cfg: Config) -> None:
+    if cfg.eval.eval_every < 0:
+        raise ConfigError("eval_every", f"must be >= 0 (got {cfg.eval.eval_every})")
+    if cfg.eval.eval_samples < 10:
+        raise ConfigError("eval_samples", f"must be >= 10 (got {cfg.eval.eval_samples})")
+    if cfg.eval.collapse_d_loss < 0:
+        raise ConfigError("collapse_d_loss", f"must be >= 0 (got {cfg.eval.collapse_d_loss})")
+    if cfg.eval.collapse_steps < 1:
+        raise ConfigError("collapse_steps", f"must be >= 1 (got {cfg.eval.collapse_steps})")
+    if cfg.eval.eval_every and cfg.eval.eval_backbone == "inception" and not cfg.eval.inception_weights:
+        raise ConfigError("inception_weights", "--eval-backbone inception needs a weights file (nothing is downloaded)")
 
 
 # ---------------------------------------------------------------- CLI

@@ -41,6 +41,7 @@ def gan_step(
         ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
+    grad_norm_d = grad_norm(discriminator)
     opt_d.step()
 
     # G: maximise log D(G(z)) (non-saturating) rather than minimise log(1 - D(G(z))).
@@ -56,6 +57,7 @@ def gan_step(
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     d_local.requires_grad_(True)
+    grad_norm_g = grad_norm(generator)
     opt_g.step()
 
     return {
@@ -63,7 +65,14 @@ def gan_step(
         "loss_g": loss_g.detach(),
         "d_real": torch.sigmoid(logits_real.detach()).mean(),
         "d_fake": torch.sigmoid(logits_fake.detach()).mean(),
+        "grad_norm_d": grad_norm_d,  # for the collapse detectors: exploding updates
+        "grad_norm_g": grad_norm_g,
     }
+
+
+def grad_norm(model: nn.Module) -> torch.Tensor:
+    """The L2 norm of all of a model's gradients together, as a device tensor (no host sync)."""
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]).detach()
 
 
 def make_optimizers(generator: nn.Module, discriminator: nn.Module, lr: float, beta1: float, beta2: float):

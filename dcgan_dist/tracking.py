@@ -156,6 +156,17 @@ class RunLogger:
                 versions[name] = str(info.registered_model_version)
         return versions
 
+    def set_model_alias(self, name: str, version: str, alias: str, tags: dict[str, Any]) -> None:
+        set_model_alias(self.client, name, version, alias, tags)
+
     def finish(self, status: str = "FINISHED") -> None:
         mlflow.flush_async_logging()
         mlflow.end_run(status=status)
+
+
+def set_model_alias(client: MlflowClient, name: str, version: str, alias: str, tags: dict[str, Any]) -> None:
+    """Point `alias` of a registered model at `version` (moving it from any older one) and tag
+    that version. `latest` is MLflow's own, always the newest version, and cannot be set."""
+    client.set_registered_model_alias(name, alias, version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))

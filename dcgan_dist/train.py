@@ -35,6 +35,7 @@ def preflight(cfg: Config) -> Config:
             f"on each of {cfg.cluster.num_workers} workers",
         )
 
+    check_evaluation(cfg)
     cfg.tracking.tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracking.check_reachable(cfg.tracking.tracking_uri)
     tracking.ensure_experiment(cfg.tracking.tracking_uri, cfg.tracking.experiment)
@@ -47,6 +48,23 @@ def preflight(cfg: Config) -> Config:
             raise ConfigError("storage_path", f"cannot create {storage}: {e.strerror}") from None
         cfg.tracking.storage_path = str(storage)
     return cfg
+
+
+def check_evaluation(cfg: Config) -> None:
+    """Load a user's Inception weights now (a bad file fails here, not at the first evaluation)."""
+    if not cfg.eval.eval_every:
+        return
+    if cfg.eval.eval_backbone == "inception":
+        from dcgan_dist.evaluate import backbones
+
+        cfg.eval.inception_weights = str(Path(cfg.eval.inception_weights).expanduser().resolve())  # workers run elsewhere
+        try:
+            backbones.load_inception(cfg.eval.inception_weights)
+        except backbones.BackboneError as e:
+            raise ConfigError("inception_weights", str(e).removeprefix("--inception-weights: ")) from None
+    elif cfg.data.data not in data.SOURCES:
+        print(f"note: --eval-backbone digits scores {tracking.redact(cfg.data.data)} with a digits classifier's features; "
+              "for other images use --eval-backbone inception --inception-weights FILE", file=sys.stderr)
 
 
 def check_manifest(cfg: Config) -> int:

@@ -40,10 +40,11 @@ def test_step_lowers_d_loss_on_a_fixed_batch():
 def test_step_returns_detached_device_scalars():
     generator, discriminator, opt_g, opt_d, real, z = setup()
     stats = gan_step(generator, discriminator, opt_g, opt_d, real, z)
-    assert set(stats) == {"loss_d", "loss_g", "d_real", "d_fake"}
+    assert set(stats) == {"loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g"}
     for value in stats.values():
         assert isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad
     assert 0 < stats["d_real"].item() < 1 and 0 < stats["d_fake"].item() < 1
+    assert stats["grad_norm_d"].item() > 0 and stats["grad_norm_g"].item() > 0
 
 
 def test_losses_are_the_minimax_d_loss_and_the_non_saturating_g_loss():

@@ -63,7 +63,11 @@ def test_search_keys_are_config_paths_and_the_paper_ablation():
     assert {d.path: d.grid for d in paper.dimensions} == {
         "optim.beta1": [0.5, 0.9], "optim.lr": [2e-4, 1e-3], "model.bn": ["paper", "all", "none"]
     }
-    assert paper.scheduler == "asha" and (paper.metric, paper.mode) == ("loss_g", "min")
+    # trials are ranked on FID when evaluation is on (the default), on G's loss when it is off,
+    # and ASHA's first rung waits for the first score
+    assert paper.scheduler == "asha" and (paper.metric, paper.mode) == ("eval/fid", "min")
+    assert paper.grace_steps >= paper.base.eval.eval_every
+    assert sweep.parse_args(["--ablation", "paper", "--eval-every", "0"]).metric == "loss_g"
     # training flags apply to every trial; sweeps do not register a model version per trial
     flagged = sweep.parse_args(["--ablation", "paper", "--max-steps", "77", "--workers-per-trial", "2", "--batch-size", "64"])
     assert flagged.base.loop.max_steps == 77 and flagged.base.cluster.num_workers == 2

@@ -3,6 +3,7 @@ under one parent run, and the ablation table and plot at the end."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,10 @@ def run_sweep(sweep: Sweep) -> int:
             ),
             run_config=ray.tune.RunConfig(name=sweep.sweep_name, storage_path=base.tracking.storage_path),
         )
+    if sweep.metric.startswith("eval/"):
+        # Reports before a trial's first evaluation carry no score; Tune's strict check would
+        # fail the trial on them (ASHA skips them; the first rung comes after the first score).
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     results = tuner.fit()
 
     rows = report.trial_rows(results, sweep)

@@ -27,9 +27,14 @@ ABLATIONS = {
     "paper": {"optim.beta1": [0.5, 0.9], "optim.lr": [2e-4, 1e-3], "model.bn": ["paper", "all", "none"]},
 }
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
-# Until the evaluation score exists, trials are compared on a loss: the generator's
-# non-saturating loss, lower meaning G fools D more. A weak signal of sample quality; say so.
-DEFAULT_METRIC, DEFAULT_MODE = "loss_g", "min"
+# With evaluation on (--eval-every > 0, the default), trials are compared on FID (lower is
+# better). With it off, on the generator's non-saturating loss: lower means G fools D more, a
+# weak signal of sample quality.
+EVAL_METRIC, LOSS_METRIC, DEFAULT_MODE = "eval/fid", "loss_g", "min"
+
+
+def default_metric(base: Config) -> str:
+    return EVAL_METRIC if base.eval.eval_every else LOSS_METRIC
 
 
 @dataclass
@@ -117,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--num-samples", type=int, default=1, help="samples of the space (grids are repeated this many times)")
     sweep.add_argument("--max-concurrent", type=int, default=0, help="trials at once; 0 = as many as resources allow")
     sweep.add_argument("--scheduler", choices=("asha", "none"), default="asha", help="early stopping (ASHA on --metric) or none")
-    sweep.add_argument("--metric", help=f"metric trials are compared on (default {DEFAULT_METRIC}, with --mode {DEFAULT_MODE})")
+    sweep.add_argument("--metric", help=f"metric trials are compared on (default {EVAL_METRIC} with evaluation on, else {LOSS_METRIC}; --mode {DEFAULT_MODE})")
     sweep.add_argument("--mode", choices=("min", "max"), help="whether --metric is better low or high (required with --metric)")
     sweep.add_argument("--grace-steps", type=int, default=0, help="ASHA: steps before a trial may be stopped; 0 = max_steps / 8")
     sweep.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (same as --num-workers)")
@@ -167,9 +172,16 @@ def settings_from_args(args: argparse.Namespace) -> Sweep:
         raise SweepError("max_concurrent", f"must be >= 0 (got {args.max_concurrent})")
     if base.loop.checkpoint_every % base.loop.log_every:
         raise SweepError("checkpoint_every", f"must be a multiple of --log-every {base.loop.log_every} in a sweep, so every report carries the metric")
+    metric = args.metric or default_metric(base)
     grace = args.grace_steps or max(base.loop.log_every, base.loop.max_steps // 8)
+    if metric == EVAL_METRIC:
+        # ASHA must not judge a trial before its first score: the first rung comes after it.
+        first_score = min(base.eval.eval_every, base.loop.max_steps)
+        if args.grace_steps and args.grace_steps < first_score:
+            raise SweepError("grace_steps", f"{args.grace_steps} comes before the first {EVAL_METRIC} at step {first_score} (--eval-every)")
+        grace = max(grace, first_score)
     return Sweep(base, dimensions, args.sweep_name, args.num_samples, args.max_concurrent, args.scheduler,
-                 args.metric or DEFAULT_METRIC, args.mode or DEFAULT_MODE, grace)
+                 metric, args.mode or DEFAULT_MODE, grace)
 
 
 def main(argv: list[str] | None = None) -> int:
