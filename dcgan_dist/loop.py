@@ -68,7 +68,7 @@ class Worker:
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker."""
     os.environ.update(loop_config.get("env", {}))  # the driver's AWS_* settings, for the data
-    worker = setup(config.from_flat(loop_config["config"]))
+    worker = setup(config.from_flat(loop_config["config"]), loop_config.get("tags", {}))
     cfg, logger = worker.cfg, worker.logger
     if worker.start_step >= cfg.loop.max_steps:
         if logger is not None:
@@ -120,7 +120,8 @@ def finish_models(w: Worker) -> None:
         logger.set_tags({"champion.step": w.best.step, "champion.score": w.best.score})
 
 
-def setup(cfg: Config) -> Worker:
+def setup(cfg: Config, tags: dict[str, str]) -> Worker:
+    """`tags`: the run's lineage (code, data, Ray job), from the driver."""
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -163,7 +164,7 @@ def setup(cfg: Config) -> Worker:
         else:
             derived = {"derived.per_worker_batch": cfg.per_worker_batch, "derived.world_size": world_size}
             logger.log_params(config.flatten(cfg) | derived)
-        logger.set_tags({"ray.world_size": world_size, "ray.run_name": cfg.tracking.run_name})
+        logger.set_tags(tags | {"ray.world_size": world_size, "ray.run_name": cfg.tracking.run_name})
 
     worker = Worker(cfg, rank, world_size, device, generator, discriminator, opt_g, opt_d, batches,
                     z_fixed.to(device), start_step, logger)

@@ -9,7 +9,11 @@ MLflow run.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -87,6 +91,36 @@ def check_manifest(cfg: Config) -> int:
     return shards.num_samples
 
 
+def lineage_tags(cfg: Config) -> dict[str, str]:
+    """Where a run came from, as MLflow tags: code version, data and its hash, Ray job (Ray must
+    be initialised; the world size is tagged by the workers)."""
+    import ray
+
+    package_dir = Path(__file__).resolve().parent
+    tags = {"code.version": importlib.metadata.version("dcgan-dist")}
+    try:  # a git checkout (an installed wheel or image has none)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package_dir, capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=package_dir,
+                                     capture_output=True, text=True, timeout=10)
+            tags["code.git_commit"] = commit.stdout.strip()
+            tags["code.git_dirty"] = str(bool(changes.stdout.strip()))
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    if cfg.data.data in data.SOURCES:
+        images = data.open_dataset(cfg.data.data, cfg.model.image_size).tensors[0]
+        digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()  # the images trained on
+    else:
+        digest = hashlib.sha256(s3.read_bytes(cfg.data.data, fast=True)).hexdigest()  # the manifest, which has each shard's sha256
+    tags |= {"data.manifest": tracking.redact(cfg.data.data), "data.sha256": digest,
+             "ray.job_id": ray.get_runtime_context().get_job_id()}
+    # `ray job submit` hands its driver the submission id in the job config's metadata.
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    if job_config.get("metadata", {}).get("job_submission_id"):
+        tags["ray.submission_id"] = job_config["metadata"]["job_submission_id"]
+    return tags
+
+
 def cpus_per_worker(cfg: Config, cluster_resources: dict[str, float]) -> int:
     """--cpus-per-worker, or (0) an even share of the cluster's CPUs. Ray sets each worker's
     OMP_NUM_THREADS from its CPU request, so a 1-CPU worker would train on one thread."""
@@ -109,7 +143,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
         train_loop,
         # The driver's AWS_* settings travel to the workers in memory (never logged), so they
         # read shards from the endpoint, with the credentials, that the preflight checked.
-        train_loop_config={"config": config.flatten(cfg),
+        train_loop_config={"config": config.flatten(cfg), "tags": lineage_tags(cfg),
                            "env": {name: os.environ[name] for name in s3.AWS_ENV_VARS if name in os.environ}},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.cluster.num_workers,

@@ -1,0 +1,148 @@
+"""The L2-SVM probe: features, the CIFAR-10 archive reader, the protocol on a generated archive,
+and bad input. (The probe of a trained D from a real MLflow server is in test_tracking.py.)"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dcgan_dist import checkpoint, probe
+from dcgan_dist.models import build_models
+from dcgan_dist.step import make_optimizers
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(("preset", "expected"), [("imagenet32", 28_672), ("paper", 14_336), ("pytorch-examples", 7_168)])
+def test_features_are_every_block_max_pooled_to_4x4(preset, expected):
+    _, discriminator = build_models(preset, 32, "paper")
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    features = probe.extract_features(discriminator, images)
+    assert features.shape == (3, expected) == (3, probe.feature_dims(preset, 32))
+    # the first block's 4x4 max-pool is the first slice of the features
+    first = torch.nn.functional.adaptive_max_pool2d(discriminator.features(images)[0], 4).flatten(1)
+    assert np.allclose(features[:, : first.shape[1]], first.detach().numpy(), atol=1e-6)
+    # eval-mode BatchNorm: an image's features do not depend on the rest of its batch
+    assert np.allclose(probe.extract_features(discriminator, images[:1]), features[:1], atol=1e-5)
+
+
+def write_cifar_archive(path: Path, per_batch: int = 30, test: int = 60) -> Path:
+    """A small archive in the layout of cifar-10-python.tar.gz; each class has its own colour
+    plus noise, so the labels can be learnt from the pixels."""
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, size=(10, 3))
+
+    def batch(count: int) -> dict:
+        labels = np.arange(count) % 10
+        pixels = colours[labels][:, :, None] + rng.normal(0, 10, size=(count, 3, 1024))
+        return {b"data": pixels.clip(0, 255).astype(np.uint8).reshape(count, 3072), b"labels": labels.tolist()}
+
+    with tarfile.open(path, "w:gz") as archive:
+        for name, count in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", test)]:
+            payload = pickle.dumps(batch(count))
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def write_checkpoint(folder: Path, preset: str = "pytorch-examples", claimed_preset: str | None = None) -> Path:
+    """A checkpoint as the training loop writes it (config saying `claimed_preset`)."""
+    generator, discriminator = build_models(preset, 32, "paper")
+    opt_g, opt_d = make_optimizers(generator, discriminator, 2e-4, 0.5, 0.999)
+    folder.mkdir()
+    config = {"model.preset": claimed_preset or preset, "model.image_size": 32, "model.bn": "paper"}
+    checkpoint.save(folder, rank=0, step=7, generator=generator, discriminator=discriminator, opt_g=opt_g,
+                    opt_d=opt_d, mlflow_run_id=None, config=config)
+    return folder
+
+
+def test_probe_on_a_cifar_archive_writes_the_json_document(tmp_path, capsys):
+    archive = write_cifar_archive(tmp_path / "cifar-10-python.tar.gz")
+    output = tmp_path / "probe.json"
+    code = probe.main(["--discriminator", str(write_checkpoint(tmp_path / "ckpt")), "--dataset", "cifar10",
+                       "--data-path", str(archive), "--per-class", "5", "--subsets", "2", "--no-mlflow", "--c-grid", "1",
+                       "--output-json", str(output)])
+    assert code == 0
+    result = json.loads(output.read_text())
+    assert set(result) == {"accuracy", "accuracy_400", "feature_dims", "baselines"}
+    assert set(result["accuracy_400"]) == {"mean", "std"} and set(result["baselines"]) == {"raw_pixels", "random_d"}
+    assert result["feature_dims"] == 7168
+    assert all(0.0 <= value <= 1.0 for value in (result["accuracy"], *result["baselines"].values()))
+    assert result["baselines"]["raw_pixels"] >= 0.9  # the colours: proof that images and labels line up
+    printed = capsys.readouterr().out
+    assert "trained D" in printed and "raw pixels" in printed and "random D" in printed
+
+
+def test_probe_logs_to_the_checkpoints_run(tmp_path, mlflow_sqlite):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_sqlite)
+    run_id = client.create_run(client.create_experiment("probe-target")).info.run_id
+    folder = write_checkpoint(tmp_path / "ckpt")
+    state = checkpoint.load_state(folder) | {"mlflow_run_id": run_id}
+    torch.save(state, folder / checkpoint.STATE_FILE)
+    archive = write_cifar_archive(tmp_path / "cifar.tar.gz")
+    assert probe.main(["--discriminator", str(folder), "--dataset", "cifar10", "--data-path", str(archive),
+                       "--per-class", "5", "--subsets", "1", "--c-grid", "1", "--tracking-uri", mlflow_sqlite]) == 0
+    [metric] = client.get_metric_history(run_id, "probe/cifar10/accuracy")
+    assert metric.step == 7 and 0.0 <= metric.value <= 1.0
+    assert [a.path for a in client.list_artifacts(run_id, "probe")] == ["probe/cifar10.json"]
+
+
+@pytest.mark.parametrize("case", ["text-file", "tar-without-batches", "missing-path", "not-a-checkpoint",
+                                  "wrong-preset", "weights-of-another-preset", "unknown-model"])
+def test_bad_input_exits_2_naming_it(case, tmp_path, mlflow_sqlite, capsys):
+    archive = write_cifar_archive(tmp_path / "cifar.tar.gz", per_batch=10, test=10)
+    ckpt = tmp_path / "ckpt"
+    args = {"--discriminator": str(ckpt), "--dataset": "cifar10", "--data-path": str(archive), "--no-mlflow": None}
+    named = None
+    if case == "text-file":
+        (tmp_path / "notes.txt").write_text("not an archive")
+        args["--data-path"] = named = str(tmp_path / "notes.txt")
+        write_checkpoint(ckpt)
+    elif case == "tar-without-batches":
+        with tarfile.open(tmp_path / "other.tar", "w") as other:
+            other.add(archive, arcname="something_else")
+        args["--data-path"] = str(tmp_path / "other.tar")
+        named = "data_batch_1"
+        write_checkpoint(ckpt)
+    elif case == "missing-path":
+        args["--data-path"] = named = str(tmp_path / "nowhere.tar.gz")
+        write_checkpoint(ckpt)
+    elif case == "not-a-checkpoint":
+        ckpt.mkdir()
+        named = str(ckpt)
+    elif case == "wrong-preset":
+        write_checkpoint(ckpt)
+        args["--preset"] = "imagenet32"
+        named = "imagenet32"
+    elif case == "weights-of-another-preset":
+        write_checkpoint(ckpt, preset="pytorch-examples", claimed_preset="paper")
+        named = "paper"
+    elif case == "unknown-model":
+        args["--discriminator"] = named = "models:/dcgan-discriminator@nope"
+        args["--tracking-uri"] = mlflow_sqlite
+    argv = [item for key, value in args.items() for item in ((key,) if value is None else (key, value))]
+    assert probe.main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # not MLflow's INFO lines
+    assert len(errors) == 1 and named in errors[0], errors
+
+
+def test_cli_bad_dataset_path_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dcgan_dist.probe", "--discriminator", str(tmp_path), "--dataset", "cifar10"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 2 and "--data-path" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
