@@ -101,6 +101,24 @@ class RunLogger:
         )
         self.run_id = self.run.info.run_id
         self.resumed = run_id is not None
+        # On resume: the last step already in the run, per metric or image key (see skip_logged).
+        self.logged_through: dict[str, int] = {}
+
+    def skip_logged(self, metric_names: tuple[str, ...], image_keys: tuple[str, ...]) -> None:
+        """After a failure the run already holds the steps logged between the checkpoint it
+        resumes from and the crash. Those steps are trained again, but only the first values
+        are kept: from now on, steps up to each metric's (and image key's) last logged step
+        are dropped, so the step axis has no duplicates; steps lost with a crashed process's
+        queue were never logged and are logged now, so it has no gaps."""
+        for name in metric_names:
+            history = self.client.get_metric_history(self.run_id, name)
+            self.logged_through[name] = max((m.step for m in history), default=0)
+        for artifact in self.client.list_artifacts(self.run_id, "images"):
+            match = re.search(r"images/(.+?)\+step\+(\d+)\+", artifact.path)
+            if match:
+                key, step = match.group(1), int(match.group(2))
+                self.logged_through[key] = max(self.logged_through.get(key, 0), step)
+        self.logged_through = {key: step for key, step in self.logged_through.items() if step > 0}
 
     def log_params(self, params: dict[str, Any]) -> None:
         log_params(self.client, self.run_id, params)
@@ -112,11 +130,14 @@ class RunLogger:
     def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         """rows = [(step, {name: value})]; queued, not waited for."""
         timestamp = mlflow.utils.time.get_current_time_millis()
-        metrics = [Metric(name, value, timestamp, step) for step, values in rows for name, value in values.items()]
+        metrics = [Metric(name, value, timestamp, step) for step, values in rows for name, value in values.items()
+                   if step > self.logged_through.get(name, 0)]
         for start in range(0, len(metrics), 1000):  # log_batch's metric limit per call
             self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000], synchronous=False)
 
     def log_image(self, image_hwc: np.ndarray, key: str, step: int) -> None:
+        if step <= self.logged_through.get(key, 0):
+            return
         self.client.log_image(self.run_id, image_hwc, key=key, step=step, synchronous=False)
 
     def log_and_register_models(self, generator: torch.nn.Module, discriminator: torch.nn.Module, step: int, architecture: dict[str, Any], register: bool) -> dict[str, str]:
