@@ -185,7 +185,7 @@ class RayCluster:
             node.terminate()
         for node in self.nodes:
             try:
-                node.wait(timeout=20)
+                node.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
             try:

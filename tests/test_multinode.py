@@ -8,8 +8,6 @@ import json
 import os
 import shlex
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import boto3
 import pytest
 from mlflow import MlflowClient
 
+from dcgan_dist.train import main
 from tests.conftest import train_args
 from tests.test_train import only_run, steps_of
 
@@ -84,24 +83,13 @@ def test_ray_job_submit_trains_on_both_nodes(ray_cluster, tmp_path):
     assert_trained_on_both_nodes(ray_cluster, f"sqlite:///{tmp_path / 'mlflow.db'}", 12)
 
 
-def test_jobs_sdk_with_bn_sync_checkpoints_to_s3(ray_cluster, s3_bucket, tmp_path):
-    client = job_client(ray_cluster)
-    args = job_args(tmp_path, "--bn-sync", storage_path=f"s3://{s3_bucket}/checkpoints")
-    job_id = client.submit_job(entrypoint=shlex.join(["python", "-m", "dcgan_dist.train", *args]),
-                               runtime_env=runtime_env(aws_env()))
-    assert wait_for_job(client, job_id) == "SUCCEEDED", client.get_job_logs(job_id)[-3000:]
-
-    run = assert_trained_on_both_nodes(ray_cluster, f"sqlite:///{tmp_path / 'mlflow.db'}", 12)
-    assert run.data.params["cluster.bn_sync"] == "True"
-    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="checkpoints/test/")["Contents"]]
-    for name in ("state.pt", "rng-rank0.pt", "rng-rank1.pt"):
-        assert any(k.startswith("checkpoints/test/checkpoint_") and k.endswith("/" + name) for k in keys), keys
-
-
-def test_killed_worker_resumes_from_the_s3_checkpoint_in_the_same_run(ray_cluster, s3_bucket, tmp_path):
+def test_jobs_sdk_run_with_bn_sync_survives_a_killed_worker_via_s3_checkpoints(ray_cluster, s3_bucket, tmp_path):
+    """Submitted through the Jobs SDK, with SyncBatchNorm, checkpoints in S3 (the storage every
+    node of a real cluster shares): a training worker is killed after the step-10 checkpoint,
+    and the run resumes from S3 into the same MLflow run with every step logged once."""
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = job_client(ray_cluster)
-    args = job_args(tmp_path, max_steps=40, checkpoint_every=10, log_every=5, max_failures=2,
+    args = job_args(tmp_path, "--bn-sync", max_steps=30, checkpoint_every=10, log_every=5, max_failures=2,
                     storage_path=f"s3://{s3_bucket}/checkpoints")
     job_id = client.submit_job(entrypoint=shlex.join(["python", "-m", "dcgan_dist.train", *args]),
                                runtime_env=runtime_env(aws_env()))
@@ -127,33 +115,69 @@ def test_killed_worker_resumes_from_the_s3_checkpoint_in_the_same_run(ray_cluste
     os.kill(victim, signal.SIGKILL)
 
     assert wait_for_job(client, job_id) == "SUCCEEDED", client.get_job_logs(job_id)[-3000:]
-    run = only_run(mlflow_client)  # one MLflow run across the restart
-    assert run.info.status == "FINISHED"
-    resumed_from = int(run.data.tags["train.resumed_from_step"])
-    assert resumed_from in (10, 20, 30)
-    # continuous: every step once, none missing, none twice
-    for metric in ("loss_d", "loss_g"):
-        assert steps_of(mlflow_client, run.info.run_id, metric) == list(range(1, 41)), metric
-    assert steps_of(mlflow_client, run.info.run_id, "img_per_s") == list(range(5, 41, 5))
-    logs = client.get_job_logs(job_id)
-    assert "Resuming MLflow run" in logs
+    # one MLflow run across the restart, on both nodes, every step once: none missing, none twice
+    run = assert_trained_on_both_nodes(ray_cluster, tracking_uri, 30)
+    assert int(run.data.tags["train.resumed_from_step"]) in (10, 20)
+    assert steps_of(mlflow_client, run.info.run_id, "img_per_s") == list(range(5, 31, 5))
+    assert run.data.params["cluster.bn_sync"] == "True" and run.data.params["cluster.max_failures"] == "2"
+    assert "Resuming MLflow run" in client.get_job_logs(job_id)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="checkpoints/test/")["Contents"]]
+    for name in ("state.pt", "rng-rank0.pt", "rng-rank1.pt"):
+        assert any(k.startswith("checkpoints/test/checkpoint_") and k.endswith("/" + name) for k in keys), keys
 
 
-def test_wrong_ray_address_fails_fast_before_anything_is_scheduled(tmp_path, mlflow_sqlite):
-    for address, problem in (("127.0.0.1:9", "no Ray cluster answers"), ("http://127.0.0.1:8265", "is not HOST:PORT")):
-        result = subprocess.run(
-            [sys.executable, "-m", "dcgan_dist.train", *train_args(tmp_path, mlflow_sqlite, ray_address=address)],
-            capture_output=True, text=True, timeout=120, env=os.environ | {"PYTHONPATH": REPO},
-        )
-        assert result.returncode == 2, result.stderr[-2000:]
-        assert "--ray-address" in result.stderr and problem in result.stderr and address in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+@pytest.mark.parametrize("address, problem", [
+    ("127.0.0.1:9", "no Ray cluster answers"),  # nothing listens
+    ("http://127.0.0.1:8265", "is not HOST:PORT"),  # the dashboard's address, as ray job submit takes it
+])
+def test_wrong_ray_address_fails_fast_before_anything_is_scheduled(tmp_path, mlflow_sqlite, capsys, address, problem):
+    import ray
+
+    assert main(train_args(tmp_path, mlflow_sqlite, ray_address=address)) == 2
+    error = capsys.readouterr().err
+    assert "--ray-address" in error and problem in error and address in error
+    assert len(error.strip().splitlines()) == 1, error
+    assert not ray.is_initialized()
 
 
-def test_unwritable_s3_storage_path_fails_before_ray(tmp_path, mlflow_sqlite, s3_bucket):
-    result = subprocess.run(
-        [sys.executable, "-m", "dcgan_dist.train",
-         *train_args(tmp_path, mlflow_sqlite, storage_path="s3://no-such-bucket-here/results")],
-        capture_output=True, text=True, timeout=120, env=os.environ | {"PYTHONPATH": REPO},
-    )
-    assert result.returncode == 2 and "--storage-path" in result.stderr and "no such bucket" in result.stderr, result.stderr
+def test_a_port_that_is_not_a_ray_cluster_is_refused(ray_cluster):
+    from dcgan_dist.config import ConfigError
+    from dcgan_dist.train import check_ray_address
+
+    check_ray_address(ray_cluster.address)  # the GCS answers
+    with pytest.raises(ConfigError, match="no Ray cluster answers"):
+        check_ray_address(f"127.0.0.1:{ray_cluster.dashboard_port}")  # an HTTP server, not Ray's GCS
+
+
+def test_missing_s3_storage_bucket_fails_before_ray(tmp_path, mlflow_sqlite, s3_bucket, capsys):
+    assert main(train_args(tmp_path, mlflow_sqlite, storage_path="s3://no-such-bucket-here/results")) == 2
+    error = capsys.readouterr().err
+    assert "--storage-path" in error and "no-such-bucket-here" in error and "no such bucket" in error, error
+
+
+def test_a_resumed_logger_skips_the_steps_the_run_already_holds(mlflow_sqlite):
+    """What a restart after a crash relies on: steps 11..15 were logged before the crash and
+    are trained again from the step-10 checkpoint; they are kept once, not logged twice."""
+    import numpy as np
+
+    from dcgan_dist.tracking import RunLogger, ensure_experiment
+
+    ensure_experiment(mlflow_sqlite, "tests")
+    first = RunLogger(mlflow_sqlite, "tests", "crashing", None)
+    first.log_metrics([(step, {"loss_d": 1.0}) for step in range(1, 16)] + [(15, {"img_per_s": 1.0})])
+    first.log_image(np.zeros((8, 8, 3), np.uint8), key="samples", step=12)
+    first.finish("FAILED")
+
+    resumed = RunLogger(mlflow_sqlite, "tests", "crashing", first.run_id)
+    resumed.skip_logged(("loss_d", "img_per_s"), ("samples",))
+    assert resumed.logged_through == {"loss_d": 15, "img_per_s": 15, "samples": 12}
+    resumed.log_metrics([(step, {"loss_d": 2.0}) for step in range(11, 21)] + [(20, {"img_per_s": 2.0})])
+    resumed.log_image(np.zeros((8, 8, 3), np.uint8), key="samples", step=12)
+    resumed.finish()
+
+    client = MlflowClient(mlflow_sqlite)
+    history = sorted(client.get_metric_history(first.run_id, "loss_d"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(1, 21))
+    assert [m.value for m in history] == [1.0] * 15 + [2.0] * 5
+    assert steps_of(client, first.run_id, "img_per_s") == [15, 20]
+    assert len([a for a in client.list_artifacts(first.run_id, "images") if a.path.endswith(".png")]) == 1
