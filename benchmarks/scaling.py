@@ -60,7 +60,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for num_workers in (int(n) for n in args.workers.split(",")):
             if not args.ray_address:
-                ray.init(address="local", include_dashboard=False)
+                # The dashboard stays on: Ray Train's placement-group cleaner asks its State API about the run.
+                ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
             rows.append(measure(num_workers, args, Path(folder)))
             if not args.ray_address:
                 ray.shutdown()

@@ -80,9 +80,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if logger is not None:
         architecture = {"preset": cfg.model.preset, "image_size": cfg.model.image_size, "bn": cfg.model.bn,
                         "z_dim": PRESETS[cfg.model.preset].z_dim}
+        generator, discriminator = (sync_bn.to_plain(unwrap(model)) for model in (worker.generator, worker.discriminator))
         versions = logger.log_and_register_models(
-            sync_bn.to_plain(unwrap(worker.generator)), sync_bn.to_plain(unwrap(worker.discriminator)), cfg.loop.max_steps, architecture,
-            register=cfg.tracking.register_models,
+            generator, discriminator, cfg.loop.max_steps, architecture, register=cfg.tracking.register_models,
         )
         logger.set_tags({f"registered.{name}": version for name, version in versions.items()})
         logger.finish()

@@ -194,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
 
     result = fit(cfg)
     run_id = (result.metrics or {}).get("mlflow_run_id")
-    print(f"\nTraining finished at step {(result.metrics or {}).get('step')}; checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    if checkpoint and s3.is_s3(cfg.tracking.storage_path):
+        checkpoint = f"s3://{checkpoint}"  # the path on the S3 filesystem, bucket first
+    print(f"\nTraining finished at step {(result.metrics or {}).get('step')}; checkpoint: {checkpoint}")
     if run_id:
         uri = cfg.tracking.tracking_uri
         print(f"MLflow run: {run_id} (experiment {cfg.tracking.experiment!r}, store {tracking.redact(uri)})")
