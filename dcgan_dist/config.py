@@ -96,7 +96,9 @@ class ClusterConfig:
     cpus_per_worker: int = option(
         0, "CPUs (and so torch threads) per worker; 0 = the cluster's CPUs shared among the workers (per GPU with --use-gpu)"
     )
-    ray_address: str = option("", "Ray cluster to join; empty = RAY_ADDRESS or a new local instance")
+    ray_address: str = option("", "Ray cluster to join (HOST:PORT of its GCS, ray://HOST:PORT, auto); empty = RAY_ADDRESS or a new local instance")
+    bn_sync: bool = option(False, "BatchNorm statistics over the global batch (SyncBatchNorm) instead of each worker's share")
+    max_failures: int = option(0, "restarts from the latest checkpoint after a worker or node failure (-1 = no limit)")
 
 
 @dataclass
@@ -291,6 +293,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(name, f"must be >= 0 (got {getattr(cfg.data, name)})")
     if not 0.0 <= cfg.data.max_corrupt_fraction <= 1.0:
         raise ConfigError("max_corrupt_fraction", f"must be in [0, 1] (got {cfg.data.max_corrupt_fraction})")
+    if cfg.cluster.max_failures < -1:
+        raise ConfigError("max_failures", f"must be >= -1 (got {cfg.cluster.max_failures})")
     if cfg.cluster.cpus_per_worker < 0:
         raise ConfigError("cpus_per_worker", f"must be >= 0 (got {cfg.cluster.cpus_per_worker})")
     if cfg.loop.batch_size % cfg.cluster.num_workers:

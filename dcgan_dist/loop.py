@@ -9,6 +9,7 @@ rank 0 writes everything to MLflow.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from dcgan_dist import checkpoint, config, data, evaluate
+from dcgan_dist import checkpoint, config, data, evaluate, sync_bn
 from dcgan_dist.checkpoint import unwrap
 from dcgan_dist.config import Config
 from dcgan_dist.data.stream import COUNT_NAMES, check_corrupt_share
@@ -38,6 +39,7 @@ from dcgan_dist.tracking import RunLogger
 log = logging.getLogger(__name__)
 
 STAT_NAMES = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g")
+LOGGED_COUNTS = ("corrupt_samples", "bad_shards")  # of the reader's COUNT_NAMES
 SAMPLE_GRID_SIZE = 64  # an 8x8 grid
 PROGRESS_EVERY_S = 10.0
 
@@ -142,8 +144,11 @@ def setup(cfg: Config, tags: dict[str, str]) -> Worker:
         else:  # a rank the checkpointed run did not have
             torch.manual_seed(cfg.loop.seed + rank + 7919 * start_step)
 
+    if cfg.cluster.bn_sync:  # statistics over the global batch; running stats then agree on every rank
+        generator = sync_bn.to_sync(generator, cfg.cluster.use_gpu)
+        discriminator = sync_bn.to_sync(discriminator, cfg.cluster.use_gpu)
     generator, discriminator = (speed_up(model, cfg.perf, device) for model in (generator, discriminator))
-    # Per-worker BatchNorm statistics, as single-GPU DCGAN has them: no buffer broadcast.
+    # Default: per-worker BatchNorm statistics, as single-GPU DCGAN has them: no buffer broadcast.
     ddp_options = {"parallel_strategy_kwargs": {"broadcast_buffers": False}}
     generator = ray.train.torch.prepare_model(generator, **ddp_options)
     discriminator = ray.train.torch.prepare_model(discriminator, **ddp_options)
@@ -155,16 +160,22 @@ def setup(cfg: Config, tags: dict[str, str]) -> Worker:
     batches = data.open_batches(cfg, rank, world_size, start_step)
     z_fixed = sample_latent(SAMPLE_GRID_SIZE, cfg.model.preset, generator=torch.Generator().manual_seed(cfg.loop.seed))
 
+    node_of_rank = nodes_of_ranks(world_size)
     logger = None
     if rank == 0:
         logger = RunLogger(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name, mlflow_run_id,
                            parent_run_id=cfg.tracking.parent_run_id)
         if logger.resumed:
             log.info("Resuming MLflow run %s from step %d", logger.run_id, start_step)
+            logger.skip_logged()  # every metric and picture the run already holds
+            logger.set_tags({"train.resumed_from_step": start_step})
         else:
-            derived = {"derived.per_worker_batch": cfg.per_worker_batch, "derived.world_size": world_size}
+            derived = {"derived.per_worker_batch": cfg.per_worker_batch, "derived.world_size": world_size,
+                       "derived.num_nodes": len(set(node_of_rank))}
             logger.log_params(config.flatten(cfg) | derived)
-        logger.set_tags(tags | {"ray.world_size": world_size, "ray.run_name": cfg.tracking.run_name})
+        # Tags, not params: after a restart the ranks may land on other nodes.
+        logger.set_tags(tags | {"ray.world_size": world_size, "ray.run_name": cfg.tracking.run_name,
+                                "ray.num_nodes": len(set(node_of_rank)), "ray.node_of_rank": json.dumps(node_of_rank)})
 
     worker = Worker(cfg, rank, world_size, device, generator, discriminator, opt_g, opt_d, batches,
                     z_fixed.to(device), start_step, logger)
@@ -185,6 +196,16 @@ def speed_up(model: torch.nn.Module, perf: config.PerfConfig, device: torch.devi
     if perf.compile != "off":
         model = torch.compile(model, mode=perf.compile)
     return model
+
+
+def nodes_of_ranks(world_size: int) -> list[str]:
+    """The Ray node id each rank runs on, indexed by rank (one all-gather, every rank takes part)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    if world_size == 1 or not dist.is_initialized():
+        return [node_id]
+    node_of_rank: list[str] = [""] * world_size
+    dist.all_gather_object(node_of_rank, node_id)
+    return node_of_rank
 
 
 def run(w: Worker) -> None:
@@ -217,8 +238,7 @@ def run(w: Worker) -> None:
                 first = step - len(window) + 1
                 w.logger.log_metrics(
                     [(first + i, dict(zip(STAT_NAMES, row))) for i, row in enumerate(rows)]
-                    + [(step, {"img_per_s": img_per_s, "data/corrupt_samples": data_counts["corrupt_samples"],
-                               "data/bad_shards": data_counts["bad_shards"]})]
+                    + [(step, {"img_per_s": img_per_s} | {f"data/{name}": data_counts[name] for name in LOGGED_COUNTS})]
                 )
                 now = time.perf_counter()
                 if now - last_progress >= PROGRESS_EVERY_S or last_step:

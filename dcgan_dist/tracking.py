@@ -252,6 +252,27 @@ class RunLogger:
         self.run_id = self.run.info.run_id
         self.resumed = run_id is not None
         self.sender = BufferedSender(self.client, self.run_id, max_metrics=max_buffered_metrics)
+        # On resume: the last step already in the run, per metric or image key (see skip_logged).
+        self.logged_through: dict[str, int] = {}
+
+    def skip_logged(self, metric_names: tuple[str, ...] | None = None, image_keys: tuple[str, ...] | None = None) -> None:
+        """After a failure the run already holds the steps logged between the checkpoint it
+        resumes from and the crash. Those steps are trained again, but only the first values
+        are kept: from now on, steps up to each metric's (and image key's) last logged step
+        are dropped, so the step axis has no duplicates; steps lost with a crashed process's
+        buffer were never logged and are logged now, so it has no gaps. None = every metric
+        (every image key) the run holds."""
+        if metric_names is None:
+            metric_names = tuple(self.client.get_run(self.run_id).data.metrics)
+        for name in metric_names:
+            history = self.client.get_metric_history(self.run_id, name)
+            self.logged_through[name] = max((m.step for m in history), default=0)
+        for artifact in self.client.list_artifacts(self.run_id, "images"):
+            match = re.search(r"images/(.+?)\+step\+(\d+)\+", artifact.path)
+            if match and (image_keys is None or match.group(1) in image_keys):
+                key, step = match.group(1), int(match.group(2))
+                self.logged_through[key] = max(self.logged_through.get(key, 0), step)
+        self.logged_through = {key: step for key, step in self.logged_through.items() if step > 0}
 
     def log_params(self, params: dict[str, Any]) -> None:
         log_params(self.client, self.run_id, params)
@@ -262,9 +283,12 @@ class RunLogger:
     def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         """rows = [(step, {name: value})]; buffered, sent by the sender thread."""
         timestamp = mlflow.utils.time.get_current_time_millis()
-        self.sender.add_metrics([Metric(name, value, timestamp, step) for step, values in rows for name, value in values.items()])
+        self.sender.add_metrics([Metric(name, value, timestamp, step) for step, values in rows for name, value in values.items()
+                                 if step > self.logged_through.get(name, 0)])
 
     def log_image(self, image_hwc: np.ndarray, key: str, step: int) -> None:
+        if step <= self.logged_through.get(key, 0):
+            return
         self.sender.add_image(image_hwc, key, step)
 
     def log_and_register_models(self, generator: torch.nn.Module, discriminator: torch.nn.Module, step: int,

@@ -13,6 +13,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from dcgan_dist.data import manifest, s3
 def preflight(cfg: Config) -> Config:
     """Resolve paths and URIs to what workers on any node can use, and fail early with the
     option at fault. Raises ConfigError or tracking.TrackingError."""
+    check_ray_address(cfg.cluster.ray_address)
     if cfg.data.data in data.SOURCES:
         num_images = len(data.open_dataset(cfg.data.data, cfg.model.image_size))
     elif manifest.is_manifest_url(cfg.data.data):
@@ -44,7 +46,12 @@ def preflight(cfg: Config) -> Config:
     tracking.check_reachable(cfg.tracking.tracking_uri)
     tracking.ensure_experiment(cfg.tracking.tracking_uri, cfg.tracking.experiment)
 
-    if "://" not in cfg.tracking.storage_path:
+    if s3.is_s3(cfg.tracking.storage_path):
+        try:
+            s3.check_writable(cfg.tracking.storage_path)
+        except s3.StorageError as e:
+            raise ConfigError("storage_path", str(e)) from None
+    elif "://" not in cfg.tracking.storage_path:
         storage = Path(cfg.tracking.storage_path).expanduser().resolve()
         try:
             storage.mkdir(parents=True, exist_ok=True)
@@ -69,6 +76,40 @@ def check_evaluation(cfg: Config) -> None:
     elif cfg.data.data not in data.SOURCES:
         print(f"note: --eval-backbone digits scores {tracking.redact(cfg.data.data)} with a digits classifier's features; "
               "for other images use --eval-backbone inception --inception-weights FILE", file=sys.stderr)
+
+
+def check_ray_address(flag_value: str, timeout_s: float = 3.0) -> None:
+    """--ray-address (or RAY_ADDRESS) must answer within seconds; ray.init would otherwise
+    retry for about a minute. A HOST:PORT address gets the standard gRPC health check, which
+    Ray's GCS serves (so a port that merely accepts connections does not pass); a ray://
+    (Ray Client) address must accept a TCP connection. Empty, 'local' and 'auto' (this
+    machine's running cluster) are left to ray.init."""
+    address = flag_value or os.environ.get("RAY_ADDRESS", "")
+    if address in ("", "local", "auto"):
+        return
+    source = "" if flag_value else " (from RAY_ADDRESS)"
+    host, _, port = address.removeprefix("ray://").rstrip("/").rpartition(":")
+    if not host or not port.isdigit() or "://" in host:
+        raise ConfigError("ray_address", f"{address!r}{source} is not HOST:PORT, ray://HOST:PORT or auto "
+                                         "(http:// is the dashboard's address, for ray job submit)")
+    if address.startswith("ray://"):
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        except OSError as e:
+            raise ConfigError("ray_address", f"cannot reach the Ray cluster at {address}{source}: {e.strerror or e}") from None
+        return
+    import grpc
+
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        health_check = channel.unary_unary("/grpc.health.v1.Health/Check",
+                                           request_serializer=bytes, response_deserializer=bytes)
+        try:
+            serving = health_check(b"", timeout=timeout_s) == b"\x08\x01"  # HealthCheckResponse{status: SERVING}
+            problem = "" if serving else "it is not serving"
+        except grpc.RpcError as e:
+            problem = f"{e.code().name}: {(e.details() or '').splitlines()[0][:200]}"
+    if problem:
+        raise ConfigError("ray_address", f"no Ray cluster answers at {address}{source} ({problem})")
 
 
 def check_manifest(cfg: Config) -> int:
@@ -152,11 +193,36 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
         ),
         run_config=ray.train.RunConfig(
             name=cfg.tracking.run_name,
-            storage_path=cfg.tracking.storage_path,
+            **storage(cfg.tracking.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.loop.keep_checkpoints),
+            # After a worker or node failure, Ray Train restarts the workers from the latest checkpoint.
+            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
             callbacks=callbacks,
         ),
     )
+
+
+def storage(storage_path: str) -> dict:
+    """RunConfig's storage arguments. An s3:// path gets an explicit pyarrow S3FileSystem so a
+    custom endpoint (AWS_ENDPOINT_URL: MinIO, Ceph, moto) and the driver's credentials reach
+    every Ray process; the filesystem travels to them in memory only."""
+    if not s3.is_s3(storage_path):
+        return {"storage_path": storage_path}
+    from pyarrow import fs
+
+    env = os.environ.get
+    options = {
+        "endpoint_override": env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL"),
+        "region": env("AWS_REGION") or env("AWS_DEFAULT_REGION"),
+        "access_key": env("AWS_ACCESS_KEY_ID"),
+        "secret_key": env("AWS_SECRET_ACCESS_KEY"),
+        "session_token": env("AWS_SESSION_TOKEN"),
+    }
+    if not (options["access_key"] and options["secret_key"]):  # else the nodes' own chain (roles, files)
+        options.pop("access_key"), options.pop("secret_key"), options.pop("session_token")
+    bucket, prefix = s3.split(storage_path)
+    filesystem = fs.S3FileSystem(**{key: value for key, value in options.items() if value})
+    return {"storage_path": f"{bucket}/{prefix}".rstrip("/"), "storage_filesystem": filesystem}
 
 
 def fit(cfg: Config):
@@ -180,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
 
     result = fit(cfg)
     run_id = (result.metrics or {}).get("mlflow_run_id")
-    print(f"\nTraining finished at step {(result.metrics or {}).get('step')}; checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    if checkpoint and s3.is_s3(cfg.tracking.storage_path):
+        checkpoint = f"s3://{checkpoint}"  # the path on the S3 filesystem, bucket first
+    print(f"\nTraining finished at step {(result.metrics or {}).get('step')}; checkpoint: {checkpoint}")
     if run_id:
         uri = cfg.tracking.tracking_uri
         print(f"MLflow run: {run_id} (experiment {cfg.tracking.experiment!r}, store {tracking.redact(uri)})")

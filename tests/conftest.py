@@ -160,3 +160,122 @@ def mlflow_server(s3_endpoint, tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), s3_endpoint, create_bucket(s3_endpoint)).start()
     yield server
     server.stop()
+
+
+class RayCluster:
+    """A real multi-node Ray cluster on 127.0.0.1 with token authentication: `ray start --head`
+    and `ray start --address` nodes, each a `--block` process this fixture owns (stopping one
+    stops exactly its node's processes, never another Ray on the machine)."""
+
+    def __init__(self, root, cpus_per_node: int = 1):
+        import secrets
+
+        self.root, self.cpus_per_node = root, cpus_per_node
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        # Every node and every client needs the same token; it is never printed or logged.
+        self.env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                                 "RAY_DISABLE_USAGE_STATS": "1"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.token = self.env["RAY_AUTH_TOKEN"]
+        self.nodes = []
+
+    def start_node(self, *args: str):
+        import subprocess
+
+        index = len(self.nodes)
+        log = open(self.root / f"node{index}.log", "w")
+        self.nodes.append(subprocess.Popen(
+            ["ray", "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(self.cpus_per_node),
+             "--temp-dir", str(self.root / f"node{index}"), *args,
+             # Free ports, not Ray's defaults: other Ray instances may run on this machine.
+             *[item for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                                 "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port")
+               for item in (flag, str(free_port()))]],
+            env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        ))
+
+    def start(self, num_nodes: int = 2, timeout_s: float = 120) -> "RayCluster":
+        import time
+
+        from dcgan_dist.config import ConfigError
+        from dcgan_dist.train import check_ray_address
+
+        self.start_node("--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
+                        "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port()))
+        deadline = time.monotonic() + timeout_s
+        while True:  # the GCS answers its gRPC health check
+            try:
+                check_ray_address(self.address, timeout_s=2)
+                break
+            except ConfigError:
+                assert time.monotonic() < deadline and self.nodes[0].poll() is None, (self.root / "node0.log").read_text()[-3000:]
+                time.sleep(1)
+        for _ in range(num_nodes - 1):
+            self.start_node("--address", self.address)
+        while len(self.alive_nodes()) < num_nodes:
+            assert time.monotonic() < deadline, (self.root / "node1.log").read_text()[-3000:]
+            time.sleep(1)
+        while True:  # the head's job agent takes jobs ("No available agent" until then)
+            try:
+                self.cli("job", "submit", "--address", self.dashboard, "--", "true")
+                return self
+            except AssertionError:
+                assert time.monotonic() < deadline, "the job agent never came up"
+                time.sleep(2)
+
+    def cli(self, *args: str, timeout_s: float = 60) -> str:
+        """`ray ...` against this cluster (the token travels in the environment)."""
+        import subprocess
+
+        result = subprocess.run(["ray", *args], env=self.env, capture_output=True, text=True, timeout=timeout_s)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        return result.stdout
+
+    def list(self, kind: str, *filters: str) -> list[dict]:
+        """Ray's state API (`ray list`), as JSON."""
+        import json
+
+        args = [item for f in filters for item in ("--filter", f)]
+        try:
+            return json.loads(self.cli("list", kind, "--address", self.dashboard, "--format", "json", *args))
+        except (AssertionError, json.JSONDecodeError):  # the dashboard is still starting
+            return []
+
+    def alive_nodes(self) -> list[dict]:
+        return self.list("nodes", "state=ALIVE")
+
+    def stop(self) -> None:
+        """SIGTERM to each node's `ray start --block` (it stops that node's processes), then
+        SIGKILL to what is left of each node's process group."""
+        import signal
+        import subprocess
+
+        for node in self.nodes:
+            node.terminate()
+        for node in self.nodes:
+            try:
+                node.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(node.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            node.wait()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """Two Ray nodes (1 CPU each) on 127.0.0.1 with RAY_AUTH_MODE=token, for a test module.
+    Their temp dirs live under RAY_TMPDIR when it is set (kept short: Ray's socket paths)."""
+    import tempfile
+    from pathlib import Path
+
+    root = Path(tempfile.mkdtemp(prefix="cluster-", dir=os.environ.get("RAY_TMPDIR") or None))
+    cluster = RayCluster(root)
+    try:
+        yield cluster.start(num_nodes=2)
+    finally:
+        cluster.stop()

@@ -356,6 +356,7 @@ def test_the_training_rayjob_runs_the_real_module_and_its_flags_parse():
     assert cfg.cluster.use_gpu and cfg.model.preset == "paper" and cfg.model.image_size == 64
     assert cfg.data.data == "digits"
     assert cfg.tracking.storage_path.startswith("s3://"), "multi-node checkpoints need shared storage"
+    assert cfg.cluster.max_failures > 0, "a lost worker pod should restart the run from its checkpoint"
     assert cfg.tracking.tracking_uri == the_object("ConfigMap", "dcgan-env")["data"]["MLFLOW_TRACKING_URI"]
     # It fits the cluster it creates: one GPU per worker, CPUs within a worker pod.
     (group,) = train["spec"]["rayClusterSpec"]["workerGroupSpecs"]

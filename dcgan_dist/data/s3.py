@@ -175,6 +175,18 @@ def write_bytes(url: str, data: bytes) -> None:
         raise describe(url, e) from None
 
 
+def check_writable(url: str) -> None:
+    """Write and delete a marker object under the s3:// prefix `url` (fast client): raises
+    StorageError naming the URL for a missing bucket, denied access or an unreachable endpoint."""
+    bucket, key = split(url)
+    marker = (key.rstrip("/") + "/" if key else "") + f".dcgan-preflight-{os.getpid()}"
+    try:
+        client(fast=True).put_object(Bucket=bucket, Key=marker, Body=b"")
+        client(fast=True).delete_object(Bucket=bucket, Key=marker)
+    except (ClientError, BotoCoreError) as e:
+        raise describe(url, e) from None
+
+
 def upload_file(path: Path, url: str) -> None:
     """Move a finished local file to `url`: a rename locally, a (multipart) upload to S3."""
     if not is_s3(url):
