@@ -102,13 +102,15 @@ def test_jobs_sdk_run_with_bn_sync_survives_a_killed_worker_via_s3_checkpoints(r
         time.sleep(0.5)
     victim = next(w["pid"] for w in workers if w["node_id"] != head)
 
-    # ... once the step-10 checkpoint is in S3 and MLflow holds steps past it.
+    # ... once Ray Train has registered the step-10 checkpoint (its controller writes the checkpoint
+    # manager's snapshot only then; a checkpoint folder alone may still be uploading) and MLflow
+    # holds steps past it.
     s3 = boto3.client("s3")
     mlflow_client = MlflowClient(tracking_uri)
     while True:
         assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
-        listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix="checkpoints/test/checkpoint_").get("Contents", [])
-        runs = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("tests").experiment_id]) if listed else []
+        registered = s3.list_objects_v2(Bucket=s3_bucket, Prefix="checkpoints/test/checkpoint_manager_snapshot.json").get("Contents", [])
+        runs = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("tests").experiment_id]) if registered else []
         if runs and max(steps_of(mlflow_client, runs[0].info.run_id, "loss_d"), default=0) > 10:
             break
         time.sleep(0.2)

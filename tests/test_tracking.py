@@ -86,12 +86,14 @@ def test_training_on_a_server_registers_models_that_load_and_probe(ray_local, ml
     assert [(m.value, m.step) for m in metric] == [(result["accuracy"], PROBE_STEPS)]
 
     unknown = subprocess.run(
-        [sys.executable, "-m", "dcgan_dist.probe", "--discriminator", "models:/dcgan-discriminator@champion",
+        [sys.executable, "-m", "dcgan_dist.probe", "--discriminator", "models:/dcgan-discriminator@no-such-alias",
          "--dataset", "digits", "--tracking-uri", mlflow_server.uri],
         capture_output=True, text=True, timeout=300, env=os.environ | {"PYTHONPATH": str(REPO)},
     )
     errors = [line for line in unknown.stderr.splitlines() if "error:" in line]
-    assert unknown.returncode == 2 and len(errors) == 1 and "models:/dcgan-discriminator@champion" in errors[0], unknown.stderr
+    assert unknown.returncode == 2 and len(errors) == 1 and "models:/dcgan-discriminator@no-such-alias" in errors[0], unknown.stderr
+    # the run's evaluation named its best snapshot on the server too (here the last step, its only score)
+    assert client.get_model_version_by_alias("dcgan-generator", "champion").tags["champion.step"] == str(PROBE_STEPS)
 
 
 def test_set_alias_points_at_a_version_and_refuses_latest(mlflow_server):
