@@ -15,9 +15,6 @@ from pathlib import Path
 
 import torch
 
-from dcgan_dist.models import build_models, sample_latent
-from dcgan_dist.step import gan_step, make_optimizers
-
 FULL_RUN_STEPS = {"cpu": 40, "cuda": 400}
 LOG_EVERY = 5
 STATS = ("loss_d", "loss_g", "d_real", "d_fake")
@@ -93,19 +90,16 @@ def decode_rate_per_core(manifest_url: str, batch: int) -> float:
 
 def bare_step_seconds(args) -> float:
     """The training default (channels_last, fp32) at this size and batch, median of a few steps."""
+    from dcgan_dist.bench import ours_variant, synchronize
+
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    generator, discriminator = (m.to(device, memory_format=torch.channels_last)
-                                for m in build_models("pytorch-examples", args.image_size, "paper"))
-    opt_g, opt_d = make_optimizers(generator, discriminator, 2e-4, 0.5, 0.999)
-    real = (torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1).contiguous(
-        memory_format=torch.channels_last)
+    reals = [(torch.rand(args.batch_size, 3, args.image_size, args.image_size) * 2 - 1).to(device)]
+    step, _ = ours_variant(device, args.image_size, args.batch_size, reals, channels_last=True)
     times = []
     for _ in range(args.warmup + args.steps * 2):
         start = time.perf_counter()
-        gan_step(generator, discriminator, opt_g, opt_d, real, sample_latent(args.batch_size, "pytorch-examples", device))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        step()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[args.warmup:])
 
