@@ -10,6 +10,11 @@ since no data set is downloaded; natural 64 px images decode at a similar rate.
 
 from __future__ import annotations
 
+import os
+
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # benchmarks send no telemetry (Ray, MLflow)
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
 import argparse
 import io
 import os

@@ -10,6 +10,11 @@ weights. Prints one table; a GAN step (default config, batch 128) is timed for s
 
 from __future__ import annotations
 
+import os
+
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # benchmarks send no telemetry (Ray, MLflow)
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
 import argparse
 import tempfile
 import time

@@ -9,6 +9,11 @@ Trains in this process (one CPU worker, no Ray: the same models, step and data s
 
 from __future__ import annotations
 
+import os
+
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # benchmarks send no telemetry (Ray, MLflow)
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
 import argparse
 import time
 

@@ -13,6 +13,11 @@ the first steps are excluded. Efficiency = img/s(N) / (N x img/s(1)).
 
 from __future__ import annotations
 
+import os
+
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # benchmarks send no telemetry (Ray, MLflow)
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
 import argparse
 import statistics
 import tempfile

@@ -29,23 +29,31 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The CPU generator's state and, on a GPU worker, its own device's only. Ray gives the
+    workers of a node a shared CUDA_VISIBLE_DEVICES list, and after a restart a rank may land
+    on another GPU of it or on a node with another GPU count, so the state is tied to the rank,
+    not to a device ordinal."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    # A list is what earlier checkpoints held (every visible GPU by ordinal): which one was this
+    # rank's is unknown, so the device keeps its fresh seed.
+    if device.type == "cuda" and isinstance(cuda, torch.Tensor):
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def save(
     directory: str | Path,
     *,
     rank: int,
+    device: torch.device,
     step: int,
     generator: nn.Module,
     discriminator: nn.Module,
@@ -56,7 +64,7 @@ def save(
     best: dict[str, Any] | None = None,
 ) -> None:
     directory = Path(directory)
-    torch.save(rng_state(), directory / rng_file(rank))
+    torch.save(rng_state(device), directory / rng_file(rank))
     if rank != 0:  # the models are replicas; one copy is enough
         return
     state = {

@@ -54,6 +54,7 @@ class Worker:
     device: torch.device
     generator: torch.nn.Module
     discriminator: torch.nn.Module
+    discriminator_local: torch.nn.Module  # D's replica-local module for G's pass (compiled with --compile)
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     batches: Iterator[torch.Tensor]  # with .counts(): what the data pipeline skipped
@@ -84,6 +85,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             logger.finish("FAILED")
         raise
     if logger is not None:
+        if cfg.perf.compile != "off":
+            logger.set_tags(compile_stats())
         finish_models(worker)
         logger.finish()
 
@@ -140,7 +143,7 @@ def setup(cfg: Config, tags: dict[str, str]) -> Worker:
         discriminator.load_state_dict(state["discriminator"])
         start_step, mlflow_run_id = state["step"], state["mlflow_run_id"]
         if rng is not None:
-            checkpoint.set_rng_state(rng)
+            checkpoint.set_rng_state(rng, device)
         else:  # a rank the checkpointed run did not have
             torch.manual_seed(cfg.loop.seed + rank + 7919 * start_step)
 
@@ -152,6 +155,7 @@ def setup(cfg: Config, tags: dict[str, str]) -> Worker:
     ddp_options = {"parallel_strategy_kwargs": {"broadcast_buffers": False}}
     generator = ray.train.torch.prepare_model(generator, **ddp_options)
     discriminator = ray.train.torch.prepare_model(discriminator, **ddp_options)
+    generator, discriminator, discriminator_local = compile_models(generator, discriminator, cfg.perf.compile)
     opt_g, opt_d = make_optimizers(generator, discriminator, cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
     if state is not None:
         opt_g.load_state_dict(state["opt_g"])
@@ -177,7 +181,7 @@ def setup(cfg: Config, tags: dict[str, str]) -> Worker:
         logger.set_tags(tags | {"ray.world_size": world_size, "ray.run_name": cfg.tracking.run_name,
                                 "ray.num_nodes": len(set(node_of_rank)), "ray.node_of_rank": json.dumps(node_of_rank)})
 
-    worker = Worker(cfg, rank, world_size, device, generator, discriminator, opt_g, opt_d, batches,
+    worker = Worker(cfg, rank, world_size, device, generator, discriminator, discriminator_local, opt_g, opt_d, batches,
                     z_fixed.to(device), start_step, logger)
     worker.detector = CollapseDetector(cfg.eval.collapse_d_loss, cfg.eval.collapse_steps)
     if rank == 0 and cfg.eval.eval_every:
@@ -187,15 +191,37 @@ def setup(cfg: Config, tags: dict[str, str]) -> Worker:
 
 
 def speed_up(model: torch.nn.Module, perf: config.PerfConfig, device: torch.device) -> torch.nn.Module:
-    """The --channels-last and --compile settings applied to one network (before DDP wraps it).
-    Compiling the inner module keeps DDP's gradient hooks outside the compiled graphs."""
+    """The --channels-last setting applied to one network (before DDP wraps it)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its kernels once
     if perf.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if perf.compile != "off":
-        model = torch.compile(model, mode=perf.compile)
     return model
+
+
+def compile_models(generator: torch.nn.Module, discriminator: torch.nn.Module, mode: str):
+    """--compile: (G, D, D's local module for G's pass), each through torch.compile unless off.
+
+    G and D are compiled after DDP has wrapped them, the order torch documents: Dynamo's
+    DDPOptimizer then splits their graphs at DDP's gradient buckets, so the all-reduces still
+    overlap the backward pass. G's pass runs D's replica-local module (no all-reduce for D's
+    unused weight gradients; see step.gan_step), compiled on its own: its graph is the frozen-D
+    one, so toggling requires_grad never invalidates the other's. `reduce-overhead` adds CUDA
+    graphs on GPUs; the loop marks each step's start (torch.compiler.cudagraph_mark_step_begin)
+    so the graphs' output buffers are reused only once a step's outputs are dead."""
+    local = getattr(discriminator, "module", discriminator)
+    if mode == "off":
+        return generator, discriminator, local
+    return tuple(torch.compile(model, mode=mode) for model in (generator, discriminator, local))
+
+
+def compile_stats() -> dict[str, int]:
+    """How much Dynamo compiled in this process: graphs and recompilations (a recompile per step
+    would mean a guard that fails every step)."""
+    from torch._dynamo.utils import counters
+
+    return {"compile.graphs": int(counters["stats"]["unique_graphs"]),
+            "compile.recompiles": int(sum(counters["recompiles"].values()))}
 
 
 def nodes_of_ranks(world_size: int) -> list[str]:
@@ -216,9 +242,11 @@ def run(w: Worker) -> None:
     latest: dict[str, float] = {}  # the last closed window's means, carried by every report
     memory_format = torch.channels_last if cfg.perf.channels_last else torch.contiguous_format
     for step in range(w.start_step + 1, cfg.loop.max_steps + 1):
+        if cfg.perf.compile != "off":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's CUDA-graph outputs may be overwritten
         real = next(w.batches).to(w.device, non_blocking=True, memory_format=memory_format)
         z = sample_latent(cfg.per_worker_batch, cfg.model.preset, w.device)
-        stats = gan_step(w.generator, w.discriminator, w.opt_g, w.opt_d, real, z, cfg.perf.precision)
+        stats = gan_step(w.generator, w.discriminator, w.opt_g, w.opt_d, real, z, cfg.perf.precision, w.discriminator_local)
         window.append(torch.stack([stats[name] for name in STAT_NAMES]))
         last_step = step == cfg.loop.max_steps
 
@@ -347,12 +375,31 @@ def with_run_id(metrics: dict[str, Any], logger: RunLogger | None) -> dict[str, 
     return metrics | ({"mlflow_run_id": logger.run_id} if logger is not None else {})
 
 
+def replica_spread(w: Worker) -> float:
+    """How far the ranks' copies of G and D have drifted apart: the largest difference between
+    ranks of per-tensor checksums (sum and sum of magnitudes). DDP keeps the replicas identical,
+    so anything but 0 means a rank missed an update, a restore or a rollback. Every rank takes part."""
+    if w.world_size == 1:
+        return 0.0
+    tensors = [p.detach() for model in (w.generator, w.discriminator) for p in unwrap(model).parameters()]
+    local = torch.stack([t.double().sum() for t in tensors] + [t.double().abs().sum() for t in tensors])
+    gathered = [torch.empty_like(local) for _ in range(w.world_size)]
+    dist.all_gather(gathered, local)
+    stacked = torch.stack(gathered)
+    return (stacked.max(0).values - stacked.min(0).values).max().item()
+
+
 def save_checkpoint(w: Worker, step: int, metrics: dict[str, Any]) -> None:
     """Every rank writes its part and reports; Ray Train merges them into one checkpoint."""
+    spread = replica_spread(w)
+    if w.logger is not None and w.world_size > 1:
+        w.logger.log_metrics([(step, {"ddp/replica_spread": spread})])
+        if spread:
+            log.warning("step %d: the ranks' copies of G and D differ (checksum spread %.3g)", step, spread)
     run_id = w.logger.run_id if w.logger is not None else None
     with tempfile.TemporaryDirectory() as directory:
         checkpoint.save(
-            directory, rank=w.rank, step=step, generator=w.generator, discriminator=w.discriminator,
+            directory, rank=w.rank, device=w.device, step=step, generator=w.generator, discriminator=w.discriminator,
             opt_g=w.opt_g, opt_d=w.opt_d, mlflow_run_id=run_id, config=config.flatten(w.cfg),
             best=w.best.state() if w.best is not None else None,
         )

@@ -26,8 +26,12 @@ def gan_step(
     real: torch.Tensor,
     z: torch.Tensor,
     precision: str = "fp32",
+    discriminator_local: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Update D on (real, G(z)), then G on D(G(z)); returns detached scalar tensors."""
+    """Update D on (real, G(z)), then G on D(G(z)); returns detached scalar tensors.
+
+    `discriminator_local`: D's replica-local module for G's pass (default: the module inside
+    DDP, or D itself); the training loop passes its own compiled copy under --compile."""
     autocast = torch.autocast(real.device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
     with autocast:
         fake = generator(z)
@@ -49,14 +53,16 @@ def gan_step(
     # away (zeroed before D's next update), so D is frozen for this pass, which saves their
     # computation (about a tenth of the step), and, under DDP, D's replica-local module is used
     # so nothing is all-reduced for them.
-    d_local = getattr(discriminator, "module", discriminator)
+    d_local = getattr(discriminator, "module", discriminator) if discriminator_local is None else discriminator_local
     d_local.requires_grad_(False)
-    with autocast:
-        logits_gen = d_local(fake)
-        loss_g = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
-    opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    d_local.requires_grad_(True)
+    try:
+        with autocast:
+            logits_gen = d_local(fake)
+            loss_g = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+    finally:  # an exception in G's pass must not leave D frozen for whoever catches it
+        d_local.requires_grad_(True)
     grad_norm_g = grad_norm(generator)
     opt_g.step()
 

@@ -24,9 +24,12 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)
+        # Statistics in fp32 whatever the input's dtype: under bf16 autocast x arrives in bf16,
+        # where E[x^2] - E[x]^2 loses most of its digits, and the running statistics are fp32.
+        x32 = x.float()
         channels = x.shape[1]
-        count = torch.full((1,), x.numel() // channels, dtype=x.dtype, device=x.device)
-        local = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count])
+        count = torch.full((1,), x.numel() // channels, dtype=torch.float32, device=x.device)
+        local = torch.cat([x32.sum(dim=(0, 2, 3)), (x32 * x32).sum(dim=(0, 2, 3)), count])
         total = dist_nn.all_reduce(local)  # a sum; its backward all-reduces the gradient too
         n = total[-1]
         mean = total[:channels] / n
@@ -35,13 +38,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 factor = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
-                self.running_mean.lerp_(mean.detach(), factor)
-                self.running_var.lerp_(var.detach() * n / (n - 1), factor)  # unbiased, as BN tracks
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+                self.running_var.lerp_((var.detach() * n / (n - 1)).to(self.running_var.dtype), factor)  # unbiased, as BN tracks
         shape = (1, channels, 1, 1)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = (x32 - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return y.to(x.dtype)  # the next layer gets what plain BatchNorm would hand it under autocast
 
 
 def to_sync(model: nn.Module, use_gpu: bool) -> nn.Module:

@@ -10,6 +10,11 @@ import os
 
 import pytest
 
+# No telemetry from tests: every Ray and MLflow process the tests start (local Ray, `ray start`
+# nodes, `mlflow server`, subprocesses of `python -m ...`) inherits these from this process.
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
 
 @pytest.fixture(scope="session")
 def ray_local():
@@ -176,7 +181,7 @@ class RayCluster:
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         # Every node and every client needs the same token; it is never printed or logged.
         self.env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-                                 "RAY_DISABLE_USAGE_STATS": "1"}
+                                 "RAY_USAGE_STATS_ENABLED": "0"}
         self.env.pop("RAY_ADDRESS", None)
         self.token = self.env["RAY_AUTH_TOKEN"]
         self.nodes = []

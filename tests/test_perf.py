@@ -9,7 +9,7 @@ import torch
 
 from dcgan_dist import config
 from dcgan_dist.checkpoint import unwrap
-from dcgan_dist.loop import speed_up
+from dcgan_dist.loop import compile_models, speed_up
 from dcgan_dist.models import build_models
 
 
@@ -25,15 +25,26 @@ def test_speed_flags_parse_and_bad_values_exit_2(capsys):
     assert "--precision" in capsys.readouterr().err
 
 
-def test_speed_up_applies_layout_and_compile_and_unwrap_sees_through_it():
-    generator, _ = build_models("pytorch-examples", 32, "paper")
+def test_layout_and_compile_wrap_ddp_and_unwrap_sees_through_both(tmp_path):
+    """channels_last before DDP, torch.compile after it (G, D, and D's local module for G's
+    pass); checkpoints keep the plain parameter names through both wrappers."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    generator, discriminator = build_models("pytorch-examples", 32, "paper")
     names = set(generator.state_dict())
-    perf = config.PerfConfig(channels_last=True, compile="default")
-    fast = speed_up(generator, perf, torch.device("cpu"))
-    assert fast is not generator  # a torch.compile wrapper (compiled lazily, on first call)
-    assert unwrap(fast) is generator
-    assert set(unwrap(fast).state_dict()) == names  # checkpoints keep the plain parameter names
+    fast = speed_up(generator, config.PerfConfig(channels_last=True), torch.device("cpu"))
     assert generator.blocks[0].weight.is_contiguous(memory_format=torch.channels_last)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        g_ddp, d_ddp = DistributedDataParallel(fast), DistributedDataParallel(discriminator)
+        g_run, d_run, d_local = compile_models(g_ddp, d_ddp, "default")
+        assert g_run is not g_ddp and d_local is not discriminator  # compile wrappers (compiled on first call)
+        assert unwrap(g_run) is generator and unwrap(d_run) is discriminator and unwrap(d_local) is discriminator
+        assert set(unwrap(g_run).state_dict()) == names
+        assert compile_models(g_ddp, d_ddp, "off") == (g_ddp, d_ddp, discriminator)
+    finally:
+        dist.destroy_process_group()
 
     plain = speed_up(build_models("pytorch-examples", 32, "paper")[0], config.PerfConfig(channels_last=False), torch.device("cpu"))
     assert unwrap(plain) is plain and plain.blocks[0].weight.is_contiguous()

@@ -62,7 +62,7 @@ def write_checkpoint(folder: Path, preset: str = "pytorch-examples", claimed_pre
     opt_g, opt_d = make_optimizers(generator, discriminator, 2e-4, 0.5, 0.999)
     folder.mkdir()
     config = {"model.preset": claimed_preset or preset, "model.image_size": 32, "model.bn": "paper"}
-    checkpoint.save(folder, rank=0, step=7, generator=generator, discriminator=discriminator, opt_g=opt_g,
+    checkpoint.save(folder, rank=0, device=torch.device("cpu"), step=7, generator=generator, discriminator=discriminator, opt_g=opt_g,
                     opt_d=opt_d, mlflow_run_id=None, config=config)
     return folder
 

@@ -55,6 +55,42 @@ def test_global_batchnorm_equals_batchnorm_on_the_whole_batch():
         assert torch.allclose(results[r][4], reference.running_var, atol=1e-5)
 
 
+def _rank_bf16(rank: int, port: int, results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 5, 1)
+    bn = to_sync(nn.Sequential(nn.BatchNorm2d(5)), use_gpu=False)
+    x = _batch(1).chunk(WORLD)[rank]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as --precision bf16 runs D and G
+        y = bn(conv(x))
+    y.float().sum().backward()
+    results[rank] = (y.dtype, bn[0].running_mean.clone(), bn[0].running_var.clone(), conv.weight.grad.clone())
+    dist.destroy_process_group()
+
+
+def test_global_batchnorm_under_bf16_autocast_keeps_fp32_statistics():
+    """Under bf16 autocast the statistics are computed in fp32 (the running statistics stay fp32
+    and match BatchNorm on the whole batch to bf16's input rounding), and the output is bf16,
+    as plain BatchNorm hands it on under autocast."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_rank_bf16, args=(port, results), nprocs=WORLD, join=True)
+
+    torch.manual_seed(0)
+    conv, reference = nn.Conv2d(5, 5, 1), nn.BatchNorm2d(5)
+    with torch.no_grad():
+        reference(conv(_batch(1)))
+    for r in range(WORLD):
+        dtype, running_mean, running_var, conv_grad = results[r]
+        assert dtype == torch.bfloat16
+        assert running_mean.dtype == running_var.dtype == torch.float32
+        torch.testing.assert_close(running_mean, reference.running_mean, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(running_var, reference.running_var, rtol=2e-2, atol=2e-2)
+        assert torch.isfinite(conv_grad).all()
+
+
 def test_conversion_round_trip_keeps_weights_and_state_dict_keys():
     generator, _ = build_models("pytorch-examples", 32, "paper")
     keys = generator.state_dict().keys()

@@ -144,3 +144,54 @@ def test_unwritable_storage_path_fails_before_ray(tmp_path, mlflow_sqlite):
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2 and "--storage-path" in result.stderr
+
+
+def test_bn_sync_in_bf16_on_two_gloo_workers_trains_and_registers(ray_local, mlflow_sqlite, tmp_path):
+    """--bn-sync --precision bf16 on CPU workers: GlobalBatchNorm2d's statistics in fp32 under
+    autocast; 20 steps through the whole loop, losses finite and D's falling, models registered."""
+    args = train_args(tmp_path, mlflow_sqlite, num_workers=2, max_steps=20, log_every=5, checkpoint_every=20,
+                      precision="bf16", eval_every=0)
+    assert main(args + ["--bn-sync"]) == 0
+    client = MlflowClient(mlflow_sqlite)
+    run = only_run(client)
+    assert run.info.status == "FINISHED" and run.data.params["perf.precision"] == "bf16"
+    loss_d = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss_d"), key=lambda m: m.step)]
+    assert len(loss_d) == 20 and all(np.isfinite(loss_d))
+    assert np.mean(loss_d[-5:]) < np.mean(loss_d[:5]), loss_d
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "ddp/replica_spread")] == [0.0]
+    for name in ("dcgan-generator", "dcgan-discriminator"):
+        assert client.get_model_version_by_alias(name, "latest").run_id == run.info.run_id
+    generator = mlflow.pytorch.load_model("models:/dcgan-generator@latest")
+    with torch.no_grad():
+        assert torch.isfinite(generator(torch.rand(5, 100) * 2 - 1)).all()
+
+
+def test_compiled_models_train_under_ddp(ray_local, mlflow_sqlite, tmp_path):
+    """--compile default with 2 gloo workers: G and D compiled after DDP wraps them, D's local
+    module for G's pass compiled on its own. The run trains, registers plain-named models, and
+    Dynamo compiled graphs without recompiling every step."""
+    args = train_args(tmp_path, mlflow_sqlite, num_workers=2, max_steps=8, log_every=4, checkpoint_every=8,
+                      compile="default", eval_every=0)
+    assert main(args) == 0
+    client = MlflowClient(mlflow_sqlite)
+    run = only_run(client)
+    assert run.info.status == "FINISHED"
+    assert steps_of(client, run.info.run_id, "loss_g") == list(range(1, 9))
+    assert all(np.isfinite(m.value) for m in client.get_metric_history(run.info.run_id, "loss_d"))
+    assert int(run.data.tags["compile.graphs"]) >= 3  # G, D under DDP, D's local module
+    assert int(run.data.tags["compile.recompiles"]) <= 2, run.data.tags
+    state = latest_checkpoint_state(tmp_path / "ray_results")
+    _, discriminator = build_models("pytorch-examples", 32, "paper")
+    assert state["discriminator"].keys() == discriminator.state_dict().keys()  # no _orig_mod. or module. prefixes
+
+
+def test_no_telemetry_from_the_tests_or_ci(ray_local):
+    """Ray records a session's usage-stats fields in its cluster metadata only when usage stats
+    are on; the tests' Ray (and every process started beside it) runs with them off, as CI does."""
+    import ray
+    from ray._common.usage import usage_lib
+
+    metadata = usage_lib.get_cluster_metadata(ray._private.worker.global_worker.gcs_client)
+    assert metadata["ray_version"] == ray.__version__ and "session_start_timestamp_ms" not in metadata
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    assert "RAY_USAGE_STATS_ENABLED=0" in ci and "MLFLOW_DISABLE_TELEMETRY=true" in ci
