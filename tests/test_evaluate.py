@@ -184,8 +184,10 @@ def test_digits_run_keeps_its_best_checkpoint_as_champion(ray_local, mlflow_sqli
 
 @pytest.mark.slow
 def test_a_run_with_lr_0_1_raises_the_collapse_event_and_rolls_back(ray_local, mlflow_sqlite, tmp_path):
-    args = train_args(tmp_path, mlflow_sqlite, max_steps=100, log_every=10, sample_every=100, checkpoint_every=100,
-                      lr=0.1, eval_every=20, eval_samples=100, collapse_steps=30)
+    """On 2 gloo workers: rank 0 holds the best snapshot and broadcasts it at a rollback, so
+    both replicas continue from the same weights (their checksum spread stays 0)."""
+    args = train_args(tmp_path, mlflow_sqlite, max_steps=100, log_every=10, sample_every=100, checkpoint_every=50,
+                      lr=0.1, eval_every=20, eval_samples=100, collapse_steps=30, num_workers=2)
     assert main(args + ["--rollback-on-collapse", "--no-register-models"]) == 0
     client = MlflowClient(mlflow_sqlite)
     run = client.search_runs([client.get_experiment_by_name("tests").experiment_id])[0]
@@ -194,3 +196,5 @@ def test_a_run_with_lr_0_1_raises_the_collapse_event_and_rolls_back(ray_local, m
     assert run.data.tags["collapse.d_loss_vanished"].startswith("step ")
     rollbacks = metric_steps(client, run.info.run_id, "collapse/rollback_to_step")
     assert rollbacks and all(target % 20 == 0 and target < step for step, target in rollbacks.items())
+    assert min(rollbacks) < 100  # training went on after a rollback, on both ranks
+    assert metric_steps(client, run.info.run_id, "ddp/replica_spread") == {50: 0.0, 100: 0.0}

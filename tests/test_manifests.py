@@ -38,8 +38,8 @@ SENSITIVE_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|KEY", re.IGNORECASE)
 # Variables our code reads through the libraries it calls (not through os.environ itself):
 LIBRARY_ENV = {
     "boto3": {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"},
-    "mlflow": {"MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"},
-    "ray": {"RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"},
+    "mlflow": {"MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_DISABLE_TELEMETRY"},
+    "ray": {"RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_USAGE_STATS_ENABLED"},
 }
 
 
@@ -332,13 +332,21 @@ def test_training_dockerfile_cuda_base_project_installed_non_root():
     text = (CLUSTER / "Dockerfile").read_text()
     assert dockerfile_arg("CUDA_IMAGE").startswith("nvidia/cuda:")
     assert re.search(r"^FROM \$\{CUDA_IMAGE\}$", text, re.MULTILINE)
-    assert re.search(r"pip install .* \.(\s|$)", text), "the project itself is installed"
+    assert re.search(r'pip install .* "\.\[gpu\]"(\s|$)', text), "the project itself is installed, with its gpu extra"
+    import tomllib
+
+    extras = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "nvidia-ml-py" in extras["gpu"]  # pynvml: MLflow's system/gpu_* metrics
+    assert "import dcgan_dist.train, ray, pynvml" in text
     for folder in ("dcgan_dist", "tuning"):
         assert re.search(rf"^COPY {folder} ", text, re.MULTILINE), folder
     users = re.findall(r"^USER (\S+)$", text, re.MULTILINE)
     assert users and users[-1] not in ("root", "0"), "runs as a non-root user"
     mlflow_text = (INFRA / "mlflow" / "Dockerfile").read_text()
     assert "psycopg2-binary" in mlflow_text and "boto3" in mlflow_text
+    # no telemetry from the images' processes
+    assert re.search(r"RAY_USAGE_STATS_ENABLED=0", text) and re.search(r"MLFLOW_DISABLE_TELEMETRY=true", text)
+    assert "ENV MLFLOW_DISABLE_TELEMETRY=true" in mlflow_text
     assert re.findall(r"^USER (\S+)$", mlflow_text, re.MULTILINE)[-1] not in ("root", "0")
 
 
@@ -540,7 +548,8 @@ def test_the_library_variables_are_ones_those_libraries_read():
         "boto3": ["botocore/credentials.py", "botocore/configprovider.py"],
         "mlflow": ["mlflow/environment_variables.py"],
         # RAY_AUTH_TOKEN is read in Ray's C++ core; exceptions.py names it in the missing-token error.
-        "ray": ["ray/_private/ray_constants.py", "ray/_private/authentication/authentication_token_setup.py", "ray/exceptions.py"],
+        "ray": ["ray/_private/ray_constants.py", "ray/_private/authentication/authentication_token_setup.py", "ray/exceptions.py",
+                "ray/_common/usage/usage_constants.py"],
     }
     for library, names in LIBRARY_ENV.items():
         text = ""

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -165,3 +166,17 @@ def test_bf16_autocast_matches_fp32_and_both_learn():
     for history, before, after in ((fp32, fp32_before, fp32_after), (bf16, bf16_before, bf16_after)):
         assert history[-10:, 0].mean() < 0.5 * history[0, 0], history[:, 0]
         assert after < 0.8 * before, (before, after)
+
+
+def test_d_is_trainable_again_when_g_pass_raises():
+    generator, discriminator, opt_g, opt_d, real, z = setup(seed=2)
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("broken on purpose")
+
+    broken = Broken()
+    broken.weight = torch.nn.Parameter(torch.ones(1))
+    with pytest.raises(RuntimeError, match="on purpose"):
+        gan_step(generator, discriminator, opt_g, opt_d, real, z, discriminator_local=broken)
+    assert broken.weight.requires_grad and all(p.requires_grad for p in discriminator.parameters())
