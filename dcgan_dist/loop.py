@@ -273,7 +273,7 @@ def run(w: Worker) -> None:
                     log.info(progress_line(step, w.start_step, cfg.loop.max_steps, now - run_start, img_per_s, rows[-1]))
                     last_progress = now
             events = w.detector.observe_window([row[0] for row in rows], latest)  # the same on every rank
-            window, window_start = [], time.perf_counter()
+            window = []
             report_collapse(w, step, events)
             requested, best_exists = totals[len(COUNT_NAMES):]
             if cfg.eval.rollback_on_collapse and best_exists and (events or requested):
@@ -281,6 +281,7 @@ def run(w: Worker) -> None:
             # the same summed counts on every rank, so all ranks stop together
             check_corrupt_share(data_counts["corrupt_samples"], data_counts["samples"], cfg.data.max_corrupt_fraction)
 
+        side_work_start = time.perf_counter()
         if w.logger is not None and (step % cfg.loop.sample_every == 0 or last_step):
             w.logger.log_image(sample_grid(w.generator, w.z_fixed), key="samples", step=step)
 
@@ -292,6 +293,11 @@ def run(w: Worker) -> None:
             save_checkpoint(w, step, {"step": step} | latest | w.last_eval)
         elif window_closed:
             ray.train.report(with_run_id({"step": step} | latest | w.last_eval, w.logger))
+        # img_per_s times the steps, not the grids, evaluations and checkpoints between them
+        if window_closed:
+            window_start = time.perf_counter()
+        else:
+            window_start += time.perf_counter() - side_work_start
 
 
 def evaluate_now(w: Worker, step: int) -> None:
