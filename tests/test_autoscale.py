@@ -51,7 +51,7 @@ class AutoscalingRayCluster(RayCluster):
 
         autoscaling = {
             "cluster_name": "autoscale-test", "max_workers": 1, "head_node_type": "ray.head.default",
-            "available_node_types": self.node_types, "idle_timeout_minutes": 0.1, "upscaling_speed": 1.0,
+            "available_node_types": self.node_types, "idle_timeout_minutes": 1, "upscaling_speed": 1.0,
             "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                          "disable_launch_config_check": True, "gcs_address": self.address},
             "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
