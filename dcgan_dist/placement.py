@@ -12,7 +12,7 @@ from dcgan_dist import config
 from dcgan_dist.config import ClusterConfig
 
 UNLIMITED_NODES = 256  # a node group the autoscaler may grow without a limit counts as this many nodes
-_EPSILON = 1e-9  # resource amounts are floats (0.01 CPU): 1.99 - 0.99 must still hold one 1.0
+_EPSILON = 1e-9  # resource amounts are floats: 0.3 CPUs hold three 0.1-CPU requests, not two
 
 
 def worker_request(cluster: ClusterConfig, cpus: float) -> dict[str, float]:
