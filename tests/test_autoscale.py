@@ -123,9 +123,9 @@ def test_a_sweep_whose_trials_need_a_node_that_is_not_up_scales_up_and_finishes(
 
 
 def test_automatic_cpus_per_worker_count_only_nodes_a_worker_can_use(autoscaling_cluster, mlflow_sqlite, tmp_path):
-    """The cluster at its largest has 3 CPUs, but no node has more than 2: the run's one worker
-    asks for 2 (it would ask for 3, and wait forever, if the head's CPU counted) and the
-    autoscaler adds the node that holds them."""
+    """The cluster at its largest (its node groups published) has 3 CPUs, but no node has more
+    than 2: the run's one worker asks for 2 (it would ask for 3, and wait forever, if the head's
+    CPU counted) and runs on the trainer node (still up from the sweep, or added again)."""
     autoscaling_cluster.publish_node_groups()
     args = train_args(tmp_path, mlflow_sqlite, max_steps=4, log_every=2, checkpoint_every=4, sample_every=4, eval_every=0,
                       ray_address=autoscaling_cluster.address) + ["--no-register-models"]
