@@ -34,13 +34,13 @@ SLOTTED = ["--worker-resources", json.dumps({"trainer_slot": 1})]
 class AutoscalingRayCluster(RayCluster):
     """The head of RayCluster (free ports, its own process group, which the autoscaler's nodes
     join, so stop() ends them too) with an autoscaling config; no token, so this test process
-    can be a driver."""
+    can be a driver (explicitly: with RAY_AUTH_MODE unset, `ray start` turns token auth on
+    whenever a ~/.ray/auth_token exists, and this process would not send it)."""
 
     def __init__(self, root: Path):
         super().__init__(root, cpus_per_node=1)
-        for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-            self.env.pop(name)
-        self.env |= {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+        self.env.pop("RAY_AUTH_TOKEN")
+        self.env |= {"RAY_AUTH_MODE": "disabled", "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
         self.node_types = {
             "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
             "trainer": {"resources": TRAINER, "node_config": {}, "min_workers": 0, "max_workers": 1},
