@@ -99,6 +99,10 @@ class ClusterConfig:
     ray_address: str = option("", "Ray cluster to join (HOST:PORT of its GCS, ray://HOST:PORT, auto); empty = RAY_ADDRESS or a new local instance")
     bn_sync: bool = option(False, "BatchNorm statistics over the global batch (SyncBatchNorm) instead of each worker's share")
     max_failures: int = option(0, "restarts from the latest checkpoint after a worker or node failure (-1 = no limit)")
+    worker_resources: str = option(
+        "", "more Ray resources each worker asks for, as JSON, e.g. '{\"trainer_slot\": 1}': workers then go only to nodes "
+            "that have them (a labelled node group); empty = CPUs (and GPUs) only"
+    )
 
 
 @dataclass
@@ -297,6 +301,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("max_failures", f"must be >= -1 (got {cfg.cluster.max_failures})")
     if cfg.cluster.cpus_per_worker < 0:
         raise ConfigError("cpus_per_worker", f"must be >= 0 (got {cfg.cluster.cpus_per_worker})")
+    worker_resources(cfg.cluster)
     if cfg.loop.batch_size % cfg.cluster.num_workers:
         raise ConfigError(
             "batch_size",
@@ -310,6 +315,26 @@ def validate(cfg: Config) -> Config:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg.tracking.run_name):
         raise ConfigError("run_name", f"use letters, digits, '_', '.', '-' (got {cfg.tracking.run_name!r})")
     return cfg
+
+
+def worker_resources(cluster: ClusterConfig) -> dict[str, float]:
+    """--worker-resources as {name: amount}; ConfigError unless a JSON object of positive numbers.
+    CPUs and GPUs have their own flags (--cpus-per-worker, --use-gpu)."""
+    text = cluster.worker_resources.strip()
+    if not text:
+        return {}
+    try:
+        resources = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError("worker_resources", f"not JSON ({e.msg}): {text!r}") from None
+    if not isinstance(resources, dict):
+        raise ConfigError("worker_resources", f"expected a JSON object such as '{{\"trainer_slot\": 1}}', got {text!r}")
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU"):
+            raise ConfigError("worker_resources", f"{name} has its own flag ({'--cpus-per-worker' if name == 'CPU' else '--use-gpu'})")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not (amount > 0 and math.isfinite(amount)):
+            raise ConfigError("worker_resources", f"{name!r} must be a number > 0 (got {amount!r})")
+    return {name: float(amount) for name, amount in resources.items()}
 
 
 def validate_eval(cfg: Config) -> None:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dcgan_dist import config, data, tracking
+from dcgan_dist import config, data, placement, tracking
 from dcgan_dist.config import Config, ConfigError
 from dcgan_dist.data import manifest, s3
 
@@ -162,16 +162,6 @@ def lineage_tags(cfg: Config) -> dict[str, str]:
     return tags
 
 
-def cpus_per_worker(cfg: Config, cluster_resources: dict[str, float]) -> int:
-    """--cpus-per-worker, or (0) an even share of the cluster's CPUs. Ray sets each worker's
-    OMP_NUM_THREADS from its CPU request, so a 1-CPU worker would train on one thread."""
-    if cfg.cluster.cpus_per_worker:
-        return cfg.cluster.cpus_per_worker
-    cpus = cluster_resources.get("CPU", 1)
-    sharers = cluster_resources.get("GPU", 1) if cfg.cluster.use_gpu else cfg.cluster.num_workers
-    return max(1, int(cpus // max(sharers, 1)))
-
-
 def build_trainer(cfg: Config, callbacks: list | None = None):
     """The TorchTrainer for a preflighted config (Ray must be initialised). Sweeps build one
     per trial, with Tune's report callback."""
@@ -189,7 +179,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.cluster.num_workers,
             use_gpu=cfg.cluster.use_gpu,
-            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker} | ({"GPU": 1} if cfg.cluster.use_gpu else {}),
+            resources_per_worker=placement.worker_request(cfg.cluster, cfg.cluster.cpus_per_worker),
         ),
         run_config=ray.train.RunConfig(
             name=cfg.tracking.run_name,
@@ -232,7 +222,8 @@ def fit(cfg: Config):
 
     if not ray.is_initialized():
         ray.init(address=cfg.cluster.ray_address or None)
-    cfg.cluster.cpus_per_worker = cpus_per_worker(cfg, ray.cluster_resources())
+    nodes, _ = placement.cluster_nodes()  # the autoscaler's node groups too, where it publishes them
+    cfg.cluster.cpus_per_worker = placement.cpus_per_worker(cfg, nodes)
     return build_trainer(cfg).fit()
 
 

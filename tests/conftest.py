@@ -25,10 +25,17 @@ def ray_local():
     """
     import ray
 
-    # address="local": never join a cluster some other process started on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
+    start_local_ray()
     yield ray
     ray.shutdown()
+
+
+def start_local_ray() -> None:
+    """The session's local Ray instance (also restarted by tests that need Ray to themselves)."""
+    import ray
+
+    # address="local": never join a cluster some other process started on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ under one parent run, and the ablation table and plot at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -14,7 +15,7 @@ from mlflow import MlflowClient
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from dcgan_dist import config, tracking, train
+from dcgan_dist import config, placement, tracking, train
 from tuning import report
 from tuning.sweep import Sweep
 
@@ -74,29 +75,59 @@ def parent_run(client: MlflowClient, sweep: Sweep, tune_path: str) -> tuple[str,
 TRIAL_DRIVER_CPU = 0.01  # the trial's own process only drives its TorchTrainer
 
 
-def plan_resources(sweep: Sweep, resources: dict[str, float]) -> tuple[int, int]:
-    """(trials at once, CPUs per worker) such that every running trial's workers fit beside
-    the trial drivers: a trial whose workers cannot be placed would wait forever."""
-    base = sweep.base
-    workers, cpus = base.cluster.num_workers, resources.get("CPU", 1)
-    if base.cluster.use_gpu:
-        fit = int(resources.get("GPU", 0) // workers)
+def plan_resources(sweep: Sweep, nodes: list[dict[str, float]], at_most: bool) -> tuple[int, int]:
+    """(trials at once, CPUs per worker) such that every running trial's workers fit at once
+    beside the trial drivers: a trial whose workers cannot be placed would wait forever. `nodes`
+    is the cluster at the largest its autoscaler may make it (`at_most`), or as it is now when
+    that is unknown: then --max-concurrent (or what fits now, at least 1) is trusted, and trials
+    wait for the nodes the autoscaler adds for their workers."""
+    cluster, workers = sweep.base.cluster, sweep.base.cluster.num_workers
+    request = placement.worker_request(cluster, cluster.cpus_per_worker or 1)
+
+    def room(trials: int) -> list[dict[str, float]]:  # Ray may place each trial's driver on any node
+        return placement.reserve_cpus(nodes, TRIAL_DRIVER_CPU * trials)
+
+    fit = 0
+    while (not sweep.max_concurrent or fit < sweep.max_concurrent) and \
+            placement.workers_that_fit(room(fit + 1), request) >= (fit + 1) * workers:
+        fit += 1
+    one_trial = f"{workers} workers of {request}"
+    if at_most:
+        if fit < 1:
+            raise RuntimeError(f"one trial needs {one_trial}; the cluster, at the largest its autoscaler may make it, has {nodes}")
+        at_once = fit
+        if sweep.max_concurrent > at_once:
+            print(f"--max-concurrent {sweep.max_concurrent}: only {at_once} trials fit at once in {nodes}; running {at_once}")
     else:
-        fit = int(cpus // (workers * max(base.cluster.cpus_per_worker, 1) + TRIAL_DRIVER_CPU))
-    at_once = min(sweep.max_concurrent or fit, fit) if fit else 0
-    if sweep.max_concurrent > at_once >= 1:
-        print(f"--max-concurrent {sweep.max_concurrent}: only {at_once} trials fit in {resources} at once; running {at_once}")
-    if at_once < 1:
-        raise RuntimeError(f"one trial needs {workers} workers ({'GPUs' if base.cluster.use_gpu else 'CPUs'}); the cluster has {resources}")
-    per_worker = base.cluster.cpus_per_worker or max(1, int((cpus - TRIAL_DRIVER_CPU * at_once) // (workers * at_once)))
+        at_once = sweep.max_concurrent or max(fit, 1)
+        if at_once > fit:
+            print(f"{fit} trials of {one_trial} fit on the nodes up now and the largest size of the cluster is unknown "
+                  f"(its autoscaler does not publish its node groups); running {at_once} at once, whose workers wait for "
+                  "the nodes the autoscaler adds. Give --max-concurrent what the cluster holds at its largest.")
+    per_worker = cluster.cpus_per_worker or placement.largest_cpus_per_worker(room(at_once), cluster, workers * at_once) or 1
     return at_once, per_worker
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """os.environ with `values` set, restored afterwards."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def run_sweep(sweep: Sweep) -> int:
     base = sweep.base
     if not ray.is_initialized():
         ray.init(address=base.cluster.ray_address or None)
-    at_once, base.cluster.cpus_per_worker = plan_resources(sweep, ray.cluster_resources())
+    at_once, base.cluster.cpus_per_worker = plan_resources(sweep, *placement.cluster_nodes())
 
     tune_path = join(base.tracking.storage_path, sweep.sweep_name)
     client = MlflowClient(base.tracking.tracking_uri)
@@ -128,11 +159,11 @@ def run_sweep(sweep: Sweep) -> int:
             ),
             run_config=ray.tune.RunConfig(name=sweep.sweep_name, storage_path=base.tracking.storage_path),
         )
-    if sweep.metric.startswith("eval/"):
-        # Reports before a trial's first evaluation carry no score; Tune's strict check would
-        # fail the trial on them (ASHA skips them; the first rung comes after the first score).
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    results = tuner.fit()
+    # Reports before a trial's first evaluation carry no score; Tune's strict check (in this
+    # process) would fail the trial on them (ASHA skips them; the first rung comes after the first score).
+    lenient = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"} if sweep.metric.startswith("eval/") else {}
+    with environment(lenient):
+        results = tuner.fit()
 
     rows = report.trial_rows(results, sweep)
     curves = report.trial_curves(results, sweep.metric)
