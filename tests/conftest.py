@@ -102,7 +102,7 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process = None
 
-    def start(self, timeout_s: float = 180.0) -> "MlflowServer":
+    def start(self, timeout_s: float = 180.0) -> MlflowServer:
         import subprocess
         import sys
         import time
@@ -208,7 +208,7 @@ class RayCluster:
             env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         ))
 
-    def start(self, num_nodes: int = 2, timeout_s: float = 120) -> "RayCluster":
+    def start(self, num_nodes: int = 2, timeout_s: float = 120) -> RayCluster:
         import time
 
         from dcgan_dist.config import ConfigError

@@ -211,8 +211,8 @@ def test_the_crd_check_rejects_a_misspelt_field_and_a_bad_quantity():
 
 def test_ray_pod_templates_validate_as_kubernetes_pod_templates():
     """The CRD schema leaves a template's metadata open; Kubernetes' PodTemplate schema does not."""
-    for name, doc in ray_objects():
-        for where, template in pod_templates(doc).items():
+    for _, doc in ray_objects():
+        for template in pod_templates(doc).values():
             wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"}, "template": template}
             kubernetes_validate.validate(wrapped, K8S_VERSION, strict=True)
 
@@ -451,7 +451,8 @@ def scanned_files() -> list[Path]:
 def test_secret_scanners_catch_literals():
     """The checks below can fail: each is shown a credential written in the clear."""
     assert literal_credentials_in_k8s({"kind": "Pod", "spec": {"containers": [{"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]}]}})
-    assert literal_credentials_in_k8s({"kind": "Pod", "spec": {"containers": [{"env": [{"name": "RAY_AUTH_TOKEN", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}]}]}})
+    from_config_map = {"name": "RAY_AUTH_TOKEN", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}
+    assert literal_credentials_in_k8s({"kind": "Pod", "spec": {"containers": [{"env": [from_config_map]}]}})
     assert literal_credentials_in_k8s({"kind": "Secret", "metadata": {"name": "s"}, "stringData": {"a": "b"}})
     assert literal_credentials_in_compose({"services": {"db": {"environment": {"POSTGRES_PASSWORD": "hunter22"}}}})
     assert literal_credentials_in_compose({"services": {"db": {"environment": ["POSTGRES_PASSWORD=hunter22"]}}})

@@ -25,7 +25,9 @@ def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, batch_size
     return torch.cat(distances), torch.cat(indices)
 
 
-def memorisation_check(samples: torch.Tensor, train_images: torch.Tensor, held_out: torch.Tensor, pairs: int = 16) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def memorisation_check(
+    samples: torch.Tensor, train_images: torch.Tensor, held_out: torch.Tensor, pairs: int = 16
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Metrics on the nearest-neighbour distances, and two pictures (HxWx3 uint8): `pairs`, the
     closest (sample, nearest training image) pairs side by side, and `distances`, the histogram
     of both distance distributions."""

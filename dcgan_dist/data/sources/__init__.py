@@ -7,8 +7,9 @@ file paths, lmdb keys, in a fixed order) and `load(item) -> PIL.Image`. Shard k 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image
 
