@@ -61,7 +61,7 @@ started=$(date +%s)
 # Sizes and time budgets (seconds). The GPU run's parts add up to the 6 minutes it may take.
 if [ "$dry" = 1 ]; then
   total_budget=570
-  declare -A budget=([a]=150 [b]=170 [c]=190 [d]=45)
+  declare -A budget=([a]=150 [b]=180 [c]=180 [d]=45)
   device=cpu px=32 batch=16 precision=fp32 use_gpu=""
   bench_runs="8:55 16:55"; bench_opts="--steps 1 --repeats 2 --warmup 1 --variant-budget-s 20"  # BATCH:TOTAL_BUDGET_S
   b_steps=12 b_more=8 b_log=4 b_eval=12 eval_samples=200
@@ -86,8 +86,8 @@ if [ "$dry" = 0 ] || [ "$wheels_given" = 1 ]; then
     exit 2
   fi
   rm -rf "$site"
-  if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl >"$out/install.log" 2>&1; then
-    echo "check.sh: error: installing $wheels failed: $(tail -1 "$out/install.log")" >&2
+  if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl >"$scratch/install.log" 2>&1; then
+    echo "check.sh: error: installing $wheels failed: $(tail -1 "$scratch/install.log")" >&2
     exit 1
   fi
   export PATH="$site/bin:$PATH"
@@ -207,10 +207,32 @@ part_d() {
   "$PY" benchmarks/gpu/decode.py --device "$device" --image-size 64 --images "$decode_images" --target-img-per-s "$target"
 }
 
-# Ray processes a part killed at its time limit may leave; on the GPU machine nothing else runs Ray.
-stop_ray() {
-  [ "$dry" = 1 ] || "$PY" -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true
+# One Ray instance for every training run of parts b and c (benchmarks/gpu/ray_head.py), started
+# before the first and stopped at the end (or when the check is stopped).
+ray_head_pid=""
+start_ray() {
+  [ -n "$ray_head_pid" ] && return 0
+  rm -f "$scratch/ray-address"
+  "$PY" benchmarks/gpu/ray_head.py "$scratch/ray-address" >"$out/ray-head.log" 2>&1 &
+  ray_head_pid=$!
+  for _ in $(seq 120); do
+    [ -s "$scratch/ray-address" ] && break
+    kill -0 "$ray_head_pid" 2>/dev/null || break
+    sleep 0.5
+  done
+  if [ -s "$scratch/ray-address" ]; then
+    RAY_ADDRESS=$(cat "$scratch/ray-address"); export RAY_ADDRESS
+  else
+    echo "check.sh: the shared Ray instance did not start ($(tail -1 "$out/ray-head.log")); each run starts its own" >&2
+  fi
 }
+stop_ray() {
+  [ -n "$ray_head_pid" ] || return 0
+  kill "$ray_head_pid" 2>/dev/null && wait "$ray_head_pid" 2>/dev/null
+  ray_head_pid=""
+  unset RAY_ADDRESS
+}
+trap stop_ray EXIT
 
 export -f part_a part_b part_c part_d pick_compile train pack_shards bench_json
 export out scratch dry device px batch precision use_gpu bench_runs bench_opts b_steps b_more b_log b_eval
@@ -226,10 +248,10 @@ for part in $parts; do
   fi
   echo "-- part $part (up to $limit s): $log"
   part_start=$(date +%s)
+  if [ "$part" = b ] || [ "$part" = c ]; then start_ray; fi
   timeout --kill-after=10 "$limit" bash -c "part_$part" >"$log" 2>&1
   rc=$?
   took=$(( $(date +%s) - part_start ))
-  [ "$part" = b ] || [ "$part" = c ] && stop_ray
   found=$(grep '^figures ' "$log" | sed 's/^figures //' | awk 'NR > 1 { printf " / " } { printf "%s", $0 }')
   if [ "$rc" = 0 ]; then
     status[$part]="ok (${took} s)"; figures[$part]="$found"
@@ -241,6 +263,7 @@ for part in $parts; do
   fi
 done
 
+stop_ray
 [ "$keep_scratch" = 1 ] || rm -rf "$scratch"
 total=$(( $(date +%s) - started ))
 {
