@@ -213,6 +213,9 @@ ray_head_pid=""
 start_ray() {
   [ -n "$ray_head_pid" ] && return 0
   rm -f "$scratch/ray-address"
+  # Ray's token authentication stays on: a fresh token, which the runs joining inherit.
+  RAY_AUTH_MODE=token RAY_AUTH_TOKEN=$("$PY" -c 'import secrets; print(secrets.token_hex(32))')
+  export RAY_AUTH_MODE RAY_AUTH_TOKEN
   "$PY" benchmarks/gpu/ray_head.py "$scratch/ray-address" >"$out/ray-head.log" 2>&1 &
   ray_head_pid=$!
   for _ in $(seq 120); do

@@ -20,9 +20,10 @@ import ray
 
 def main(address_file: str) -> int:
     stop = threading.Event()
+    context = ray.init(address="local", include_dashboard=False)
+    # after ray.init, which installs handlers of its own
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
-    context = ray.init(address="local", include_dashboard=False)
     partial = Path(address_file + ".partial")
     partial.write_text(context.address_info["gcs_address"])
     partial.replace(address_file)
