@@ -61,17 +61,17 @@ started=$(date +%s)
 # Sizes and time budgets (seconds). The GPU run's parts add up to the 6 minutes it may take.
 if [ "$dry" = 1 ]; then
   total_budget=570
-  declare -A budget=([a]=150 [b]=180 [c]=180 [d]=45)
+  declare -A budget=([a]=100 [b]=180 [c]=240 [d]=40)
   device=cpu px=32 batch=16 precision=fp32 use_gpu=""
-  bench_runs="8:55 16:55"; bench_opts="--steps 1 --repeats 2 --warmup 1 --variant-budget-s 20"  # BATCH:TOTAL_BUDGET_S
+  bench_runs="8:35 16:35"; bench_opts="--steps 1 --repeats 2 --warmup 1 --variant-budget-s 20"  # BATCH:TOTAL_BUDGET_S
   b_steps=12 b_more=8 b_log=4 b_eval=12 eval_samples=200
   c_steps=6 c_log=3 c_control=0 loaders=1 decode_images=256
 else
   total_budget=360
-  declare -A budget=([a]=160 [b]=100 [c]=70 [d]=20)
+  declare -A budget=([a]=150 [b]=100 [c]=75 [d]=20)
   device=cuda px=64 batch=128 precision=bf16 use_gpu="--use-gpu"
   # each bench run is time-boxed as a whole and per variant (a cold torch.compile takes tens of seconds)
-  bench_runs="128:85 2048:60"; bench_opts="--variant-budget-s 35"
+  bench_runs="128:80 2048:55"; bench_opts="--variant-budget-s 35"
   b_steps=240 b_more=120 b_log=20 b_eval=240 eval_samples=500
   c_steps=30 c_log=10 c_control=1 loaders=6 decode_images=4096
 fi
@@ -203,7 +203,12 @@ part_c() {
 }
 
 part_d() {
-  read -r _ target _ <<<"$(pick_compile)"
+  local target
+  target=$("$PY" -c 'import json, sys
+try:
+    print(max((v["img_per_s"] for v in json.load(open(sys.argv[1]))["variants"] if v["status"] == "ok"), default=0))
+except (OSError, ValueError):
+    print(0)' "$(bench_json "$batch")")
   "$PY" benchmarks/gpu/decode.py --device "$device" --image-size 64 --images "$decode_images" --target-img-per-s "$target"
 }
 
@@ -259,10 +264,17 @@ for part in $parts; do
   if [ "$rc" = 0 ]; then
     status[$part]="ok (${took} s)"; figures[$part]="$found"
   else
-    why=$([ "$rc" = 124 ] || [ "$rc" = 137 ] && echo "ran past its $limit s" || echo "exit $rc")
-    error=$(grep -E 'Error|error:|FAIL|Traceback|Exception' "$log" | grep -v '^figures' | tail -1 | cut -c1-200)
-    [ -n "$error" ] || error=$(grep -v '^\s*$' "$log" | tail -1 | cut -c1-200)
-    status[$part]="FAILED (${why}, ${took} s)"; figures[$part]="${found:+$found; }last error: ${error//|/\\|}"
+    plain=$(sed 's/\x1b\[[0-9;]*m//g' "$log")  # without the colours of Ray's log lines
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+      why="ran past its $limit s"
+      error="stopped in: $(echo "$plain" | grep '^== ' | tail -1 | cut -c4-200)"
+    else
+      why="exit $rc"
+      error=$(echo "$plain" | grep -E 'Error|error:|^FAIL|Traceback|Exception' | tail -1 | cut -c1-200)
+      [ -n "$error" ] || error=$(echo "$plain" | grep -v '^\s*$' | tail -1 | cut -c1-200)
+      error="last error: $error"
+    fi
+    status[$part]="FAILED (${why}, ${took} s)"; figures[$part]="${found:+$found / }${error//|/\\|}"
   fi
 done
 
