@@ -12,7 +12,7 @@
 #      the fastest --compile that part a saw work, evaluation on, then a resume to more steps;
 #      benchmarks/gpu/verify_run.py checks metrics, registered models, system/gpu_* metrics, img/s
 #   c  --bn-sync on the GPU (SyncBatchNorm over NCCL, 1 worker) and the RNG resume: an interrupted
-#      and resumed run against an uninterrupted one (and a second one, the run-to-run noise)
+#      and resumed run against an uninterrupted one (and a second one, the run-to-run noise), on digits
 #   d  benchmarks/gpu/decode.py: JPEG decode on the GPU (batched) against the CPU cores
 # It ends with one table (part | status | key figures), also written to OUT/summary.md.
 #
@@ -185,8 +185,8 @@ part_b() {
 }
 
 part_c() {
-  pack_shards || return 1
-  local common=(--bn-sync --log-every "$c_log" --checkpoint-every "$c_steps" --eval-every 0 --no-register-models)
+  # the bundled digits in memory, as tests/test_train.py's resume test: the RNG and the update, not the shard reader
+  local common=(--data digits --bn-sync --log-every "$c_log" --checkpoint-every "$c_steps" --eval-every 0 --no-register-models)
   train c-split gpu-check-c-split "$c_steps" "${common[@]}" || return 1
   train c-split gpu-check-c-split "$(( 2 * c_steps ))" "${common[@]}" || return 1
   train c-straight gpu-check-c-straight "$(( 2 * c_steps ))" "${common[@]}" || return 1
