@@ -1,13 +1,15 @@
 """The speed settings (--precision, --channels-last, --compile) and the benchmark's command line."""
 
+import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from dcgan_dist import config
+from dcgan_dist import bench, config
 from dcgan_dist.checkpoint import unwrap
 from dcgan_dist.loop import compile_models, speed_up
 from dcgan_dist.models import build_models
@@ -50,23 +52,90 @@ def test_layout_and_compile_wrap_ddp_and_unwrap_sees_through_both(tmp_path):
     assert unwrap(plain) is plain and plain.blocks[0].weight.is_contiguous()
 
 
-def test_bench_prints_one_table_with_ratios_against_the_reference():
+def table_cells(stdout: str) -> list[list[str]]:
+    """The bench table's rows (header first), each as its stripped cells."""
+    rows = [line for line in stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    return [[cell.strip() for cell in row.split("|")[1:-1]] for row in rows]
+
+
+def test_bench_prints_one_table_with_ratios_against_the_reference(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dcgan_dist.bench", "--device", "cpu", "--image-size", "32", "--batch-size", "8",
-         "--steps", "1", "--repeats", "2", "--warmup", "1", "--variants", "reference", "NCHW", "channels_last", "autocast"],
+         "--steps", "1", "--repeats", "2", "--warmup", "1", "--variants", "reference", "NCHW", "channels_last", "autocast",
+         "--output-json", str(tmp_path / "bench.json")],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert rows[0].startswith("| variant | img/s | vs reference | peak memory |")
-    names = [row.split("|")[1].strip() for row in rows[1:]]
+    rows = table_cells(result.stdout)
+    assert rows[0] == ["variant", "img/s", "vs reference", "peak memory", "GFLOP/step", "TFLOP/s"]
+    assert all(len(row) == 6 for row in rows), rows
+    names = [row[0] for row in rows[1:]]
     assert names == ["reference (pytorch/examples)", "ours fp32, NCHW", "ours fp32, channels_last", "ours bf16 autocast"]
-    for row in rows[1:]:
-        cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    emulated = bench.bf16_emulation(torch.device("cpu"))
+    for cells in rows[1:] if not emulated else rows[1:-1]:
         assert float(cells[1].replace(",", "")) > 0
         assert re.fullmatch(r"\d+\.\d\dx", cells[2])
         assert cells[3].endswith("MiB")
-    assert rows[1].split("|")[3].strip() == "1.00x"
+    if emulated:  # an AVX2-only CPU: a row that says why, not minutes of emulated bf16
+        assert rows[-1][1] == f"skipped: {emulated}" and rows[-1][2:] == [""] * 4
+    assert rows[1][2] == "1.00x"
+    assert "AMD" in result.stdout or "Intel" in result.stdout or "avx" in result.stdout  # the CPU and its flags
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [v["name"] for v in report["variants"]] == names
+    assert report["variants"][2]["train_compile"] == "off"
+    assert report["variants"][0]["status"] == "ok" and report["variants"][0]["vs_reference"] == 1.0
+
+
+def test_bf16_variants_are_skipped_with_a_reason_where_bf16_is_emulated(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "bf16_emulation", lambda device: "bf16 is emulated on this CPU (no avx512_bf16/amx_bf16)")
+    start = time.perf_counter()
+    bench.main(["--device", "cpu", "--image-size", "32", "--batch-size", "4", "--steps", "1", "--repeats", "1",
+                "--variants", "bf16"])
+    assert time.perf_counter() - start < 30  # nothing emulated ran
+    rows = table_cells(capsys.readouterr().out)
+    assert [row[0] for row in rows[1:]] == ["ours bf16 autocast", "ours bf16, compile"]
+    for row in rows[1:]:
+        assert row == [row[0], "skipped: bf16 is emulated on this CPU (no avx512_bf16/amx_bf16)", "", "", "", ""]
+
+
+def test_every_variant_is_time_boxed_and_every_row_has_every_cell():
+    """A build past its budget is stopped by the alarm, a slow step stops after the repeats that
+    fit, a broken build is a failed row; a fast variant beside them takes all its repeats."""
+    device, image_size, batch = torch.device("cpu"), 32, 4
+    reals = [torch.rand(batch, 3, image_size, image_size) * 2 - 1]
+    budget_s = 2.5
+
+    def hangs():
+        time.sleep(60)
+
+    def slow_step():
+        return (lambda: time.sleep(0.4)), ()
+
+    def breaks():
+        raise RuntimeError("no such kernel\nsecond line")
+
+    table = [bench.Variant("fast step", lambda: ((lambda: None), ())),
+             bench.Variant("hangs in its build", lambda: hangs()),
+             bench.Variant("slow step", slow_step),
+             bench.Variant("breaks", breaks)]
+    start = time.perf_counter()
+    bench.measure(table, device, steps=2, repeats=5, warmup=1, batch=batch, image_size=image_size, reals=reals,
+                  budget_s=budget_s)
+    assert time.perf_counter() - start < 30
+    fast, hung, slow, broken = table
+    assert fast.status == "ok" and len(fast.img_per_s) == 5
+    assert hung.status == "skipped" and "ran past its 2.5 s budget" in hung.skipped and hung.spent_s < budget_s + 1
+    # warm-up 0.4 s, then blocks of 0.8 s: two fit in 2.5 s, the third would not
+    assert slow.status == "ok" and len(slow.img_per_s) == 2 and slow.skipped == "2 repeats in its 2.5 s budget"
+    assert slow.spent_s < budget_s
+    assert broken.status == "failed" and broken.error == "RuntimeError: no such kernel"
+
+    rows = bench.table_rows(table, batch)
+    assert all(len(row) == len(bench.header(None)) == 6 for row in rows)
+    assert rows[1][1].startswith("skipped: build + 1 warm-up steps ran past")
+    assert rows[2][0] == "slow step (2 repeats in its 2.5 s budget)" and float(rows[2][1]) == pytest.approx(10, rel=0.2)  # 4 images per 0.4 s
+    assert rows[3][1] == "failed: RuntimeError: no such kernel" and rows[3][2:] == [""] * 4
+    assert len(bench.table_rows(table, batch, peak_tflops=989.0)[3]) == 7  # CUDA adds the share of the bf16 peak
 
 
 def test_bench_refuses_cuda_without_a_gpu():
