@@ -50,7 +50,7 @@ import torch
 from dcgan_dist.bench_machine import bf16_emulation, bf16_peak_tflops, describe_machine, matmul_tflops
 from dcgan_dist.models import build_models, sample_latent
 from dcgan_dist.reference import reference_discriminator, reference_generator, reference_step
-from dcgan_dist.step import gan_step, make_optimizers
+from dcgan_dist.step import compile_models, gan_step, make_optimizers
 
 PRESET = "pytorch-examples"  # the reference's architecture, in our code
 REAL_BATCHES = 4  # real batches rotated through, so no variant reads one cached tensor
@@ -120,15 +120,16 @@ def ours_variant(device: torch.device, image_size: int, batch: int, reals: list[
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     generator, discriminator = (m.to(device, memory_format=memory_format) for m in (generator, discriminator))
     opt_g, opt_d = make_optimizers(generator, discriminator, 2e-4, 0.5, 0.999)
-    g_run, d_run = generator, discriminator
-    if compile_mode is not None:
-        g_run, d_run = torch.compile(generator, mode=compile_mode), torch.compile(discriminator, mode=compile_mode)
+    # compiled as training compiles them (G, D, and D's local module for G's pass)
+    g_run, d_run, d_local = compile_models(generator, discriminator, compile_mode or "off")
     images = [real.contiguous(memory_format=memory_format) for real in reals]
     counter = iter(range(1 << 62))
 
     def step() -> None:
+        if compile_mode is not None:
+            torch.compiler.cudagraph_mark_step_begin()  # as the training loop marks each step
         z = sample_latent(batch, PRESET, device)
-        gan_step(g_run, d_run, opt_g, opt_d, images[next(counter) % len(images)], z, precision)
+        gan_step(g_run, d_run, opt_g, opt_d, images[next(counter) % len(images)], z, precision, d_local)
 
     return step, (generator, discriminator, opt_g, opt_d)
 

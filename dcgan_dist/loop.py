@@ -32,7 +32,7 @@ from dcgan_dist.config import Config
 from dcgan_dist.data.stream import COUNT_NAMES, check_corrupt_share
 from dcgan_dist.evaluate.collapse import CollapseDetector
 from dcgan_dist.models import PRESETS, build_models, sample_latent
-from dcgan_dist.step import gan_step, make_optimizers
+from dcgan_dist.step import compile_models, gan_step, make_optimizers
 from dcgan_dist.tracking import RunLogger
 
 # Ray Train V2 sends print() both to the log and to stdout; a named logger prints once.
@@ -197,22 +197,6 @@ def speed_up(model: torch.nn.Module, perf: config.PerfConfig, device: torch.devi
     if perf.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def compile_models(generator: torch.nn.Module, discriminator: torch.nn.Module, mode: str):
-    """--compile: (G, D, D's local module for G's pass), each through torch.compile unless off.
-
-    G and D are compiled after DDP has wrapped them, the order torch documents: Dynamo's
-    DDPOptimizer then splits their graphs at DDP's gradient buckets, so the all-reduces still
-    overlap the backward pass. G's pass runs D's replica-local module (no all-reduce for D's
-    unused weight gradients; see step.gan_step), compiled on its own: its graph is the frozen-D
-    one, so toggling requires_grad never invalidates the other's. `reduce-overhead` adds CUDA
-    graphs on GPUs; the loop marks each step's start (torch.compiler.cudagraph_mark_step_begin)
-    so the graphs' output buffers are reused only once a step's outputs are dead."""
-    local = getattr(discriminator, "module", discriminator)
-    if mode == "off":
-        return generator, discriminator, local
-    return tuple(torch.compile(model, mode=mode) for model in (generator, discriminator, local))
 
 
 def compile_stats() -> dict[str, int]:

@@ -87,3 +87,19 @@ def make_optimizers(generator: nn.Module, discriminator: nn.Module, lr: float, b
     opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=(beta1, beta2), fused=True)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(beta1, beta2), fused=True)
     return opt_g, opt_d
+
+
+def compile_models(generator: nn.Module, discriminator: nn.Module, mode: str) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """--compile: (G, D, D's local module for G's pass), each through torch.compile unless off.
+
+    G and D are compiled after DDP has wrapped them, the order torch documents: Dynamo's
+    DDPOptimizer then splits their graphs at DDP's gradient buckets, so the all-reduces still
+    overlap the backward pass. G's pass runs D's replica-local module (no all-reduce for D's
+    unused weight gradients; see gan_step), compiled on its own: its graph is the frozen-D
+    one, so toggling requires_grad never invalidates the other's. `reduce-overhead` adds CUDA
+    graphs on GPUs; the loop marks each step's start (torch.compiler.cudagraph_mark_step_begin)
+    so the graphs' output buffers are reused only once a step's outputs are dead."""
+    local = getattr(discriminator, "module", discriminator)
+    if mode == "off":
+        return generator, discriminator, local
+    return tuple(torch.compile(model, mode=mode) for model in (generator, discriminator, local))

@@ -138,7 +138,11 @@ def lineage_tags(cfg: Config) -> dict[str, str]:
     import ray
 
     package_dir = Path(__file__).resolve().parent
-    tags = {"code.version": importlib.metadata.version("dcgan-dist")}
+    try:
+        version = importlib.metadata.version("dcgan-dist")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree on PYTHONPATH, not installed
+        version = "source tree"
+    tags = {"code.version": version}
     try:  # a git checkout (an installed wheel or image has none)
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package_dir, capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:

@@ -11,8 +11,9 @@ import torch
 
 from dcgan_dist import bench, config
 from dcgan_dist.checkpoint import unwrap
-from dcgan_dist.loop import compile_models, speed_up
+from dcgan_dist.loop import speed_up
 from dcgan_dist.models import build_models
+from dcgan_dist.step import compile_models
 
 
 def test_speed_flags_parse_and_bad_values_exit_2(capsys):

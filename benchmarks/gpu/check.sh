@@ -93,14 +93,6 @@ if [ "$dry" = 0 ] || [ "$wheels_given" = 1 ]; then
   export PATH="$site/bin:$PATH"
 fi
 export PYTHONPATH="${site:+$site:}$PWD"
-# train.py tags runs with the package's version; a source tree has no installed metadata.
-if ! "$PY" -c 'import importlib.metadata as m; m.version("dcgan-dist")' 2>/dev/null; then
-  version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-  mkdir -p "${site:-$scratch/site}/dcgan_dist-$version.dist-info"
-  printf 'Metadata-Version: 2.1\nName: dcgan-dist\nVersion: %s\n' "$version" \
-    >"${site:-$scratch/site}/dcgan_dist-$version.dist-info/METADATA"
-  [ -n "$site" ] || export PYTHONPATH="$scratch/site:$PYTHONPATH"
-fi
 # The digits classifier evaluation scores with: prepare.sh's copy, so no run trains it here.
 if ls "$wheels"/cache/digits-cnn-*.pt >/dev/null 2>&1 && [ -z "${DCGAN_DIST_CACHE:-}" ]; then
   mkdir -p "$scratch/cache" && cp "$wheels"/cache/digits-cnn-*.pt "$scratch/cache/"
