@@ -83,6 +83,14 @@ class Variant:
     def status(self) -> str:
         return "failed" if self.error else "ok" if self.img_per_s else "skipped"
 
+    @property
+    def rate(self) -> float | None:
+        """The median img/s over the timed repeats (None unless it ran cleanly)."""
+        return statistics.median(self.img_per_s) if self.status == "ok" else None
+
+    def tflops(self, batch: int) -> float | None:
+        return self.rate * self.flops_per_step / batch / 1e12 if self.rate else None
+
 
 # ---------------------------------------------------------------- the variants
 
@@ -307,11 +315,13 @@ def timed_block(variant: Variant, device: torch.device, steps: int, batch: int, 
     estimate = (statistics.median(batch * steps / rate for rate in variant.img_per_s) if variant.img_per_s
                 else variant.step_s * steps)
     done = len(variant.img_per_s)
-    if estimate > left:
-        variant.skipped = (f"{done} repeats in its {budget_s:g} s budget" if done else
-                           f"{steps} steps take ~{estimate:.1f} s, past its {budget_s:g} s budget "
-                           f"after {variant.spent_s:.0f} s of build + warm-up")
+
+    def stop(first_block_why: str) -> None:
+        variant.skipped = f"{done} repeats in its {budget_s:g} s budget" if done else first_block_why
         variant.step = None
+
+    if estimate > left:
+        stop(f"{steps} steps take ~{estimate:.1f} s, past its {budget_s:g} s budget after {variant.spent_s:.0f} s of build + warm-up")
         return
     synchronize(device)
     start = time.perf_counter()
@@ -321,9 +331,7 @@ def timed_block(variant: Variant, device: torch.device, steps: int, batch: int, 
                 variant.step()
             synchronize(device)
     except BudgetExceeded:
-        variant.skipped = (f"{done} repeats in its {budget_s:g} s budget" if done else
-                           f"its first {steps} timed steps ran past its {budget_s:g} s budget")
-        variant.step = None
+        stop(f"its first {steps} timed steps ran past its {budget_s:g} s budget")
         return
     except Exception as error:
         variant.error, variant.step = _first_line(error), None
@@ -378,15 +386,14 @@ def header(peak_tflops: float | None) -> list[str]:
 def table_rows(table: list[Variant], batch: int, peak_tflops: float | None = None) -> list[list[str]]:
     """The table's rows as cells, every one as wide as the header."""
     width = len(header(peak_tflops))
-    reference = statistics.median(table[0].img_per_s) if table and table[0].img_per_s else None
+    reference = table[0].rate if table else None
     rows = []
     for variant in table:
         if variant.status != "ok":
             why = f"failed: {variant.error}" if variant.error else f"skipped: {variant.skipped}"
             rows.append([variant.name, why] + [""] * (width - 2))
             continue
-        rate = statistics.median(variant.img_per_s)
-        tflops = rate * variant.flops_per_step / batch / 1e12
+        rate, tflops = variant.rate, variant.tflops(batch)
         name = variant.name + (f" ({variant.skipped})" if variant.skipped else "")
         cells = [name, f"{rate:,.0f}", f"{rate / reference:.2f}x" if reference else "n/a",
                  f"{variant.peak_bytes / 2**20:,.0f} MiB", f"{variant.flops_per_step / 1e9:,.0f}", f"{tflops:,.2f}"]
@@ -408,16 +415,16 @@ def write_json(path: str, args: argparse.Namespace, table: list[Variant], machin
                matmul: float | None) -> None:
     """The figures for scripts: every variant with its status, and the training settings it
     stands for (precision, train_compile), so a caller can pick the fastest that works."""
-    reference = statistics.median(table[0].img_per_s) if table and table[0].img_per_s else None
+    reference = table[0].rate if table else None
     variants = []
     for v in table:
-        rate = statistics.median(v.img_per_s) if v.status == "ok" else None
+        rate = v.rate
         variants.append({
             "name": v.name, "status": v.status, "why": v.error or v.skipped, "precision": v.precision,
             "train_compile": v.train_compile, "img_per_s": rate, "img_per_s_repeats": v.img_per_s,
             "vs_reference": rate / reference if rate and reference else None,
             "peak_mib": v.peak_bytes / 2**20 if rate else None, "gflop_per_step": v.flops_per_step / 1e9,
-            "tflops": rate * v.flops_per_step / args.batch_size / 1e12 if rate else None,
+            "tflops": v.tflops(args.batch_size),
             "spent_s": round(v.spent_s, 2),
         })
     report = {"device": args.device, "machine": machine, "image_size": args.image_size, "batch_size": args.batch_size,
