@@ -54,7 +54,8 @@ def full_run(args, manifest_url: str, folder: Path) -> dict[str, float]:
 def logging_share(args, step_s: float, folder: Path) -> tuple[float, float]:
     """What rank 0 adds once per --log-every window: the host read of the window's stacked stats and
     the hand-off to the MLflow sender thread. Returns (seconds per window, share of the window's steps)."""
-    from dcgan_dist.tracking import RunLogger, ensure_experiment
+    from dcgan_dist.tracking.run_logger import RunLogger
+    from dcgan_dist.tracking.store import ensure_experiment
 
     uri = f"sqlite:///{folder / 'logging.db'}"
     ensure_experiment(uri, "bench")

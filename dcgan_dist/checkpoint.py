@@ -1,7 +1,7 @@
 """The full training state in one directory: everything needed to continue exactly.
 
 Rank 0 writes `state.pt` (G, D, both Adam states, the step, the MLflow run id, the config,
-the best snapshot by evaluation score);
+the architecture, the best snapshot by evaluation score);
 every rank writes its own RNG state to `rng-rank{N}.pt`. Ray Train merges the ranks'
 directories into one checkpoint. Everything is loaded with weights_only=True: tensors and
 plain containers only, no pickled code.
@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from dcgan_dist.models import Architecture
 
 STATE_FILE = "state.pt"
 
@@ -61,6 +63,7 @@ def save(
     opt_d: torch.optim.Optimizer,
     mlflow_run_id: str | None,
     config: dict[str, Any],
+    architecture: Architecture,
     best: dict[str, Any] | None = None,
 ) -> None:
     directory = Path(directory)
@@ -75,6 +78,7 @@ def save(
         "opt_d": opt_d.state_dict(),
         "mlflow_run_id": mlflow_run_id,
         "config": config,
+        "architecture": architecture.to_dict(),
         "best": best,  # the best snapshot by evaluation score (evaluate.Best.state()), or None
     }
     torch.save(state, directory / STATE_FILE)
@@ -85,6 +89,17 @@ def load_state(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: not a dcgan-dist checkpoint")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def architecture_of(state: dict[str, Any]) -> Architecture:
+    """The architecture a checkpoint's weights are for (from its config when it predates the
+    saved architecture). ValueError when it names none."""
+    if "architecture" in state:
+        return Architecture.from_dict(state["architecture"])
+    config = state.get("config", {})
+    if "model.preset" not in config:
+        raise ValueError("no architecture and no model.preset in its config")
+    return Architecture.of(config["model.preset"], int(config.get("model.image_size", 0)), config.get("model.bn", ""))
 
 
 def load_rng(directory: str | Path, rank: int) -> dict[str, Any] | None:

@@ -21,12 +21,16 @@ from typing import Any
 
 import yaml
 
-PRESETS = ("paper", "pytorch-examples", "imagenet32")
-BN_CHOICES = ("paper", "all", "none", "g-only", "d-only")
-IMAGE_SIZES = (32, 64, 128)
-PRECISIONS = ("fp32", "bf16")
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
-EVAL_BACKBONES = ("digits", "inception")
+# Each choice list lives in the module that owns the choices.
+from dcgan_dist import models, step
+from dcgan_dist.evaluate.backbones import BACKBONES
+
+PRESETS = tuple(models.PRESETS)
+BN_CHOICES = tuple(models.BN_PLACEMENTS)
+IMAGE_SIZES = models.IMAGE_SIZES
+PRECISIONS = tuple(step.PRECISIONS)
+COMPILE_MODES = step.COMPILE_MODES
+EVAL_BACKBONES = BACKBONES
 
 
 def option(default, help: str, choices: tuple | None = None):
@@ -259,14 +263,6 @@ def load_file(path: str | Path, base: Config | None = None) -> Config:
         else:
             flat[key] = value
     return from_flat(flat, base)
-
-
-def save_file(cfg: Config, path: str | Path) -> None:
-    """Write the config as sectioned YAML (or JSON for a .json path)."""
-    path = Path(path)
-    tree = dataclasses.asdict(cfg)
-    text = json.dumps(tree, indent=2) if path.suffix == ".json" else yaml.safe_dump(tree, sort_keys=False)
-    path.write_text(text)
 
 
 # ---------------------------------------------------------------- validation

@@ -18,21 +18,21 @@ Nothing is downloaded: G is rebuilt from the model's `architecture.json` and `st
 
 from __future__ import annotations
 
+import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
-from dcgan_dist import tracking
 from dcgan_dist.config import OneLineErrorParser
-from dcgan_dist.models import build_models, sample_latent
+from dcgan_dist.models import sample_latent
+from dcgan_dist.tracking.registry import load_network
+from dcgan_dist.tracking.store import TrackingError, check_reachable, resolve_tracking_uri
+from dcgan_dist.util import grid_uint8, run_cli
 
-MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w.-]+)|/(?P<version>\d+))")
 EXEMPLARS = 3  # latents averaged per concept, as in the paper
 CANDIDATES = 2000  # samples generated to find each concept's exemplars
 
@@ -52,40 +52,13 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return torch.where(sin < 1e-6, straight, curved)
 
 
-def load_generator(uri: str, client) -> tuple[torch.nn.Module, dict, str]:
-    """(G in eval mode, its architecture, the MLflow run that logged it) for a models:/ URI."""
-    import mlflow
-
-    match = MODEL_URI.fullmatch(uri)
-    if not match:
-        raise ExploreError(f"--generator: expected models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}")
-    try:
-        if match["alias"]:
-            version = client.get_model_version_by_alias(match["name"], match["alias"])
-        else:
-            version = client.get_model_version(match["name"], match["version"])
-        folder = Path(mlflow.artifacts.download_artifacts(uri)) / "extra_files"
-    except mlflow.exceptions.MlflowException as e:
-        raise ExploreError(f"--generator {uri}: {str(e).splitlines()[0]}") from None
-    if not (folder / "architecture.json").is_file() or not (folder / "state_dict.pt").is_file():
-        raise ExploreError(f"--generator {uri}: the model has no architecture.json/state_dict.pt (not logged by dcgan_dist.train)")
-    architecture = json.loads((folder / "architecture.json").read_text())
-    generator, _ = build_models(architecture["preset"], architecture["image_size"], architecture["bn"])
-    try:
-        generator.load_state_dict(torch.load(folder / "state_dict.pt", map_location="cpu", weights_only=True))
-    except RuntimeError:
-        raise ExploreError(f"--generator {uri}: its state_dict.pt is not a generator's (is it the discriminator?)") from None
-    return generator.eval(), architecture, version.run_id
-
-
 def to_picture(images: torch.Tensor, nrow: int) -> Image.Image:
-    grid = make_grid(images.float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
-    return Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    return Image.fromarray(grid_uint8(images, nrow))
 
 
 @torch.no_grad()
 def interpolations(generator, preset: str, rng: torch.Generator, rows: int = 8, steps: int = 10) -> Image.Image:
-    a, b = sample_latent(rows, preset, generator=rng), sample_latent(rows, preset, generator=rng)
+    a, b = sample_latent(rows, preset, rng=rng), sample_latent(rows, preset, rng=rng)
     z = torch.stack([slerp(a, b, t) for t in np.linspace(0, 1, steps)], dim=1).flatten(0, 1)  # row by row
     return to_picture(generator(z), nrow=steps)
 
@@ -93,7 +66,7 @@ def interpolations(generator, preset: str, rng: torch.Generator, rows: int = 8, 
 @torch.no_grad()
 def walk(generator, preset: str, rng: torch.Generator, keyframes: int = 5, frames_between: int = 12, grid: int = 16) -> list[Image.Image]:
     """A loop through `keyframes` latent batches, slerping between them: frames of a 4x4 grid."""
-    keys = [sample_latent(grid, preset, generator=rng) for _ in range(keyframes)]
+    keys = [sample_latent(grid, preset, rng=rng) for _ in range(keyframes)]
     frames = []
     for index in range(keyframes):
         a, b = keys[index], keys[(index + 1) % keyframes]
@@ -111,7 +84,7 @@ def ink(images: torch.Tensor) -> torch.Tensor:
 def arithmetic(generator, preset: str, rng: torch.Generator, classifier=None) -> tuple[Image.Image, dict]:
     """Rows: per group (digit class, or all samples), G(mean z of thin), G(mean z of thick),
     G(mean z of thin + stroke vector of the other groups). Returns the picture and its measures."""
-    z = sample_latent(CANDIDATES, preset, generator=rng)
+    z = sample_latent(CANDIDATES, preset, rng=rng)
     images = torch.cat([generator(z[i : i + 500]) for i in range(0, CANDIDATES, 500)])
     weight = ink(images)
     groups: dict[str, torch.Tensor] = {}
@@ -152,8 +125,13 @@ def explore(uri: str, output_dir: Path, tracking_uri: str, seed: int = 0, log_to
 
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    generator, architecture, source_run_id = load_generator(uri, client)
-    preset = architecture["preset"]
+    if not uri.startswith("models:/"):
+        raise ExploreError(f"--generator: expected models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}")
+    try:
+        loaded = load_network(uri, "generator", tracking_uri)
+    except TrackingError as e:
+        raise ExploreError(f"--generator {e}") from None
+    generator, preset, source_run_id = loaded.network, loaded.architecture.preset, loaded.run_id
     source_run = client.get_run(source_run_id)
     classifier = None
     if source_run.data.params.get("data.data") == "digits":
@@ -165,7 +143,7 @@ def explore(uri: str, output_dir: Path, tracking_uri: str, seed: int = 0, log_to
     rng = torch.Generator().manual_seed(seed)
     files = {name: output_dir / name for name in ("samples.png", "interpolation.png", "walk.gif", "arithmetic.png", "arithmetic.json")}
     with torch.no_grad():
-        to_picture(generator(sample_latent(64, preset, generator=rng)), nrow=8).save(files["samples.png"])
+        to_picture(generator(sample_latent(64, preset, rng=rng)), nrow=8).save(files["samples.png"])
     interpolations(generator, preset, rng).save(files["interpolation.png"])
     frames = walk(generator, preset, rng)
     frames[0].save(files["walk.gif"], save_all=True, append_images=frames[1:], duration=80, loop=0)
@@ -196,13 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents")
     parser.add_argument("--no-mlflow", action="store_true", help="write the pictures only; log no MLflow run")
     args = parser.parse_args(argv)
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    try:
-        tracking.check_reachable(uri)
-        files = explore(args.generator, Path(args.output_dir), uri, args.seed, not args.no_mlflow)
-    except (ExploreError, tracking.TrackingError) as e:
-        print(f"python -m dcgan_dist.explore: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(parser.prog, lambda: explore_command(args), (ExploreError, TrackingError))
+
+
+def explore_command(args: argparse.Namespace) -> int:
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_reachable(uri)
+    files = explore(args.generator, Path(args.output_dir), uri, args.seed, not args.no_mlflow)
     for name, path in files.items():
         print(f"{name}: {path}")
     return 0

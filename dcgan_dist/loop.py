@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,17 +23,17 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from dcgan_dist import checkpoint, config, data, evaluate, sync_bn
+from dcgan_dist import checkpoint, config, data, sync_bn
+from dcgan_dist.champion import Champion
 from dcgan_dist.checkpoint import unwrap
 from dcgan_dist.config import Config
 from dcgan_dist.data.stream import COUNT_NAMES, check_corrupt_share
-from dcgan_dist.evaluate.collapse import CollapseDetector
-from dcgan_dist.models import PRESETS, build_models, sample_latent
+from dcgan_dist.models import build_models, sample_latent
 from dcgan_dist.step import compile_models, gan_step, make_optimizers
-from dcgan_dist.tracking import RunLogger
+from dcgan_dist.tracking.run_logger import RunLogger
+from dcgan_dist.util import grid_uint8
 
 # Ray Train V2 sends print() both to the log and to stdout; a named logger prints once.
 log = logging.getLogger(__name__)
@@ -61,11 +61,7 @@ class Worker:
     z_fixed: torch.Tensor  # the latent batch behind every sample grid, the same across resumes
     start_step: int
     logger: RunLogger | None  # rank 0 only
-    evaluator: evaluate.Evaluator | None = None  # rank 0 with --eval-every
-    best: evaluate.Best | None = None  # rank 0: the best snapshot by eval score, kept in checkpoints
-    detector: CollapseDetector = field(default_factory=CollapseDetector)
-    rollback_requested: bool = False  # rank 0: the score rebounded; every rank rolls back at the next window
-    last_eval: dict[str, float] = field(default_factory=dict)  # rank 0: the latest score, carried by every report
+    champion: Champion  # evaluation, the best snapshot, collapse detection and rollback
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -87,42 +83,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if logger is not None:
         if cfg.perf.compile != "off":
             logger.set_tags(compile_stats())
-        finish_models(worker)
+        worker.champion.finish(worker.generator, worker.discriminator)
         logger.finish()
-
-
-def finish_models(w: Worker) -> None:
-    """Rank 0 at the end: the memorisation check, then G and D registered. With evaluation, the
-    best snapshot is registered first (when it is not the last step) and gets the alias
-    `champion`; the last step's models are registered last, so MLflow's `@latest` is the last."""
-    cfg, logger = w.cfg, w.logger
-    architecture = {"preset": cfg.model.preset, "image_size": cfg.model.image_size, "bn": cfg.model.bn,
-                    "z_dim": PRESETS[cfg.model.preset].z_dim}
-    register = cfg.tracking.register_models
-    best_models = None
-    if w.best is not None and w.best.step != cfg.loop.max_steps:
-        best_models = build_models(cfg.model.preset, cfg.model.image_size, cfg.model.bn)
-        best_models[0].load_state_dict(w.best.generator)
-        best_models[1].load_state_dict(w.best.discriminator)
-    if w.evaluator is not None:
-        metrics, pictures = w.evaluator.memorisation(best_models[0] if best_models else unwrap(w.generator))
-        logger.log_metrics([(cfg.loop.max_steps, metrics)])
-        for name, picture in pictures.items():
-            logger.log_image(picture, key=f"memorisation_{name}", step=cfg.loop.max_steps)
-    champion = None
-    if best_models is not None and register:
-        champion = logger.log_and_register_models(*best_models, w.best.step, architecture, register=True)
-    versions = logger.log_and_register_models(
-        unwrap(w.generator), unwrap(w.discriminator), cfg.loop.max_steps, architecture, register=register,
-    )
-    logger.set_tags({f"registered.{name}": version for name, version in versions.items()})
-    if w.best is not None and register:
-        for name, version in (champion or versions).items():
-            logger.set_model_alias(name, version, "champion", {
-                "champion.step": w.best.step, "champion.score": w.best.score,
-                "champion.metric": evaluate.SCORE, "champion.backbone": w.evaluator.backbone.name,
-            })
-        logger.set_tags({"champion.step": w.best.step, "champion.score": w.best.score})
 
 
 def setup(cfg: Config, tags: dict[str, str]) -> Worker:
@@ -162,7 +124,7 @@ def setup(cfg: Config, tags: dict[str, str]) -> Worker:
         opt_d.load_state_dict(state["opt_d"])
 
     batches = data.open_batches(cfg, rank, world_size, start_step)
-    z_fixed = sample_latent(SAMPLE_GRID_SIZE, cfg.model.preset, generator=torch.Generator().manual_seed(cfg.loop.seed))
+    z_fixed = sample_latent(SAMPLE_GRID_SIZE, cfg.model.preset, rng=torch.Generator().manual_seed(cfg.loop.seed))
 
     node_of_rank = nodes_of_ranks(world_size)
     logger = None
@@ -181,13 +143,9 @@ def setup(cfg: Config, tags: dict[str, str]) -> Worker:
         logger.set_tags(tags | {"ray.world_size": world_size, "ray.run_name": cfg.tracking.run_name,
                                 "ray.num_nodes": len(set(node_of_rank)), "ray.node_of_rank": json.dumps(node_of_rank)})
 
-    worker = Worker(cfg, rank, world_size, device, generator, discriminator, discriminator_local, opt_g, opt_d, batches,
-                    z_fixed.to(device), start_step, logger)
-    worker.detector = CollapseDetector(cfg.eval.collapse_d_loss, cfg.eval.collapse_steps)
-    if rank == 0 and cfg.eval.eval_every:
-        worker.evaluator = evaluate.build(cfg, device)
-        worker.best = evaluate.Best.from_state(state.get("best")) if state is not None else None
-    return worker
+    champion = Champion.build(cfg, rank, device, logger, state.get("best") if state is not None else None)
+    return Worker(cfg, rank, world_size, device, generator, discriminator, discriminator_local, opt_g, opt_d, batches,
+                  z_fixed.to(device), start_step, logger, champion)
 
 
 def speed_up(model: torch.nn.Module, perf: config.PerfConfig, device: torch.device) -> torch.nn.Module:
@@ -238,7 +196,8 @@ def run(w: Worker) -> None:
         if window_closed:
             # Rank 0's rollback request and whether it has a best snapshot ride along, so that
             # every rank decides on a rollback together.
-            counts = [w.batches.counts()[name] for name in COUNT_NAMES] + [float(w.rollback_requested), float(w.best is not None)]
+            champion = w.champion
+            counts = [w.batches.counts()[name] for name in COUNT_NAMES] + [float(champion.rollback_requested), float(champion.best is not None)]
             rows, totals = reduce_window(window, w.world_size, counts)  # every rank takes part
             data_counts = dict(zip(COUNT_NAMES, totals))
             img_per_s = len(window) * cfg.loop.batch_size / (time.perf_counter() - window_start)
@@ -256,12 +215,11 @@ def run(w: Worker) -> None:
                 if now - last_progress >= PROGRESS_EVERY_S or last_step:
                     log.info(progress_line(step, w.start_step, cfg.loop.max_steps, now - run_start, img_per_s, rows[-1]))
                     last_progress = now
-            events = w.detector.observe_window([row[0] for row in rows], latest)  # the same on every rank
+            events = champion.observe_window(step, [row[0] for row in rows], latest)  # the same on every rank
             window = []
-            report_collapse(w, step, events)
             requested, best_exists = totals[len(COUNT_NAMES):]
             if cfg.eval.rollback_on_collapse and best_exists and (events or requested):
-                rollback(w, step)
+                champion.rollback(step, w.generator, w.discriminator, (w.opt_g, w.opt_d), w.world_size)
             # the same summed counts on every rank, so all ranks stop together
             check_corrupt_share(data_counts["corrupt_samples"], data_counts["samples"], cfg.data.max_corrupt_fraction)
 
@@ -269,62 +227,19 @@ def run(w: Worker) -> None:
         if w.logger is not None and (step % cfg.loop.sample_every == 0 or last_step):
             w.logger.log_image(sample_grid(w.generator, w.z_fixed), key="samples", step=step)
 
-        if w.evaluator is not None and (step % cfg.eval.eval_every == 0 or last_step):
-            evaluate_now(w, step)  # rank 0 only; the others wait at the next collective
+        if w.champion.due(step):
+            w.champion.evaluate(step, w.generator, w.discriminator)  # rank 0 only; the others wait at the next collective
 
         # Every rank reports at the same steps (a report is a barrier across workers).
         if step % cfg.loop.checkpoint_every == 0 or last_step:
-            save_checkpoint(w, step, {"step": step} | latest | w.last_eval)
+            save_checkpoint(w, step, {"step": step} | latest | w.champion.last_eval)
         elif window_closed:
-            ray.train.report(with_run_id({"step": step} | latest | w.last_eval, w.logger))
+            ray.train.report(with_run_id({"step": step} | latest | w.champion.last_eval, w.logger))
         # img_per_s times the steps, not the grids, evaluations and checkpoints between them
         if window_closed:
             window_start = time.perf_counter()
         else:
             window_start += time.perf_counter() - side_work_start
-
-
-def evaluate_now(w: Worker, step: int) -> None:
-    """Rank 0: score G, log the scores (with the backbone and counts they hold under), keep the
-    best snapshot, and watch the score for a rebound."""
-    metrics = w.evaluator.evaluate(unwrap(w.generator))
-    score = metrics[evaluate.SCORE]
-    w.logger.log_metrics([(step, metrics)])
-    w.logger.set_tags(w.evaluator.tags)
-    events = w.detector.observe_score(score, w.best.score if w.best is not None else None)
-    if evaluate.better(score, w.best):
-        w.best = evaluate.Best.capture(step, score, unwrap(w.generator), unwrap(w.discriminator))
-    w.last_eval = {evaluate.SCORE: score, "best_step": w.best.step if w.best else 0}
-    log.info("step %d: %s (%s)%s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
-             w.evaluator.backbone.name, f"; best so far at step {w.best.step}" if w.best else "")
-    report_collapse(w, step, events)
-    w.rollback_requested = bool(events) and w.cfg.eval.rollback_on_collapse
-
-
-def report_collapse(w: Worker, step: int, events: list[str]) -> None:
-    """Each event as a metric (1 at this step), a tag and a warning line, on rank 0."""
-    if w.logger is None or not events:
-        return
-    w.logger.log_metrics([(step, {f"collapse/{event}": 1.0 for event in events})])
-    w.logger.set_tags({f"collapse.{event}": f"step {step}" for event in events})
-    log.warning("step %d: collapse detected: %s", step, ", ".join(events))
-
-
-def rollback(w: Worker, step: int) -> None:
-    """Every rank: reload rank 0's best G/D (broadcast to the others), restart both Adams."""
-    if w.best is not None:
-        unwrap(w.generator).load_state_dict(w.best.generator)
-        unwrap(w.discriminator).load_state_dict(w.best.discriminator)
-        log.warning("step %d: rolled back to the best snapshot, step %d (%s %.4g)", step, w.best.step, evaluate.SCORE, w.best.score)
-        w.logger.log_metrics([(step, {"collapse/rollback_to_step": float(w.best.step)})])
-    if w.world_size > 1:
-        for model in (w.generator, w.discriminator):
-            for tensor in unwrap(model).state_dict().values():
-                dist.broadcast(tensor, src=0)
-    for optimizer in (w.opt_g, w.opt_d):
-        optimizer.state.clear()  # Adam's moments belong to the weights that collapsed
-    w.rollback_requested = False
-    w.detector = CollapseDetector(w.cfg.eval.collapse_d_loss, w.cfg.eval.collapse_steps)
 
 
 def reduce_window(window: list[torch.Tensor], world_size: int, counts: list[float]) -> tuple[list[list[float]], list[float]]:
@@ -354,10 +269,9 @@ def sample_grid(generator: torch.nn.Module, z_fixed: torch.Tensor) -> np.ndarray
     model = unwrap(generator)
     model.eval()
     with torch.no_grad():
-        images = model(z_fixed).float().cpu()
+        images = model(z_fixed)
     model.train()
-    grid = make_grid(images, nrow=8, padding=2, normalize=True, value_range=(-1, 1))
-    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return grid_uint8(images, nrow=8)
 
 
 def with_run_id(metrics: dict[str, Any], logger: RunLogger | None) -> dict[str, Any]:
@@ -390,7 +304,7 @@ def save_checkpoint(w: Worker, step: int, metrics: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as directory:
         checkpoint.save(
             directory, rank=w.rank, device=w.device, step=step, generator=w.generator, discriminator=w.discriminator,
-            opt_g=w.opt_g, opt_d=w.opt_d, mlflow_run_id=run_id, config=config.flatten(w.cfg),
-            best=w.best.state() if w.best is not None else None,
+            opt_g=w.opt_g, opt_d=w.opt_d, mlflow_run_id=run_id, config=config.flatten(w.cfg), architecture=w.champion.architecture,
+            best=w.champion.best.state() if w.champion.best is not None else None,
         )
         ray.train.report(with_run_id(metrics, w.logger), checkpoint=ray.train.Checkpoint.from_directory(directory))

@@ -10,6 +10,7 @@ Torch only: no Ray, MLflow or boto3 here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 IMAGE_CHANNELS = 3  # the paper's G makes 64x64x3; grey data sets are repeated to 3 channels
+IMAGE_SIZES = (32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class Preset:
     kernel_size: int
     latent: str  # distribution of z: "uniform" = U(-1, 1), "normal" = N(0, 1)
     z_dim: int = 100
-    image_sizes: tuple[int, ...] = (32, 64, 128)
+    image_sizes: tuple[int, ...] = IMAGE_SIZES
     deviations: str = ""
 
 
@@ -195,9 +197,45 @@ def build_models(preset: str, image_size: int, bn: str) -> tuple[Generator, Disc
     return generator, discriminator
 
 
-def sample_latent(batch: int, preset: str, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
-    """z for a preset: U(-1, 1)^100 as in the paper, or N(0, 1) for pytorch-examples."""
+def sample_latent(batch: int, preset: str, device: torch.device | str = "cpu", rng: torch.Generator | None = None) -> torch.Tensor:
+    """z for a preset: U(-1, 1)^100 as in the paper, or N(0, 1) for pytorch-examples. `rng`: a
+    torch random generator to draw from (default: torch's global one)."""
     chosen = PRESETS[preset]
     if chosen.latent == "uniform":
-        return torch.rand(batch, chosen.z_dim, device=device, generator=generator) * 2 - 1
-    return torch.randn(batch, chosen.z_dim, device=device, generator=generator)
+        return torch.rand(batch, chosen.z_dim, device=device, generator=rng) * 2 - 1
+    return torch.randn(batch, chosen.z_dim, device=device, generator=rng)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What builds a G/D pair: saved as `architecture.json` with every registered model and in
+    every checkpoint, so whoever loads the weights rebuilds the same networks."""
+
+    preset: str
+    image_size: int
+    bn: str
+    z_dim: int
+
+    @classmethod
+    def of(cls, preset: str, image_size: int, bn: str) -> Architecture:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}")
+        return cls(preset, image_size, bn, PRESETS[preset].z_dim)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Architecture:
+        """From a saved dict; ValueError naming what is missing or unknown."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [name for name in names if name not in values]
+        if missing:
+            raise ValueError(f"architecture without {', '.join(missing)}")
+        architecture = cls(str(values["preset"]), int(values["image_size"]), str(values["bn"]), int(values["z_dim"]))
+        if architecture.preset not in PRESETS or architecture.bn not in BN_PLACEMENTS:
+            raise ValueError(f"unknown architecture: preset {architecture.preset!r}, bn {architecture.bn!r}")
+        return architecture
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def build(self) -> tuple[Generator, Discriminator]:
+        return build_models(self.preset, self.image_size, self.bn)

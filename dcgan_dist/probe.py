@@ -8,7 +8,7 @@ Table 1: D features + an L2-SVM give 82.8 % on CIFAR-10, 73.8 % +/- 0.4 with 400
 The protocol:
 - Features: the output of every conv block of D (after its BatchNorm and LeakyReLU), each
   max-pooled to a 4x4 grid (adaptive max pooling), flattened and concatenated:
-  16 x (sum of D's conv widths) dimensions (see `feature_dims`; 28,672 for `imagenet32`).
+  16 x (sum of D's conv widths) dimensions (28,672 for `imagenet32`).
 - BatchNorm: D runs in eval mode, so BN uses the running statistics it kept while training
   (over real and generated batches alike). An image's features then do not depend on the
   other images of its batch.
@@ -36,11 +36,10 @@ path that is not the CIFAR-10 archive) exits 2 with one line naming it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import pickle
 import sys
-import tarfile
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -56,26 +55,22 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
-from dcgan_dist import checkpoint, tracking
 from dcgan_dist.config import OneLineErrorParser
 from dcgan_dist.data.digits import digits_dataset
-from dcgan_dist.models import PRESETS, Discriminator, build_models, num_blocks
+from dcgan_dist.data.sources import cifar10
+from dcgan_dist.models import PRESETS, Discriminator
+from dcgan_dist.tracking.registry import LoadedNetwork, load_network
+from dcgan_dist.tracking.store import TrackingError, check_reachable, ensure_experiment, resolve_tracking_uri
+from dcgan_dist.util import redact, run_cli
 
 C_GRID = (0.1, 1.0, 10.0)  # for unit-length feature vectors
 POOLED_SIDE = 4  # every block's features are max-pooled to 4x4
-CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR_VALIDATION = 5000
 DEFAULT_PER_CLASS = {"cifar10": 400, "digits": 50}
 
 
 class ProbeError(ValueError):
     """Bad input, named in one line (exit code 2)."""
-
-
-def feature_dims(preset: str, image_size: int) -> int:
-    """16 x the widths of D's convs: base, 2 x base, ... over log2(size) - 2 blocks."""
-    base = PRESETS[preset].base_filters
-    return POOLED_SIDE**2 * sum(base * 2**i for i in range(num_blocks(image_size)))
 
 
 @torch.no_grad()
@@ -101,54 +96,26 @@ class Splits:
     test: tuple[torch.Tensor, np.ndarray]
 
 
-def _cifar_batches(path: Path) -> dict[str, dict]:
-    """The pickled batches of cifar-10-python.tar.gz, or of its extracted cifar-10-batches-py/."""
-    wanted = CIFAR_BATCHES + ["test_batch"]
-    found: dict[str, dict] = {}
-    try:
-        if path.is_file():
-            if not tarfile.is_tarfile(path):
-                raise ProbeError(f"--data-path {path}: not a tar archive (expected cifar-10-python.tar.gz)")
-            with tarfile.open(path) as archive:
-                for member in archive.getmembers():
-                    if member.isfile() and Path(member.name).name in wanted:
-                        found[Path(member.name).name] = pickle.load(archive.extractfile(member), encoding="bytes")
-        elif path.is_dir():
-            folder = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
-            for name in wanted:
-                if (folder / name).is_file():
-                    with open(folder / name, "rb") as f:
-                        found[name] = pickle.load(f, encoding="bytes")
-        else:
-            raise ProbeError(f"--data-path {path}: no such file or folder")
-    except (tarfile.TarError, pickle.UnpicklingError, EOFError, OSError) as e:
-        raise ProbeError(f"--data-path {path}: not the CIFAR-10 python archive ({e})") from None
-    missing = [name for name in wanted if name not in found]
-    if missing:
-        raise ProbeError(f"--data-path {path}: not the CIFAR-10 python archive (missing {', '.join(missing)})")
-    for name, batch in found.items():
-        if not (isinstance(batch, dict) and b"data" in batch and b"labels" in batch):
-            raise ProbeError(f"--data-path {path}: {name} has no b'data'/b'labels' (not the CIFAR-10 python archive)")
-    return found
-
-
-def _cifar_images(batch_list: list[dict], image_size: int) -> tuple[torch.Tensor, np.ndarray]:
-    pixels = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batch_list]).reshape(-1, 3, 32, 32)
-    labels = np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in batch_list])
-    images = torch.from_numpy(pixels).float() / 127.5 - 1.0
+def _cifar_images(pixels: np.ndarray, image_size: int) -> torch.Tensor:
+    """N x 32 x 32 x 3 uint8 -> N x 3 x S x S in [-1, 1]."""
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if image_size != 32:
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-    return images, labels
+    return images
 
 
 def load_cifar10(path: Path, image_size: int) -> Splits:
-    batches = _cifar_batches(path)
-    images, labels = _cifar_images([batches[name] for name in CIFAR_BATCHES], image_size)
-    order = np.random.default_rng(0).permutation(len(labels))
-    held_out = min(CIFAR_VALIDATION, len(labels) // 10)  # 10 % of a small (test) archive
+    try:
+        train_pixels, train_labels = cifar10.read_split(path, "train")
+        test_pixels, test_labels = cifar10.read_split(path, "test")
+    except cifar10.CifarError as e:
+        raise ProbeError(f"--data-path {e}") from None
+    images = _cifar_images(train_pixels, image_size)
+    order = np.random.default_rng(0).permutation(len(train_labels))
+    held_out = min(CIFAR_VALIDATION, len(train_labels) // 10)  # 10 % of a small (test) archive
     val, train = order[:held_out], order[held_out:]
-    return Splits((images[train], labels[train]), (images[val], labels[val]),
-                  _cifar_images([batches["test_batch"]], image_size))
+    return Splits((images[train], train_labels[train]), (images[val], train_labels[val]),
+                  (_cifar_images(test_pixels, image_size), test_labels))
 
 
 def load_digits_splits(image_size: int) -> Splits:
@@ -165,47 +132,12 @@ def load_digits_splits(image_size: int) -> Splits:
 # ---------------------------------------------------------------- the discriminator
 
 
-@dataclass
-class ProbedModel:
-    discriminator: Discriminator
-    architecture: dict[str, Any]  # preset, image_size, bn
-    run_id: str | None  # the training run it came from, when known
-    step: int  # the training step it came from (0 when unknown)
-    tracking_uri: str | None = None  # the store a checkpoint's run was tracked in
-
-
-def load_from_checkpoint(path: Path) -> ProbedModel:
-    """A Ray Train checkpoint folder (or its state.pt) written by the training loop."""
-    folder = path.parent if path.name == checkpoint.STATE_FILE else path
+def load_model(reference: str, tracking_uri: str) -> LoadedNetwork:
+    """D from a registered model or a training checkpoint (ProbeError naming the problem)."""
     try:
-        state = checkpoint.load_state(folder)
-    except FileNotFoundError:
-        raise ProbeError(f"--discriminator {path}: not a models:/ URI, and no {checkpoint.STATE_FILE} there") from None
-    except Exception as e:  # a corrupt or foreign file
-        raise ProbeError(f"--discriminator {path}: unreadable checkpoint ({tracking.first_line(e)})") from None
-    cfg = state.get("config", {})
-    architecture = {"preset": cfg.get("model.preset"), "image_size": cfg.get("model.image_size"), "bn": cfg.get("model.bn")}
-    try:
-        _, discriminator = build_models(architecture["preset"], architecture["image_size"], architecture["bn"])
-        discriminator.load_state_dict(state["discriminator"])
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise ProbeError(f"--discriminator {path}: its D does not fit preset {architecture['preset']!r} at "
-                         f"{architecture['image_size']} px, bn {architecture['bn']!r} ({tracking.first_line(e)})") from None
-    return ProbedModel(discriminator, architecture, state.get("mlflow_run_id"), int(state.get("step", 0)),
-                       cfg.get("tracking.tracking_uri") or None)
-
-
-def load_model(reference: str, tracking_uri: str) -> ProbedModel:
-    if reference.startswith("models:/"):
-        try:
-            discriminator, architecture, run_id, step = tracking.load_discriminator(reference, tracking_uri)
-        except tracking.TrackingError as e:
-            raise ProbeError(f"--discriminator {e}") from None
-        except RuntimeError as e:  # weights that do not fit the architecture it names
-            raise ProbeError(f"--discriminator {reference}: its weights do not fit its architecture.json "
-                             f"({tracking.first_line(e)})") from None
-        return ProbedModel(discriminator, architecture, run_id, step)
-    return load_from_checkpoint(Path(reference).expanduser())
+        return load_network(reference, "discriminator", tracking_uri)
+    except TrackingError as e:
+        raise ProbeError(f"--discriminator {e}") from None
 
 
 # ---------------------------------------------------------------- the SVM
@@ -247,7 +179,7 @@ def probe_features(features: dict[str, np.ndarray], labels: dict[str, np.ndarray
             "dims": features["train"].shape[1]}
 
 
-def run_probe(model: ProbedModel, splits: Splits, per_class: int, subsets: int, c_grid: tuple[float, ...] = C_GRID,
+def run_probe(model: LoadedNetwork, splits: Splits, per_class: int, subsets: int, c_grid: tuple[float, ...] = C_GRID,
               seed: int = 0) -> dict[str, Any]:
     """The trained D, a random D of the same architecture and the raw pixels through the protocol."""
     labels = {split: getattr(splits, split)[1] for split in ("train", "val", "test")}
@@ -255,10 +187,9 @@ def run_probe(model: ProbedModel, splits: Splits, per_class: int, subsets: int, 
     if per_class > smallest:
         raise ProbeError(f"--per-class {per_class}: the training split has only {smallest} images of its rarest class")
     torch.manual_seed(seed)
-    arch = model.architecture
-    _, random_d = build_models(arch["preset"], arch["image_size"], arch["bn"])
+    _, random_d = model.architecture.build()
     feature_sets = {
-        "discriminator": lambda images: extract_features(model.discriminator, images),
+        "discriminator": lambda images: extract_features(model.network, images),
         "random_d": lambda images: extract_features(random_d, images),
         "raw_pixels": lambda images: images.flatten(1).numpy(),
     }
@@ -290,7 +221,7 @@ def table(results: dict[str, Any], per_class: int, subsets: int) -> str:
     return "\n".join(lines)
 
 
-def log_to_mlflow(model: ProbedModel, reference: str, dataset: str, tracking_uri: str, results: dict[str, Any],
+def log_to_mlflow(model: LoadedNetwork, reference: str, dataset: str, tracking_uri: str, results: dict[str, Any],
                   per_class: int) -> str:
     """Metrics `probe/<dataset>/...` on the D's training run (at the D's step), or on a new run
     of the experiment `probe` tagged with the D when that run is not in this store."""
@@ -306,9 +237,9 @@ def log_to_mlflow(model: ProbedModel, reference: str, dataset: str, tracking_uri
         except mlflow.exceptions.MlflowException:
             run_id = None
     if run_id is None:
-        experiment_id = tracking.ensure_experiment(tracking_uri, "probe")
+        experiment_id = ensure_experiment(tracking_uri, "probe")
         run_id = client.create_run(experiment_id, run_name=f"probe-{dataset}", tags={
-            "probe.discriminator": tracking.redact(reference), "probe.source_run_id": model.run_id or ""}).info.run_id
+            "probe.discriminator": redact(reference), "probe.source_run_id": model.run_id or ""}).info.run_id
         client.set_terminated(run_id)
     doc = summary(results)
     prefix = f"probe/{dataset}"
@@ -321,7 +252,7 @@ def log_to_mlflow(model: ProbedModel, reference: str, dataset: str, tracking_uri
     client.log_batch(run_id, metrics=[Metric(key, value, timestamp, model.step) for key, value in values.items()])
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder, f"{dataset}.json")
-        path.write_text(json.dumps(results | {"summary": doc, "discriminator": tracking.redact(reference)}, indent=2))
+        path.write_text(json.dumps(results | {"summary": doc, "discriminator": redact(reference)}, indent=2))
         client.log_artifact(run_id, str(path), artifact_path="probe")
     return run_id
 
@@ -351,45 +282,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default="", help="MLflow store (default: MLFLOW_TRACKING_URI, the checkpoint's, or sqlite:///mlflow.db)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the results to MLflow")
     args = parser.parse_args(argv)
-    per_class = args.per_class or DEFAULT_PER_CLASS[args.dataset]
-    try:
-        if per_class < 1 or args.subsets < 1:
-            raise ProbeError(f"--per-class and --subsets must be >= 1 (got {per_class}, {args.subsets})")
-        c_grid = parse_c_grid(args.c_grid)
-        if args.dataset == "cifar10" and not args.data_path:
-            raise ProbeError("--data-path: cifar10 needs the path of cifar-10-python.tar.gz")
-        if args.dataset == "digits" and args.data_path:
-            raise ProbeError("--data-path: digits are bundled with scikit-learn; give no path")
-        tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
-        if args.discriminator.startswith("models:/") or not args.no_mlflow:
-            tracking.check_reachable(tracking_uri)
-        model = load_model(args.discriminator, tracking_uri)
-        if not args.tracking_uri and model.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-            tracking_uri = model.tracking_uri  # where the checkpoint's own run lives
-        if args.preset and model.architecture["preset"] != args.preset:
-            raise ProbeError(f"--discriminator {args.discriminator}: a D of preset {model.architecture['preset']!r}, "
-                             f"not --preset {args.preset!r}")
-        image_size = model.architecture["image_size"]
-        splits = (load_cifar10(Path(args.data_path).expanduser(), image_size) if args.dataset == "cifar10"
-                  else load_digits_splits(image_size))
-        results = run_probe(model, splits, per_class, args.subsets, c_grid)
-    except (ProbeError, tracking.TrackingError) as e:
-        print(f"python -m dcgan_dist.probe: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(parser.prog, lambda: probe_command(args), (ProbeError, TrackingError))
 
+
+def probe_command(args: argparse.Namespace) -> int:
+    per_class = args.per_class or DEFAULT_PER_CLASS[args.dataset]
+    if per_class < 1 or args.subsets < 1:
+        raise ProbeError(f"--per-class and --subsets must be >= 1 (got {per_class}, {args.subsets})")
+    c_grid = parse_c_grid(args.c_grid)
+    if args.dataset == "cifar10" and not args.data_path:
+        raise ProbeError("--data-path: cifar10 needs the path of cifar-10-python.tar.gz")
+    if args.dataset == "digits" and args.data_path:
+        raise ProbeError("--data-path: digits are bundled with scikit-learn; give no path")
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    if args.discriminator.startswith("models:/") or not args.no_mlflow:
+        check_reachable(tracking_uri)
+    model = load_model(args.discriminator, tracking_uri)
+    if not args.tracking_uri and model.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        tracking_uri = model.tracking_uri  # where the checkpoint's own run lives
     arch = model.architecture
-    print(f"\nL2-SVM probe on {args.dataset}: D {tracking.redact(args.discriminator)} ({arch['preset']}, "
-          f"{arch['image_size']} px, bn {arch['bn']}, step {model.step}); BatchNorm in eval mode (running statistics)")
+    if args.preset and arch.preset != args.preset:
+        raise ProbeError(f"--discriminator {args.discriminator}: a D of preset {arch.preset!r}, not --preset {args.preset!r}")
+    splits = (load_cifar10(Path(args.data_path).expanduser(), arch.image_size) if args.dataset == "cifar10"
+              else load_digits_splits(arch.image_size))
+    results = run_probe(model, splits, per_class, args.subsets, c_grid)
+
+    print(f"\nL2-SVM probe on {args.dataset}: D {redact(args.discriminator)} ({arch.preset}, "
+          f"{arch.image_size} px, bn {arch.bn}, step {model.step}); BatchNorm in eval mode (running statistics)")
     print(table(results, per_class, args.subsets))
     fits = results["svm_fits"]
     if fits["not_converged"]:
         print(f"{fits['not_converged']} of {fits['fits']} SVM fits stopped at max_iter before converging")
-    doc = summary(results)
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(doc, indent=2))
+        Path(args.output_json).write_text(json.dumps(summary(results), indent=2))
     if not args.no_mlflow:
         run_id = log_to_mlflow(model, args.discriminator, args.dataset, tracking_uri, results, per_class)
-        print(f"Logged to MLflow run {run_id} ({tracking.redact(tracking_uri)})")
+        print(f"Logged to MLflow run {run_id} ({redact(tracking_uri)})")
     return 0
 
 

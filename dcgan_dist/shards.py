@@ -12,7 +12,7 @@ import sys
 from dcgan_dist.config import IMAGE_SIZES, OneLineErrorParser
 from dcgan_dist.data import manifest, pack, s3
 from dcgan_dist.data.sources import NAMES
-from dcgan_dist.tracking import redact
+from dcgan_dist.util import redact
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,8 +6,8 @@ per-channel sum, sum of squares and count go through one differentiable all-redu
 normalisation and its gradient are those of BatchNorm on the concatenated global batch.
 
 In eval mode (sample grids, exported models) both use the running statistics and communicate
-nothing, so one rank alone may run the model. `to_plain` turns them back into `nn.BatchNorm2d`
-(same state-dict keys) for export.
+nothing, so one rank alone may run the model. Their state-dict keys are BatchNorm2d's, so the
+registry rebuilds exported models as plain modules from the state dict.
 """
 
 from __future__ import annotations
@@ -52,11 +52,6 @@ def to_sync(model: nn.Module, use_gpu: bool) -> nn.Module:
     if use_gpu:
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return _replace(model, GlobalBatchNorm2d, lambda m: type(m) is nn.BatchNorm2d)
-
-
-def to_plain(model: nn.Module) -> nn.Module:
-    """Back to plain nn.BatchNorm2d layers, weights and running statistics kept."""
-    return _replace(model, nn.BatchNorm2d, lambda m: isinstance(m, (nn.SyncBatchNorm, GlobalBatchNorm2d)))
 
 
 def _replace(model: nn.Module, cls: type[nn.Module], matches) -> nn.Module:

@@ -18,14 +18,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dcgan_dist import config, data, placement, tracking
+from dcgan_dist import config, data, placement
 from dcgan_dist.config import Config, ConfigError
 from dcgan_dist.data import manifest, s3
+from dcgan_dist.tracking import store
+from dcgan_dist.tracking.store import TrackingError
+from dcgan_dist.util import redact
 
 
 def preflight(cfg: Config) -> Config:
     """Resolve paths and URIs to what workers on any node can use, and fail early with the
-    option at fault. Raises ConfigError or tracking.TrackingError."""
+    option at fault. Raises ConfigError or TrackingError."""
     check_ray_address(cfg.cluster.ray_address)
     if cfg.data.data in data.SOURCES:
         num_images = len(data.open_dataset(cfg.data.data, cfg.model.image_size))
@@ -37,14 +40,14 @@ def preflight(cfg: Config) -> Config:
     if num_images // cfg.cluster.num_workers < cfg.per_worker_batch:
         raise ConfigError(
             "batch_size",
-            f"{tracking.redact(cfg.data.data)} has {num_images} images, too few for a batch of {cfg.per_worker_batch} "
+            f"{redact(cfg.data.data)} has {num_images} images, too few for a batch of {cfg.per_worker_batch} "
             f"on each of {cfg.cluster.num_workers} workers",
         )
 
     check_evaluation(cfg)
-    cfg.tracking.tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
-    tracking.check_reachable(cfg.tracking.tracking_uri)
-    tracking.ensure_experiment(cfg.tracking.tracking_uri, cfg.tracking.experiment)
+    cfg.tracking.tracking_uri = store.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    store.check_reachable(cfg.tracking.tracking_uri)
+    store.ensure_experiment(cfg.tracking.tracking_uri, cfg.tracking.experiment)
 
     if s3.is_s3(cfg.tracking.storage_path):
         try:
@@ -74,7 +77,7 @@ def check_evaluation(cfg: Config) -> None:
         except backbones.BackboneError as e:
             raise ConfigError("inception_weights", str(e).removeprefix("--inception-weights: ")) from None
     elif cfg.data.data not in data.SOURCES:
-        print(f"note: --eval-backbone digits scores {tracking.redact(cfg.data.data)} with a digits classifier's features; "
+        print(f"note: --eval-backbone digits scores {redact(cfg.data.data)} with a digits classifier's features; "
               "for other images use --eval-backbone inception --inception-weights FILE", file=sys.stderr)
 
 
@@ -121,14 +124,14 @@ def check_manifest(cfg: Config) -> int:
         shards = manifest.read(cfg.data.data, fast=True)
         first_shard = shards.shard_urls[0]
         if not s3.exists(first_shard, fast=True):
-            raise ConfigError("data", f"manifest {tracking.redact(cfg.data.data)}: its first shard {tracking.redact(first_shard)} is missing")
+            raise ConfigError("data", f"manifest {redact(cfg.data.data)}: its first shard {redact(first_shard)} is missing")
     except s3.StorageError as e:
         raise ConfigError("data", str(e)) from None
     except manifest.ManifestError as e:
         raise ConfigError("data", str(e)) from None
     if shards.image_size != cfg.model.image_size:
         raise ConfigError("image_size", f"{cfg.model.image_size} disagrees with field 'image_size' = {shards.image_size} "
-                                        f"of manifest {tracking.redact(cfg.data.data)}")
+                                        f"of manifest {redact(cfg.data.data)}")
     return shards.num_samples
 
 
@@ -157,7 +160,7 @@ def lineage_tags(cfg: Config) -> dict[str, str]:
         digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()  # the images trained on
     else:
         digest = hashlib.sha256(s3.read_bytes(cfg.data.data, fast=True)).hexdigest()  # the manifest, which has each shard's sha256
-    tags |= {"data.manifest": tracking.redact(cfg.data.data), "data.sha256": digest,
+    tags |= {"data.manifest": redact(cfg.data.data), "data.sha256": digest,
              "ray.job_id": ray.get_runtime_context().get_job_id()}
     # `ray job submit` hands its driver the submission id in the job config's metadata.
     job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.parse(argv, prog="python -m dcgan_dist.train", description=__doc__.split("\n\n")[0])
     try:
         cfg = preflight(cfg)
-    except (ConfigError, tracking.TrackingError) as e:
+    except (ConfigError, TrackingError) as e:
         print(f"python -m dcgan_dist.train: error: {e}", file=sys.stderr)
         return 2
 
@@ -247,11 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nTraining finished at step {(result.metrics or {}).get('step')}; checkpoint: {checkpoint}")
     if run_id:
         uri = cfg.tracking.tracking_uri
-        print(f"MLflow run: {run_id} (experiment {cfg.tracking.experiment!r}, store {tracking.redact(uri)})")
+        print(f"MLflow run: {run_id} (experiment {cfg.tracking.experiment!r}, store {redact(uri)})")
         if uri.startswith("sqlite:"):
             print(f"Open it with:  mlflow ui --backend-store-uri {uri}   then browse http://127.0.0.1:5000")
         else:
-            print(f"Open it at:  {tracking.redact(uri)}")
+            print(f"Open it at:  {redact(uri)}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The checkpoint's RNG part: each rank saves the CPU generator and its own GPU's only."""
+"""The checkpoint: each rank saves the CPU generator and its own GPU's only; the architecture it is for."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dcgan_dist import checkpoint
+from dcgan_dist.models import Architecture
 
 
 def test_a_cpu_worker_saves_and_restores_the_cpu_generator_alone():
@@ -38,3 +39,14 @@ def test_a_gpu_worker_saves_its_own_device_only():
     torch.cuda.manual_seed_all(123)
     checkpoint.set_rng_state(state, device)
     assert torch.equal(torch.rand(4, device=device), expected)
+
+
+def test_architecture_saved_in_the_checkpoint_or_read_from_an_older_ones_config():
+    saved = Architecture.of("paper", 64, "g-only")
+    assert checkpoint.architecture_of({"architecture": saved.to_dict()}) == saved
+    older = {"config": {"model.preset": "paper", "model.image_size": 64, "model.bn": "g-only"}}  # before the field existed
+    assert checkpoint.architecture_of(older) == saved
+    with pytest.raises(ValueError, match="z_dim"):
+        checkpoint.architecture_of({"architecture": {"preset": "paper", "image_size": 64, "bn": "g-only"}})
+    with pytest.raises(ValueError, match="no architecture"):
+        checkpoint.architecture_of({"config": {}})

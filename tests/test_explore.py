@@ -10,22 +10,24 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from dcgan_dist import explore, tracking
-from dcgan_dist.models import build_models
+from dcgan_dist import explore
+from dcgan_dist.models import Architecture
+from dcgan_dist.tracking.run_logger import RunLogger
+from dcgan_dist.tracking.store import ensure_experiment
 
 
 @pytest.fixture
 def registered_generator(mlflow_sqlite):
     """G and D logged and registered the way training does, with `champion` on G (no Ray:
     the registry is what explore reads)."""
-    tracking.ensure_experiment(mlflow_sqlite, "tests")
-    logger = tracking.RunLogger(mlflow_sqlite, "tests", "source", None)
+    ensure_experiment(mlflow_sqlite, "tests")
+    logger = RunLogger(mlflow_sqlite, "tests", "source", None)
     logger.log_params({"data.data": "digits"})
     torch.manual_seed(0)
-    generator, discriminator = build_models("pytorch-examples", 32, "paper")
-    architecture = {"preset": "pytorch-examples", "image_size": 32, "bn": "paper", "z_dim": 100}
-    versions = logger.log_and_register_models(generator, discriminator, 5, architecture, register=True)
-    logger.set_model_alias("dcgan-generator", versions["dcgan-generator"], "champion", {"champion.step": 5})
+    architecture = Architecture.of("pytorch-examples", 32, "paper")
+    generator, discriminator = architecture.build()
+    versions = logger.log_models(architecture, generator, discriminator, 5, register=True)
+    logger.set_alias("dcgan-generator", versions["dcgan-generator"], "champion", {"champion.step": 5})
     logger.finish()
     return logger.run_id
 

@@ -159,7 +159,8 @@ def test_a_resumed_logger_skips_the_steps_the_run_already_holds(mlflow_sqlite):
     are trained again from the step-10 checkpoint; they are kept once, not logged twice."""
     import numpy as np
 
-    from dcgan_dist.tracking import RunLogger, ensure_experiment
+    from dcgan_dist.tracking.run_logger import RunLogger
+    from dcgan_dist.tracking.store import ensure_experiment
 
     ensure_experiment(mlflow_sqlite, "tests")
     first = RunLogger(mlflow_sqlite, "tests", "crashing", None)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from dcgan_dist import checkpoint, probe
-from dcgan_dist.models import build_models
+from dcgan_dist.data.sources import cifar10
+from dcgan_dist.models import Architecture, build_models
 from dcgan_dist.step import make_optimizers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ def test_features_are_every_block_max_pooled_to_4x4(preset, expected):
     _, discriminator = build_models(preset, 32, "paper")
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     features = probe.extract_features(discriminator, images)
-    assert features.shape == (3, expected) == (3, probe.feature_dims(preset, 32))
+    assert features.shape == (3, expected)
     # the first block's 4x4 max-pool is the first slice of the features
     first = torch.nn.functional.adaptive_max_pool2d(discriminator.features(images)[0], 4).flatten(1)
     assert np.allclose(features[:, : first.shape[1]], first.detach().numpy(), atol=1e-6)
@@ -57,13 +58,13 @@ def write_cifar_archive(path: Path, per_batch: int = 30, test: int = 60) -> Path
 
 
 def write_checkpoint(folder: Path, preset: str = "pytorch-examples", claimed_preset: str | None = None) -> Path:
-    """A checkpoint as the training loop writes it (config saying `claimed_preset`)."""
+    """A checkpoint as the training loop writes it (its architecture saying `claimed_preset`)."""
     generator, discriminator = build_models(preset, 32, "paper")
     opt_g, opt_d = make_optimizers(generator, discriminator, 2e-4, 0.5, 0.999)
     folder.mkdir()
     config = {"model.preset": claimed_preset or preset, "model.image_size": 32, "model.bn": "paper"}
     checkpoint.save(folder, rank=0, device=torch.device("cpu"), step=7, generator=generator, discriminator=discriminator, opt_g=opt_g,
-                    opt_d=opt_d, mlflow_run_id=None, config=config)
+                    opt_d=opt_d, mlflow_run_id=None, config=config, architecture=Architecture.of(claimed_preset or preset, 32, "paper"))
     return folder
 
 
@@ -146,3 +147,21 @@ def test_cli_bad_dataset_path_is_one_line_and_exit_2(tmp_path):
     )
     assert result.returncode == 2 and "--data-path" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cifar_reader_runs_no_code_from_the_archive(tmp_path):
+    """The batches are pickles: one that would call a function is refused, not run."""
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": Payload(), b"labels": [0]}))
+    with pytest.raises(cifar10.CifarError, match="refusing"):
+        cifar10.read_split(tmp_path, "test")
+    assert not (tmp_path / "ran").exists()
+    # the genuine layout reads: uint8 pixels N x 32 x 32 x 3 and the labels
+    write_cifar_archive(tmp_path / "cifar.tar.gz", per_batch=10, test=20)
+    pixels, labels = cifar10.read_split(tmp_path / "cifar.tar.gz", "test")
+    assert pixels.shape == (20, 32, 32, 3) and pixels.dtype == np.uint8 and labels.tolist() == [i % 10 for i in range(20)]

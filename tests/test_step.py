@@ -137,13 +137,13 @@ def train_digits(precision: str, steps: int = 60, batch: int = 32, seed: int = 0
     generator, discriminator = (m.to(memory_format=torch.channels_last) for m in build_models("pytorch-examples", 32, "paper"))
     opt_g, opt_d = make_optimizers(generator, discriminator, 2e-4, 0.5, 0.999)
     draw = torch.Generator().manual_seed(seed)
-    z_probe = sample_latent(256, "pytorch-examples", generator=torch.Generator().manual_seed(99))
+    z_probe = sample_latent(256, "pytorch-examples", rng=torch.Generator().manual_seed(99))
     with torch.no_grad():
         mean_before = generator(z_probe).mean(0)
     history = []
     for _ in range(steps):
         real = images[torch.randint(0, len(images), (batch,), generator=draw)]
-        z = sample_latent(batch, "pytorch-examples", generator=draw)
+        z = sample_latent(batch, "pytorch-examples", rng=draw)
         stats = gan_step(generator, discriminator, opt_g, opt_d, real.contiguous(memory_format=torch.channels_last), z, precision)
         history.append(torch.stack([stats[name] for name in ("loss_d", "loss_g", "d_real", "d_fake")]))
     with torch.no_grad():

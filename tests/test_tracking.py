@@ -17,7 +17,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from dcgan_dist import tracking
+from dcgan_dist.tracking import registry
+from dcgan_dist.tracking.run_logger import RunLogger
+from dcgan_dist.tracking.store import TrackingError, ensure_experiment
 from dcgan_dist.train import main
 from tests.conftest import train_args
 
@@ -102,10 +104,10 @@ def test_set_alias_points_at_a_version_and_refuses_latest(mlflow_server):
     client.create_registered_model(name)
     first = client.create_model_version(name, "s3://nowhere/a")
     client.create_model_version(name, "s3://nowhere/b")
-    tracking.set_alias(name, "champion", first.version, mlflow_server.uri)
+    registry.set_alias(name, first.version, "champion", mlflow_server.uri)
     assert client.get_model_version_by_alias(name, "champion").version == first.version
-    with pytest.raises(tracking.TrackingError, match="latest"):
-        tracking.set_alias(name, "latest", first.version, mlflow_server.uri)
+    with pytest.raises(TrackingError, match="latest"):
+        registry.set_alias(name, first.version, "latest", mlflow_server.uri)
 
 
 def test_a_server_that_goes_away_costs_counted_metrics_not_the_run(mlflow_server, monkeypatch):
@@ -115,15 +117,15 @@ def test_a_server_that_goes_away_costs_counted_metrics_not_the_run(mlflow_server
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     server = mlflow_server  # restarted on the same port and store, for the tests after this one
     try:
-        tracking.ensure_experiment(server.uri, "outage")
-        logger = tracking.RunLogger(server.uri, "outage", "outage", None, max_buffered_metrics=20)
+        ensure_experiment(server.uri, "outage")
+        logger = RunLogger(server.uri, "outage", "outage", None, max_buffered_metrics=20)
         logger.log_metrics([(step, {"loss": float(step)}) for step in range(1, 11)])
         wait_until(lambda: logger.sender.pending() == 0, what="the first metrics to be sent")
 
         server.stop()
         for step in range(11, 61):  # 50 metrics into a buffer of 20 while nobody answers
             logger.log_metrics([(step, {"loss": float(step)})])
-        wait_until(lambda: logger.sender.dropped_metrics >= 30, what="the overflow to be counted")
+        wait_until(lambda: logger.sender.dropped()[0] >= 30, what="the overflow to be counted")
         server.start()
         logger.finish()
 

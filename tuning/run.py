@@ -15,7 +15,8 @@ from mlflow import MlflowClient
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from dcgan_dist import config, placement, tracking, train
+from dcgan_dist import config, placement, train
+from dcgan_dist.tracking import store
 from tuning import report
 from tuning.sweep import Sweep
 
@@ -54,7 +55,7 @@ def join(storage: str, name: str) -> str:
 
 def parent_run(client: MlflowClient, sweep: Sweep, tune_path: str) -> tuple[str, bool]:
     """The sweep's MLflow run: the one this sweep name and storage made before, or a new one."""
-    experiment_id = tracking.ensure_experiment(sweep.base.tracking.tracking_uri, sweep.base.tracking.experiment)
+    experiment_id = store.ensure_experiment(sweep.base.tracking.tracking_uri, sweep.base.tracking.experiment)
     found = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`sweep.path` = '{tune_path}'",
@@ -68,7 +69,7 @@ def parent_run(client: MlflowClient, sweep: Sweep, tune_path: str) -> tuple[str,
         "sweep.metric": sweep.metric, "sweep.mode": sweep.mode, "sweep.scheduler": sweep.scheduler,
         "sweep.num_samples": sweep.num_samples, "sweep.grace_steps": sweep.grace_steps,
     } | config.flatten(sweep.base)
-    tracking.log_params(client, run.info.run_id, params)
+    store.log_params(client, run.info.run_id, params)
     return run.info.run_id, False
 
 

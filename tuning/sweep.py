@@ -19,8 +19,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from dcgan_dist import config, tracking, train
+from dcgan_dist import config, train
 from dcgan_dist.config import Config, ConfigError
+from dcgan_dist.tracking.store import TrackingError
 
 # The paper's ablations (section 3 and 4): Adam's beta1 and learning rate, and where BatchNorm goes.
 ABLATIONS = {
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep = parse_args(argv)
     try:
         sweep.base = train.preflight(sweep.base)
-    except (ConfigError, tracking.TrackingError) as e:
+    except (ConfigError, TrackingError) as e:
         print(f"python -m tuning.sweep: error: {e}", file=sys.stderr)
         return 2
     from tuning.run import run_sweep  # Ray and Tune load only once the input is known good

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 
 from dcgan_dist.data import s3
-from dcgan_dist.tracking import redact
+from dcgan_dist.util import redact
 
 FORMAT = "dcgan-dist-shards/1"
 

@@ -19,7 +19,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from dcgan_dist.tracking import redact
+from dcgan_dist.util import redact
 
 # Forwarded from the driver to Ray workers (in memory, never logged) so workers see the same
 # endpoint and credentials as the preflight did.

@@ -36,7 +36,7 @@ from webdataset.utils import make_seed
 
 from dcgan_dist.data import s3
 from dcgan_dist.data.manifest import Manifest
-from dcgan_dist.tracking import redact
+from dcgan_dist.util import redact
 
 log = logging.getLogger(__name__)
 

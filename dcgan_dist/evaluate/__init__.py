@@ -58,7 +58,7 @@ class Evaluator:
         self.backbone = backbone
         self.real_images, self.held_out = real_images, held_out
         self.real_features, _ = backbone.embed(real_images)
-        self.z = sample_latent(num_samples, preset, generator=torch.Generator().manual_seed(seed + 1))
+        self.z = sample_latent(num_samples, preset, rng=torch.Generator().manual_seed(seed + 1))
 
     @property
     def tags(self) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid
+
+from dcgan_dist.util import grid_uint8
 
 
 def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,8 +42,7 @@ def memorisation_check(
     }
     closest = sample_distance.argsort()[:pairs]
     tiles = torch.stack([image for i in closest for image in (samples[i], train_images[sample_index[i]])])
-    grid = make_grid(tiles.float(), nrow=8, padding=2, normalize=True, value_range=(-1, 1))  # 4 pairs a row
-    pictures = {"pairs": (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
+    pictures = {"pairs": grid_uint8(tiles, nrow=8),  # 4 pairs a row
                 "distances": histogram(sample_distance.numpy(), real_distance.numpy())}
     return metrics, pictures
 

@@ -1,0 +1,128 @@
+"""The champion: rank 0's evaluation on schedule and the best snapshot by score, every rank's
+collapse detector and rollback, and G and D registered at the end.
+
+The loop calls it at fixed points and nothing else reaches into it. Rank 0 evaluates and keeps
+the best snapshot; the collapse detector sees the same reduced losses on every rank, and a
+rollback (rank 0's best G/D broadcast to every rank) happens on every rank together.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dcgan_dist import evaluate
+from dcgan_dist.checkpoint import unwrap
+from dcgan_dist.config import Config
+from dcgan_dist.evaluate.collapse import CollapseDetector
+from dcgan_dist.models import Architecture
+from dcgan_dist.tracking.run_logger import RunLogger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Champion:
+    cfg: Config
+    architecture: Architecture
+    logger: RunLogger | None  # rank 0 only
+    evaluator: evaluate.Evaluator | None = None  # rank 0 with --eval-every
+    best: evaluate.Best | None = None  # rank 0: the best snapshot by eval score, kept in checkpoints
+    detector: CollapseDetector = field(default_factory=CollapseDetector)
+    rollback_requested: bool = False  # rank 0: the score rebounded; every rank rolls back at the next window
+    last_eval: dict[str, float] = field(default_factory=dict)  # rank 0: the latest score, carried by every report
+
+    @classmethod
+    def build(cls, cfg: Config, rank: int, device: torch.device, logger: RunLogger | None,
+              saved_best: dict[str, Any] | None) -> Champion:
+        champion = cls(cfg, Architecture.of(cfg.model.preset, cfg.model.image_size, cfg.model.bn), logger)
+        champion.detector = CollapseDetector(cfg.eval.collapse_d_loss, cfg.eval.collapse_steps)
+        if rank == 0 and cfg.eval.eval_every:
+            champion.evaluator = evaluate.build(cfg, device)
+            champion.best = evaluate.Best.from_state(saved_best)
+        return champion
+
+    def due(self, step: int) -> bool:
+        """Whether this rank evaluates at `step` (rank 0 with evaluation on; always at the end)."""
+        return self.evaluator is not None and (step % self.cfg.eval.eval_every == 0 or step == self.cfg.loop.max_steps)
+
+    def evaluate(self, step: int, generator: torch.nn.Module, discriminator: torch.nn.Module) -> None:
+        """Rank 0: score G, log the scores (with the backbone and counts they hold under), keep the
+        best snapshot, and watch the score for a rebound. The other ranks wait at the next collective."""
+        metrics = self.evaluator.evaluate(unwrap(generator))
+        score = metrics[evaluate.SCORE]
+        self.logger.log_metrics([(step, metrics)])
+        self.logger.set_tags(self.evaluator.tags)
+        events = self.detector.observe_score(score, self.best.score if self.best is not None else None)
+        if evaluate.better(score, self.best):
+            self.best = evaluate.Best.capture(step, score, unwrap(generator), unwrap(discriminator))
+        self.last_eval = {evaluate.SCORE: score, "best_step": self.best.step if self.best else 0}
+        log.info("step %d: %s (%s)%s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+                 self.evaluator.backbone.name, f"; best so far at step {self.best.step}" if self.best else "")
+        self.report_collapse(step, events)
+        self.rollback_requested = bool(events) and self.cfg.eval.rollback_on_collapse
+
+    def observe_window(self, step: int, losses_d: list[float], window_means: dict[str, float]) -> list[str]:
+        """Every rank: the collapse events the window's (rank-averaged) D losses show."""
+        events = self.detector.observe_window(losses_d, window_means)
+        self.report_collapse(step, events)
+        return events
+
+    def report_collapse(self, step: int, events: list[str]) -> None:
+        """Each event as a metric (1 at this step), a tag and a warning line, on rank 0."""
+        if self.logger is None or not events:
+            return
+        self.logger.log_metrics([(step, {f"collapse/{event}": 1.0 for event in events})])
+        self.logger.set_tags({f"collapse.{event}": f"step {step}" for event in events})
+        log.warning("step %d: collapse detected: %s", step, ", ".join(events))
+
+    def rollback(self, step: int, generator: torch.nn.Module, discriminator: torch.nn.Module,
+                 optimizers: tuple[torch.optim.Optimizer, ...], world_size: int) -> None:
+        """Every rank: reload rank 0's best G/D (broadcast to the others), restart both Adams."""
+        if self.best is not None:
+            unwrap(generator).load_state_dict(self.best.generator)
+            unwrap(discriminator).load_state_dict(self.best.discriminator)
+            log.warning("step %d: rolled back to the best snapshot, step %d (%s %.4g)", step, self.best.step, evaluate.SCORE,
+                        self.best.score)
+            self.logger.log_metrics([(step, {"collapse/rollback_to_step": float(self.best.step)})])
+        if world_size > 1:
+            for model in (generator, discriminator):
+                for tensor in unwrap(model).state_dict().values():
+                    dist.broadcast(tensor, src=0)
+        for optimizer in optimizers:
+            optimizer.state.clear()  # Adam's moments belong to the weights that collapsed
+        self.rollback_requested = False
+        self.detector = CollapseDetector(self.cfg.eval.collapse_d_loss, self.cfg.eval.collapse_steps)
+
+    def finish(self, generator: torch.nn.Module, discriminator: torch.nn.Module) -> None:
+        """Rank 0 at the end: the memorisation check, then G and D registered. With evaluation, the
+        best snapshot is registered first (when it is not the last step) and gets the alias
+        `champion`; the last step's models are registered last, so MLflow's `@latest` is the last."""
+        cfg, logger, last_step = self.cfg, self.logger, self.cfg.loop.max_steps
+        register = cfg.tracking.register_models
+        best_models = None
+        if self.best is not None and self.best.step != last_step:
+            best_models = self.architecture.build()
+            best_models[0].load_state_dict(self.best.generator)
+            best_models[1].load_state_dict(self.best.discriminator)
+        if self.evaluator is not None:
+            metrics, pictures = self.evaluator.memorisation(best_models[0] if best_models else unwrap(generator))
+            logger.log_metrics([(last_step, metrics)])
+            for name, picture in pictures.items():
+                logger.log_image(picture, key=f"memorisation_{name}", step=last_step)
+        champion = None
+        if best_models is not None and register:
+            champion = logger.log_models(self.architecture, *best_models, self.best.step, register=True)
+        versions = logger.log_models(self.architecture, unwrap(generator), unwrap(discriminator), last_step, register=register)
+        logger.set_tags({f"registered.{name}": version for name, version in versions.items()})
+        if self.best is not None and register:
+            for name, version in (champion or versions).items():
+                logger.set_alias(name, version, "champion", {
+                    "champion.step": self.best.step, "champion.score": self.best.score,
+                    "champion.metric": evaluate.SCORE, "champion.backbone": self.evaluator.backbone.name,
+                })
+            logger.set_tags({"champion.step": self.best.step, "champion.score": self.best.score})

@@ -1,0 +1,161 @@
+"""The model registry: G and D logged and registered as MLflow models, aliases, and the one
+loader of models (registered, or from a training checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.models import infer_signature
+
+from dcgan_dist import checkpoint
+from dcgan_dist.models import Architecture
+from dcgan_dist.tracking.store import TrackingError
+from dcgan_dist.util import first_line, redact
+
+GENERATOR_MODEL = "dcgan-generator"
+DISCRIMINATOR_MODEL = "dcgan-discriminator"
+WEIGHTS_FILE, ARCHITECTURE_FILE = "state_dict.pt", "architecture.json"  # shipped with each model
+NETWORKS = ("generator", "discriminator")
+MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
+
+
+def log_models(architecture: Architecture, generator_state: dict[str, torch.Tensor], discriminator_state: dict[str, torch.Tensor],
+               step: int, register: bool = True) -> dict[str, str]:
+    """Log G and D (given as state dicts) as MLflow models of the active run, linked to `step`,
+    and (with `register`) register a new version of each as `dcgan-generator` /
+    `dcgan-discriminator` (MLflow's built-in `@latest` alias then points at it). Returns
+    {registered model name: version}; each version is tagged with its step. Used for the final
+    models, and for a run's best (then `set_alias(name, version, "champion")`).
+
+    The models are saved as torch.export programs ("pt2"): loading them runs no pickled code.
+    Each also carries `state_dict.pt` and `architecture.json`, from which `load_network`
+    rebuilds the full module (D's per-layer features, for the probe)."""
+    generator, discriminator = architecture.build()
+    generator.load_state_dict(generator_state)
+    discriminator.load_state_dict(discriminator_state)
+    generator, discriminator = generator.cpu().eval(), discriminator.cpu().eval()
+    z = np.random.default_rng(0).uniform(-1, 1, size=(2, architecture.z_dim)).astype(np.float32)
+    with torch.no_grad():
+        images = generator(torch.from_numpy(z)).numpy()
+        logits = discriminator(torch.from_numpy(images)).numpy()
+    versions = {}
+    for model, name, example, output in (
+        (generator, GENERATOR_MODEL, z, images),
+        (discriminator, DISCRIMINATOR_MODEL, images, logits),
+    ):
+        with tempfile.TemporaryDirectory() as folder:
+            weights, spec = Path(folder, WEIGHTS_FILE), Path(folder, ARCHITECTURE_FILE)
+            torch.save(model.state_dict(), weights)
+            spec.write_text(json.dumps(architecture.to_dict(), indent=2))
+            info = mlflow.pytorch.log_model(
+                model,
+                name=name.removeprefix("dcgan-"),
+                serialization_format="pt2",
+                signature=infer_signature(example, output),
+                input_example=example,
+                step=step,
+                # Stated, not inferred: inference imports the model in a subprocess (~7 s each).
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+                extra_files=[str(weights), str(spec)],
+            )
+        if register:
+            version = mlflow.register_model(info.model_uri, name, tags={"step": str(step)})
+            versions[name] = str(version.version)
+    return versions
+
+
+def set_alias(name: str, version: str | int, alias: str, uri: str | None = None, tags: dict[str, Any] | None = None) -> None:
+    """Point `models:/name@alias` at a version (e.g. `champion`), moving it from any older one, and
+    tag that version. `latest` is MLflow's own, always the newest version, and cannot be set."""
+    if alias == "latest":
+        raise TrackingError("'latest' is MLflow's built-in alias for the newest version; it cannot be set")
+    client = MlflowClient(uri)
+    client.set_registered_model_alias(name, alias, str(version))
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+
+
+@dataclass
+class LoadedNetwork:
+    """G or D rebuilt as the full module (D with `.features`), in eval mode, and where it came from."""
+
+    network: torch.nn.Module
+    architecture: Architecture
+    run_id: str | None  # the training run that logged it, when known
+    step: int  # the training step it is from (0 when unknown)
+    tracking_uri: str | None = None  # a checkpoint's: the store its run was tracked in
+
+
+def load_network(reference: str, network: str, tracking_uri: str | None = None) -> LoadedNetwork:
+    """The one loader of trained networks: `network` ("generator" or "discriminator") from a
+    registered model (`models:/NAME@ALIAS`, `models:/NAME/VERSION`) or from a training
+    checkpoint folder (or its state.pt). Raises TrackingError naming the reference and the problem."""
+    if network not in NETWORKS:
+        raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
+    if reference.startswith("models:/") or "://" in reference:
+        architecture, state, run_id, step, store = _from_registry(reference, tracking_uri)
+    else:
+        architecture, state, run_id, step, store = _from_checkpoint(Path(reference).expanduser(), network)
+    model = architecture.build()[NETWORKS.index(network)]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise TrackingError(f"{reference}: its weights are not a {network}'s of {_describe(architecture)} "
+                            f"({first_line(e)})") from None
+    return LoadedNetwork(model.eval(), architecture, run_id, step, store)
+
+
+def _describe(architecture: Architecture) -> str:
+    return f"preset {architecture.preset!r} at {architecture.image_size} px, bn {architecture.bn!r}"
+
+
+def _from_registry(reference: str, tracking_uri: str | None):
+    match = MODEL_URI.fullmatch(reference)
+    if not match:
+        raise TrackingError(f"{reference}: expected models:/NAME@ALIAS or models:/NAME/VERSION (or a checkpoint folder)")
+    client = MlflowClient(tracking_uri)
+    try:
+        if match["alias"]:
+            version = client.get_model_version_by_alias(match["name"], match["alias"])
+        else:
+            version = client.get_model_version(match["name"], match["version"])
+        folder = Path(mlflow.artifacts.download_artifacts(f"models:/{match['name']}/{version.version}", tracking_uri=tracking_uri))
+    except mlflow.exceptions.MlflowException as e:
+        raise TrackingError(f"{reference}: no such registered model, alias or version in {redact(client.tracking_uri)} "
+                            f"({first_line(e)})") from None
+    spec_file, weights_file = folder / "extra_files" / ARCHITECTURE_FILE, folder / "extra_files" / WEIGHTS_FILE
+    if not (spec_file.is_file() and weights_file.is_file()):
+        raise TrackingError(f"{reference}: not logged by dcgan-dist (no {ARCHITECTURE_FILE}/{WEIGHTS_FILE})")
+    try:
+        architecture = Architecture.from_dict(json.loads(spec_file.read_text()))
+    except (ValueError, TypeError) as e:
+        raise TrackingError(f"{reference}: unreadable {ARCHITECTURE_FILE} ({first_line(e)})") from None
+    state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    return architecture, state, version.run_id, int(version.tags.get("step", 0)), None
+
+
+def _from_checkpoint(path: Path, network: str):
+    folder = path.parent if path.name == checkpoint.STATE_FILE else path
+    try:
+        state = checkpoint.load_state(folder)
+    except FileNotFoundError:
+        raise TrackingError(f"{path}: not a models:/ URI, and no {checkpoint.STATE_FILE} there") from None
+    except Exception as e:  # a corrupt or foreign file
+        raise TrackingError(f"{path}: unreadable checkpoint ({first_line(e)})") from None
+    try:
+        architecture = checkpoint.architecture_of(state)
+    except (ValueError, TypeError) as e:
+        raise TrackingError(f"{path}: the checkpoint names no usable architecture ({first_line(e)})") from None
+    config = state.get("config", {})
+    return (architecture, state[network], state.get("mlflow_run_id"), int(state.get("step", 0)),
+            config.get("tracking.tracking_uri") or None)

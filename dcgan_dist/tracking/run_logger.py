@@ -1,0 +1,103 @@
+"""Rank 0's handle on one MLflow run: opened (or re-opened on resume), params, tags, metrics,
+pictures, and the models at the end.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, RunTag
+
+from dcgan_dist.models import Architecture
+from dcgan_dist.tracking import registry
+from dcgan_dist.tracking.sender import BufferedSender
+from dcgan_dist.tracking.store import TrackingError, log_params
+from dcgan_dist.util import redact
+
+
+class RunLogger:
+    """Rank 0's handle on one MLflow run (new, or re-opened when training resumes).
+
+    MLflow's system metrics monitor (psutil) samples CPU, memory, disk and network (and GPUs
+    with pynvml) into `system/...` metrics while the run is open."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None, parent_run_id: str = "",
+                 max_buffered_metrics: int = 200_000):
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(uri)
+        if run_id is not None:
+            try:
+                self.client.get_run(run_id)
+            except mlflow.exceptions.MlflowException:
+                raise TrackingError(
+                    f"the checkpoint continues MLflow run {run_id}, which is not in {redact(uri)}; "
+                    "resume with the tracking URI it started with, or use a new --run-name"
+                ) from None
+        experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        self.run = mlflow.start_run(
+            run_id=run_id,
+            experiment_id=experiment_id,
+            run_name=run_name if run_id is None else None,
+            # A sweep's trials are child runs of the sweep's run (the tag the MLflow UI nests by).
+            tags={"mlflow.parentRunId": parent_run_id} if parent_run_id and run_id is None else None,
+            log_system_metrics=True,
+        )
+        self.run_id = self.run.info.run_id
+        self.resumed = run_id is not None
+        self.sender = BufferedSender(self.client, self.run_id, max_metrics=max_buffered_metrics)
+        # On resume: the last step already in the run, per metric or image key (see skip_logged).
+        self.logged_through: dict[str, int] = {}
+
+    def skip_logged(self, metric_names: tuple[str, ...] | None = None, image_keys: tuple[str, ...] | None = None) -> None:
+        """After a failure the run already holds the steps logged between the checkpoint it
+        resumes from and the crash. Those steps are trained again, but only the first values
+        are kept: from now on, steps up to each metric's (and image key's) last logged step
+        are dropped, so the step axis has no duplicates; steps lost with a crashed process's
+        buffer were never logged and are logged now, so it has no gaps. None = every metric
+        (every image key) the run holds."""
+        if metric_names is None:
+            metric_names = tuple(self.client.get_run(self.run_id).data.metrics)
+        for name in metric_names:
+            history = self.client.get_metric_history(self.run_id, name)
+            self.logged_through[name] = max((m.step for m in history), default=0)
+        for artifact in self.client.list_artifacts(self.run_id, "images"):
+            match = re.search(r"images/(.+?)\+step\+(\d+)\+", artifact.path)
+            if match and (image_keys is None or match.group(1) in image_keys):
+                key, step = match.group(1), int(match.group(2))
+                self.logged_through[key] = max(self.logged_through.get(key, 0), step)
+        self.logged_through = {key: step for key, step in self.logged_through.items() if step > 0}
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        log_params(self.client, self.run_id, params)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(key, str(redact(value))) for key, value in tags.items()])
+
+    def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """rows = [(step, {name: value})]; buffered, sent by the sender thread."""
+        timestamp = mlflow.utils.time.get_current_time_millis()
+        self.sender.add_metrics([Metric(name, value, timestamp, step) for step, values in rows for name, value in values.items()
+                                 if step > self.logged_through.get(name, 0)])
+
+    def log_image(self, image_hwc: np.ndarray, key: str, step: int) -> None:
+        if step <= self.logged_through.get(key, 0):
+            return
+        self.sender.add_image(image_hwc, key, step)
+
+    def log_models(self, architecture: Architecture, generator: torch.nn.Module, discriminator: torch.nn.Module, step: int,
+                   register: bool) -> dict[str, str]:
+        """Log G and D into this run at `step` and (with `register`) register a version of each;
+        returns {registered model name: version}."""
+        return registry.log_models(architecture, generator.state_dict(), discriminator.state_dict(), step, register=register)
+
+    def set_alias(self, name: str, version: str, alias: str, tags: dict[str, Any]) -> None:
+        registry.set_alias(name, version, alias, self.client.tracking_uri, tags)
+
+    def finish(self, status: str = "FINISHED", timeout_s: float = 300.0) -> None:
+        self.sender.close(timeout_s)
+        mlflow.end_run(status=status)

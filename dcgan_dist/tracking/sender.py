@@ -1,0 +1,157 @@
+"""The buffered sender: a run's metrics and images go to MLflow from a background thread.
+
+The training step never waits for the server, and a server that goes away costs at most some
+metrics, counted, never the run.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from dcgan_dist.util import first_line, redact
+
+log = logging.getLogger(__name__)
+
+
+class BufferedSender:
+    """Sends a run's metrics and images from a background thread.
+
+    `add_metrics` and `add_image` only append to a buffer, so the training step never waits for
+    the server. A failed send is retried with backoff (1 s doubling to `retry_max_s`) while the
+    data waits in the buffer. Past `max_metrics` (or `max_images`) the oldest are dropped and
+    counted; when the server answers again the counts are logged as the metrics
+    `tracking/dropped_metrics` and `tracking/dropped_images` (running totals) and a warning.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, max_metrics: int = 200_000, max_images: int = 16,
+                 retry_max_s: float = 30.0):
+        self.client, self.run_id = client, run_id
+        self.max_metrics, self.max_images, self.retry_max_s = max_metrics, max_images, retry_max_s
+        self.dropped_metrics = self.dropped_images = 0
+        self._reported = (0, 0)  # the dropped counts the run already shows
+        self._metrics: collections.deque[Metric] = collections.deque()
+        self._images: collections.deque[tuple[np.ndarray, str, int]] = collections.deque()
+        self._last_step = 0
+        self._in_flight = 0  # taken out of the buffer, being sent
+        self._changed = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
+        self._thread.start()
+
+    def add_metrics(self, metrics: list[Metric]) -> None:
+        with self._changed:
+            self._metrics.extend(metrics)
+            self._last_step = max([self._last_step] + [m.step for m in metrics])
+            self._drop_overflow()
+            self._changed.notify()
+
+    def add_image(self, image_hwc: np.ndarray, key: str, step: int) -> None:
+        with self._changed:
+            self._images.append((image_hwc, key, step))
+            self._drop_overflow()
+            self._changed.notify()
+
+    def pending(self) -> int:
+        """Metrics and images not yet sent."""
+        with self._changed:
+            return len(self._metrics) + len(self._images) + self._in_flight
+
+    def close(self, timeout_s: float = 300.0) -> None:
+        """Send what is left, for at most timeout_s; what could not be sent is counted and logged."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify()
+        self._thread.join(timeout_s)
+        with self._changed:
+            unsent_metrics, unsent_images = len(self._metrics), len(self._images)
+            self._metrics.clear()
+            self._images.clear()
+            self.dropped_metrics += unsent_metrics
+            self.dropped_images += unsent_images
+        if unsent_metrics or unsent_images:
+            log.warning("MLflow server %s: run ended with %d metrics and %d images unsent (dropped)",
+                        redact(self.client.tracking_uri), unsent_metrics, unsent_images)
+
+    def _drop_overflow(self) -> None:  # caller holds the lock
+        for queue, limit, kind in ((self._metrics, self.max_metrics, "metrics"), (self._images, self.max_images, "images")):
+            overflow = len(queue) - limit
+            if overflow <= 0:
+                continue
+            for _ in range(overflow):
+                queue.popleft()
+            total = self.dropped_metrics if kind == "metrics" else self.dropped_images
+            if total == 0:
+                log.warning("MLflow buffer full: dropping the oldest %s while the server is away (counted in "
+                            "tracking/dropped_%s)", kind, kind)
+            if kind == "metrics":
+                self.dropped_metrics += overflow
+            else:
+                self.dropped_images += overflow
+
+    def _send_loop(self) -> None:
+        backoff, failing = 1.0, False
+        while True:
+            with self._changed:
+                while not (self._metrics or self._images or self._closing):
+                    self._changed.wait()
+                if not (self._metrics or self._images):
+                    return  # closing, and everything was sent
+                # Taken out while sending; put back in front if the send fails.
+                batch = [self._metrics.popleft() for _ in range(min(1000, len(self._metrics)))]  # log_batch's limit
+                image = self._images.popleft() if self._images and not batch else None
+                self._in_flight = len(batch) + (image is not None)
+            sent = False
+            try:
+                if batch:
+                    self.client.log_batch(self.run_id, metrics=batch)
+                else:
+                    self.client.log_image(self.run_id, image[0], key=image[1], step=image[2])
+                sent = True
+                self._report_drops()
+            except Exception as e:  # the server is away or failing: keep the data, retry later
+                with self._changed:
+                    self._in_flight = 0
+                    if not sent:
+                        self._metrics.extendleft(reversed(batch))
+                        if image is not None:
+                            self._images.appendleft(image)
+                        self._drop_overflow()
+                if not failing:
+                    log.warning("MLflow server %s is not answering (%s); buffering metrics and retrying",
+                                redact(self.client.tracking_uri), first_line(e))
+                failing = True
+                with self._changed:
+                    self._changed.wait(backoff)
+                backoff = min(backoff * 2, self.retry_max_s)
+                continue
+            with self._changed:
+                self._in_flight = 0
+            if failing:
+                log.warning("MLflow server %s answers again; sending the buffered metrics", redact(self.client.tracking_uri))
+            backoff, failing = 1.0, False
+
+    def dropped(self) -> tuple[int, int]:
+        """(metrics, images) dropped so far: read under the lock the adders count them under."""
+        with self._changed:
+            return self.dropped_metrics, self.dropped_images
+
+    def _report_drops(self) -> None:
+        with self._changed:
+            counts, last_step = (self.dropped_metrics, self.dropped_images), self._last_step
+        if counts == self._reported:
+            return
+        timestamp = mlflow.utils.time.get_current_time_millis()
+        self.client.log_batch(self.run_id, metrics=[
+            Metric("tracking/dropped_metrics", counts[0], timestamp, last_step),
+            Metric("tracking/dropped_images", counts[1], timestamp, last_step),
+        ])
+        log.warning("MLflow server %s: %d metrics and %d images were dropped while it was away",
+                    redact(self.client.tracking_uri), *counts)
+        self._reported = counts

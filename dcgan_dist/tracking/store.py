@@ -1,0 +1,64 @@
+"""Where MLflow runs go: the tracking URI, the driver's preflight, the experiment, params.
+
+The driver resolves the tracking URI and makes sure the experiment exists before Ray starts a
+worker, so a wrong URI is one line at start-up, not a failed worker.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Param
+
+from dcgan_dist.util import redact
+
+DEFAULT_STORE = "mlflow.db"  # sqlite: the model registry needs a database store
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def resolve_tracking_uri(flag_value: str) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db. Local sqlite
+    paths become absolute, since Ray workers run in another working directory."""
+    uri = flag_value or os.environ.get("MLFLOW_TRACKING_URI", "") or f"sqlite:///{DEFAULT_STORE}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    return uri
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise TrackingError naming the URI when the store cannot be used."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingError(f"MLflow store {uri}: folder {folder} does not exist or is not writable")
+    elif uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+        except (urllib.error.URLError, OSError) as e:
+            raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable: {e}") from None
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    """Params as strings, credentials redacted, in log_batch's chunks of at most 100."""
+    items = [Param(key, str(redact(value))) for key, value in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The experiment's id, creating it if needed."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or pick another --experiment")
+        return experiment.experiment_id
+    return client.create_experiment(name)
