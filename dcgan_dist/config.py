@@ -78,6 +78,8 @@ class LoopConfig:
     sample_every: int = option(100, "log a sample grid from a fixed latent batch every N steps")
     checkpoint_every: int = option(200, "checkpoint the full training state every N steps (and at the end)")
     keep_checkpoints: int = option(2, "how many of the latest checkpoints Ray Train keeps")
+    verbose: bool = option(False, "print every Ray Train report and MLflow's INFO lines and download bars; "
+                                  "default: the progress bar, evaluations, warnings and the summary")
 
 
 @dataclass
@@ -368,10 +370,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _group(parser: argparse.ArgumentParser, title: str):
-    for group in parser._action_groups:
-        if group.title == title:
-            return group
-    return parser.add_argument_group(title)
+    return next((g for g in parser._action_groups if g.title == title), None) or parser.add_argument_group(title)
 
 
 def from_args(args: argparse.Namespace, base: Config | None = None) -> Config:

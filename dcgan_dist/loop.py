@@ -9,12 +9,14 @@ rank 0 writes everything to MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import secrets
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,13 +64,17 @@ class Worker:
     start_step: int
     logger: RunLogger | None  # rank 0 only
     champion: Champion  # evaluation, the best snapshot, collapse detection and rollback
+    last_progress: float = 0.0  # rank 0: when the last progress line was printed
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker."""
-    os.environ.update(loop_config.get("env", {}))  # the driver's AWS_* settings, for the data
-    worker = setup(config.from_flat(loop_config["config"]), loop_config.get("tags", {}))
-    cfg, logger = worker.cfg, worker.logger
+    os.environ.update(loop_config.get("env", {}))  # the driver's AWS_* settings (and quiet MLflow), for this process
+    cfg = config.from_flat(loop_config["config"])
+    if not cfg.loop.verbose:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines drown the progress bar
+    worker = setup(cfg, loop_config)
+    logger = worker.logger
     if worker.start_step >= cfg.loop.max_steps:
         if logger is not None:
             log.info("Already at step %d of --max-steps %d: nothing to train", worker.start_step, cfg.loop.max_steps)
@@ -87,8 +93,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         logger.finish()
 
 
-def setup(cfg: Config, tags: dict[str, str]) -> Worker:
-    """`tags`: the run's lineage (code, data, Ray job), from the driver."""
+def setup(cfg: Config, launch: dict[str, Any]) -> Worker:
+    """`launch`: what the driver hands every worker (build_trainer's train_loop_config): the
+    run's lineage tags, source tags and dataset."""
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -127,25 +134,36 @@ def setup(cfg: Config, tags: dict[str, str]) -> Worker:
     z_fixed = sample_latent(SAMPLE_GRID_SIZE, cfg.model.preset, rng=torch.Generator().manual_seed(cfg.loop.seed))
 
     node_of_rank = nodes_of_ranks(world_size)
-    logger = None
-    if rank == 0:
-        logger = RunLogger(cfg.tracking.tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name, mlflow_run_id,
-                           parent_run_id=cfg.tracking.parent_run_id)
-        if logger.resumed:
-            log.info("Resuming MLflow run %s from step %d", logger.run_id, start_step)
-            logger.skip_logged()  # every metric and picture the run already holds
-            logger.set_tags({"train.resumed_from_step": start_step})
-        else:
-            derived = {"derived.per_worker_batch": cfg.per_worker_batch, "derived.world_size": world_size,
-                       "derived.num_nodes": len(set(node_of_rank))}
-            logger.log_params(config.flatten(cfg) | derived)
-        # Tags, not params: after a restart the ranks may land on other nodes.
-        logger.set_tags(tags | {"ray.world_size": world_size, "ray.run_name": cfg.tracking.run_name,
-                                "ray.num_nodes": len(set(node_of_rank)), "ray.node_of_rank": json.dumps(node_of_rank)})
-
+    logger = open_run(cfg, launch, mlflow_run_id, start_step, node_of_rank) if rank == 0 else None
     champion = Champion.build(cfg, rank, device, logger, state.get("best") if state is not None else None)
     return Worker(cfg, rank, world_size, device, generator, discriminator, discriminator_local, opt_g, opt_d, batches,
                   z_fixed.to(device), start_step, logger, champion)
+
+
+def open_run(cfg: Config, launch: dict[str, Any], mlflow_run_id: str | None, start_step: int,
+             node_of_rank: list[str]) -> RunLogger:
+    """Rank 0's MLflow run: a new one (named for what it trains, with the driver's source tags,
+    params and dataset), or, on resume, the checkpoint's, continued where it stopped."""
+    dataset = launch.get("dataset", {"name": cfg.data.data, "source": cfg.data.data, "sha256": ""})
+    # --run-name is Ray Train's resume key; the MLflow name tells runs apart in the UI.
+    run_name = f"{cfg.model.preset}-{cfg.model.image_size}px-{dataset['name']}-{secrets.token_hex(3)}"
+    new_run_tags = launch.get("source_tags", {}) | ({"mlflow.parentRunId": cfg.tracking.parent_run_id} if cfg.tracking.parent_run_id else {})
+    logger = RunLogger(cfg.tracking.tracking_uri, cfg.tracking.experiment, run_name, mlflow_run_id, tags=new_run_tags)
+    num_nodes = len(set(node_of_rank))
+    if logger.resumed:
+        log.info("Resuming MLflow run %s from step %d", logger.run_id, start_step)
+        logger.skip_logged()  # every metric and picture the run already holds
+        logger.set_tags({"train.resumed_from_step": start_step})
+    else:
+        derived = {"derived.per_worker_batch": cfg.per_worker_batch, "derived.world_size": len(node_of_rank),
+                   "derived.num_nodes": num_nodes}
+        logger.log_params(config.flatten(cfg) | derived)
+        if dataset["sha256"]:
+            logger.log_dataset(dataset["name"], dataset["source"], dataset["sha256"])
+    # Tags, not params: after a restart the ranks may land on other nodes.
+    logger.set_tags(launch.get("tags", {}) | {"ray.world_size": len(node_of_rank), "ray.run_name": cfg.tracking.run_name,
+                                              "ray.num_nodes": num_nodes, "ray.node_of_rank": json.dumps(node_of_rank)})
+    return logger
 
 
 def speed_up(model: torch.nn.Module, perf: config.PerfConfig, device: torch.device) -> torch.nn.Module:
@@ -176,11 +194,32 @@ def nodes_of_ranks(world_size: int) -> list[str]:
     return node_of_rank
 
 
+class StepClock:
+    """Seconds spent taking steps since the stats window opened. The grid, evaluation and
+    checkpoint work between steps is left out, so img/s measures training, not the side work
+    (which would otherwise be charged to the next window)."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.run_start = self.window_start = clock()
+
+    def window_seconds(self) -> float:
+        return self.clock() - self.window_start
+
+    @contextlib.contextmanager
+    def side_work(self, window_closed: bool) -> Iterator[None]:
+        start = self.clock()
+        yield
+        if window_closed:
+            self.window_start = self.clock()  # the next window opens after this work
+        else:
+            self.window_start += self.clock() - start
+
+
 def run(w: Worker) -> None:
     cfg = w.cfg
     window: list[torch.Tensor] = []  # per-step stats, kept on the device until the window closes
-    run_start = window_start = time.perf_counter()
-    last_progress = 0.0
+    clock = StepClock()
     latest: dict[str, float] = {}  # the last closed window's means, carried by every report
     memory_format = torch.channels_last if cfg.perf.channels_last else torch.contiguous_format
     for step in range(w.start_step + 1, cfg.loop.max_steps + 1):
@@ -191,55 +230,52 @@ def run(w: Worker) -> None:
         stats = gan_step(w.generator, w.discriminator, w.opt_g, w.opt_d, real, z, cfg.perf.precision, w.discriminator_local)
         window.append(torch.stack([stats[name] for name in STAT_NAMES]))
         last_step = step == cfg.loop.max_steps
-
         window_closed = step % cfg.loop.log_every == 0 or last_step
         if window_closed:
-            # Rank 0's rollback request and whether it has a best snapshot ride along, so that
-            # every rank decides on a rollback together.
-            champion = w.champion
-            counts = [w.batches.counts()[name] for name in COUNT_NAMES] + [float(champion.rollback_requested), float(champion.best is not None)]
-            rows, totals = reduce_window(window, w.world_size, counts)  # every rank takes part
-            data_counts = dict(zip(COUNT_NAMES, totals))
-            img_per_s = len(window) * cfg.loop.batch_size / (time.perf_counter() - window_start)
-            # Window means go to Ray Train (and so to Tune's schedulers); per-step values to MLflow.
-            latest = {"img_per_s": img_per_s} | {
-                name: sum(column) / len(column) for name, column in zip(STAT_NAMES, zip(*rows))
-            }
-            if w.logger is not None:
-                first = step - len(window) + 1
-                w.logger.log_metrics(
-                    [(first + i, dict(zip(STAT_NAMES, row))) for i, row in enumerate(rows)]
-                    + [(step, {"img_per_s": img_per_s} | {f"data/{name}": data_counts[name] for name in LOGGED_COUNTS})]
-                )
-                now = time.perf_counter()
-                if now - last_progress >= PROGRESS_EVERY_S or last_step:
-                    log.info(progress_line(step, w.start_step, cfg.loop.max_steps, now - run_start, img_per_s, rows[-1]))
-                    last_progress = now
-            events = champion.observe_window(step, [row[0] for row in rows], latest)  # the same on every rank
+            latest = close_window(w, step, window, clock)
             window = []
-            requested, best_exists = totals[len(COUNT_NAMES):]
-            if cfg.eval.rollback_on_collapse and best_exists and (events or requested):
-                champion.rollback(step, w.generator, w.discriminator, (w.opt_g, w.opt_d), w.world_size)
-            # the same summed counts on every rank, so all ranks stop together
-            check_corrupt_share(data_counts["corrupt_samples"], data_counts["samples"], cfg.data.max_corrupt_fraction)
+        with clock.side_work(window_closed):
+            if w.logger is not None and (step % cfg.loop.sample_every == 0 or last_step):
+                w.logger.log_image(sample_grid(w.generator, w.z_fixed), key="samples", step=step)
+            if w.champion.due(step):
+                w.champion.evaluate(step, w.generator, w.discriminator)  # rank 0 only; the others wait at the next collective
+            # Every rank reports at the same steps (a report is a barrier across workers).
+            if step % cfg.loop.checkpoint_every == 0 or last_step:
+                save_checkpoint(w, step, {"step": step} | latest | w.champion.last_eval)
+            elif window_closed:
+                ray.train.report(with_run_id({"step": step} | latest | w.champion.last_eval, w.logger))
 
-        side_work_start = time.perf_counter()
-        if w.logger is not None and (step % cfg.loop.sample_every == 0 or last_step):
-            w.logger.log_image(sample_grid(w.generator, w.z_fixed), key="samples", step=step)
 
-        if w.champion.due(step):
-            w.champion.evaluate(step, w.generator, w.discriminator)  # rank 0 only; the others wait at the next collective
-
-        # Every rank reports at the same steps (a report is a barrier across workers).
-        if step % cfg.loop.checkpoint_every == 0 or last_step:
-            save_checkpoint(w, step, {"step": step} | latest | w.champion.last_eval)
-        elif window_closed:
-            ray.train.report(with_run_id({"step": step} | latest | w.champion.last_eval, w.logger))
-        # img_per_s times the steps, not the grids, evaluations and checkpoints between them
-        if window_closed:
-            window_start = time.perf_counter()
-        else:
-            window_start += time.perf_counter() - side_work_start
+def close_window(w: Worker, step: int, window: list[torch.Tensor], clock: StepClock) -> dict[str, float]:
+    """Every rank, every --log-every steps: reduce the window's stats across ranks (rank 0 logs
+    them per step), watch for a collapse, roll back if asked, check the corrupt-data share.
+    Returns the window's means, which every report carries."""
+    cfg, champion = w.cfg, w.champion
+    # Rank 0's rollback request and whether it has a best snapshot ride along, so that every
+    # rank decides on a rollback together.
+    counts = [w.batches.counts()[name] for name in COUNT_NAMES] + [float(champion.rollback_requested), float(champion.best is not None)]
+    rows, totals = reduce_window(window, w.world_size, counts)  # every rank takes part
+    data_counts = dict(zip(COUNT_NAMES, totals))
+    img_per_s = len(window) * cfg.loop.batch_size / clock.window_seconds()
+    # Window means go to Ray Train (and so to Tune's schedulers); per-step values to MLflow.
+    latest = {"img_per_s": img_per_s} | {name: sum(column) / len(column) for name, column in zip(STAT_NAMES, zip(*rows))}
+    if w.logger is not None:
+        first = step - len(window) + 1
+        w.logger.log_metrics(
+            [(first + i, dict(zip(STAT_NAMES, row))) for i, row in enumerate(rows)]
+            + [(step, {"img_per_s": img_per_s} | {f"data/{name}": data_counts[name] for name in LOGGED_COUNTS})]
+        )
+        now = clock.clock()
+        if now - w.last_progress >= PROGRESS_EVERY_S or step == cfg.loop.max_steps:
+            log.info(progress_line(step, w.start_step, cfg.loop.max_steps, now - clock.run_start, img_per_s, rows[-1]))
+            w.last_progress = now
+    events = champion.observe_window(step, [row[0] for row in rows], latest)  # the same on every rank
+    requested, best_exists = totals[len(COUNT_NAMES):]
+    if cfg.eval.rollback_on_collapse and best_exists and (events or requested):
+        champion.rollback(step, w.generator, w.discriminator, (w.opt_g, w.opt_d), w.world_size)
+    # the same summed counts on every rank, so all ranks stop together
+    check_corrupt_share(data_counts["corrupt_samples"], data_counts["samples"], cfg.data.max_corrupt_fraction)
+    return latest
 
 
 def reduce_window(window: list[torch.Tensor], world_size: int, counts: list[float]) -> tuple[list[list[float]], list[float]]:

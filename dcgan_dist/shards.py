@@ -12,7 +12,7 @@ import sys
 from dcgan_dist.config import IMAGE_SIZES, OneLineErrorParser
 from dcgan_dist.data import manifest, pack, s3
 from dcgan_dist.data.sources import NAMES
-from dcgan_dist.util import redact
+from dcgan_dist.util import redact, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,34 +35,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "pack":
-            if args.shard_size < 1 or args.workers < 1:
-                raise ValueError("--shard-size and --workers must be >= 1")
-            report = pack.pack(args.source, args.source_path, args.out, args.image_size, args.image_format,
-                               args.shard_size, args.workers, progress=not args.no_progress)
-            for line in report["skipped"]:
-                print(f"skipped: {line}", file=sys.stderr)
-            print(f"{report['samples']} images in {report['shards']} shards ({report['packed_now']} packed now, "
-                  f"{len(report['skipped'])} unreadable images skipped): {redact(report['manifest'])}")
-            return 0
-        report = run_inspect(args.url, args.preview)
-    except (s3.StorageError, manifest.ManifestError, FileNotFoundError, ValueError) as e:
-        print(f"python -m dcgan_dist.shards: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli("python -m dcgan_dist.shards", lambda: pack_command(args) if args.command == "pack" else inspect_command(args),
+                   (s3.StorageError, manifest.ManifestError, FileNotFoundError, ValueError))
+
+
+def pack_command(args: argparse.Namespace) -> int:
+    if args.shard_size < 1 or args.workers < 1:
+        raise ValueError("--shard-size and --workers must be >= 1")
+    report = pack.pack(args.source, args.source_path, args.out, args.image_size, args.image_format,
+                       args.shard_size, args.workers, progress=not args.no_progress)
+    for line in report["skipped"]:
+        print(f"skipped: {line}", file=sys.stderr)
+    print(f"{report['samples']} images in {report['shards']} shards ({report['packed_now']} packed now, "
+          f"{len(report['skipped'])} unreadable images skipped): {redact(report['manifest'])}")
+    return 0
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    report = run_inspect(args.url, args.preview)
     width = max(len(k) for k in report)
     for key, value in report.items():
         if key != "problems":
             print(f"{key:<{width}}  {redact(value)}")
     for line in report["problems"]:
         print(f"problem: {line}")
-    return 1 if report["problems"] else 0
+    return 1 if report["problems"] else 0  # readable, but not what the manifest promises
 
 
 def run_inspect(url: str, preview: str) -> dict:
-    from dcgan_dist.data.inspect import inspect  # torch and torchvision: only needed here
+    from dcgan_dist.data.preview import inspect_manifest  # torch and torchvision: only needed here
 
-    return inspect(url, preview)
+    return inspect_manifest(url, preview)
 
 
 if __name__ == "__main__":

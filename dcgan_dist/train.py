@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from dcgan_dist.config import Config, ConfigError
 from dcgan_dist.data import manifest, s3
 from dcgan_dist.tracking import store
 from dcgan_dist.tracking.store import TrackingError
-from dcgan_dist.util import redact
+from dcgan_dist.util import redact, run_cli
 
 
 def preflight(cfg: Config) -> Config:
@@ -135,17 +136,26 @@ def check_manifest(cfg: Config) -> int:
     return shards.num_samples
 
 
-def lineage_tags(cfg: Config) -> dict[str, str]:
-    """Where a run came from, as MLflow tags: code version, data and its hash, Ray job (Ray must
-    be initialised; the world size is tagged by the workers)."""
-    import ray
+def training_data(cfg: Config) -> dict[str, str]:
+    """What the run trains on, for MLflow's Datasets panel and the lineage tags: a name, the
+    source (the manifest URL, or the bundled set's name) and a sha256 (of the bundled images,
+    or of the manifest, which holds each shard's sha256)."""
+    if cfg.data.data in data.SOURCES:
+        images = data.open_dataset(cfg.data.data, cfg.model.image_size).tensors[0]
+        return {"name": cfg.data.data, "source": cfg.data.data, "sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()}
+    raw = s3.read_bytes(cfg.data.data, fast=True)
+    name = json.loads(raw).get("source", "shards")  # the preflight read this manifest: it is valid JSON
+    return {"name": name, "source": redact(cfg.data.data), "sha256": hashlib.sha256(raw).hexdigest()}
 
-    package_dir = Path(__file__).resolve().parent
+
+def code_version() -> dict[str, str]:
+    """The installed package's version and, in a git checkout, the commit and whether it is dirty."""
     try:
         version = importlib.metadata.version("dcgan-dist")
     except importlib.metadata.PackageNotFoundError:  # run from a source tree on PYTHONPATH, not installed
         version = "source tree"
     tags = {"code.version": version}
+    package_dir = Path(__file__).resolve().parent
     try:  # a git checkout (an installed wheel or image has none)
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package_dir, capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
@@ -155,21 +165,29 @@ def lineage_tags(cfg: Config) -> dict[str, str]:
             tags["code.git_dirty"] = str(bool(changes.stdout.strip()))
     except (OSError, subprocess.TimeoutExpired):
         pass
-    if cfg.data.data in data.SOURCES:
-        images = data.open_dataset(cfg.data.data, cfg.model.image_size).tensors[0]
-        digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()  # the images trained on
-    else:
-        digest = hashlib.sha256(s3.read_bytes(cfg.data.data, fast=True)).hexdigest()  # the manifest, which has each shard's sha256
-    tags |= {"data.manifest": redact(cfg.data.data), "data.sha256": digest,
-             "ray.job_id": ray.get_runtime_context().get_job_id()}
+    return tags
+
+
+def launch_info(cfg: Config, entry_point: str) -> dict:
+    """What every worker is handed besides the config: the run's lineage tags (code, data, Ray
+    job), the MLflow source tags of a new run (the entry point, not Ray's worker script) and the
+    training data (Ray must be initialised; the world size is tagged by the workers)."""
+    import ray
+
+    dataset = training_data(cfg)
+    tags = code_version() | {"data.manifest": dataset["source"], "data.sha256": dataset["sha256"],
+                             "ray.job_id": ray.get_runtime_context().get_job_id()}
     # `ray job submit` hands its driver the submission id in the job config's metadata.
     job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
     if job_config.get("metadata", {}).get("job_submission_id"):
         tags["ray.submission_id"] = job_config["metadata"]["job_submission_id"]
-    return tags
+    source_tags = {"mlflow.source.name": entry_point, "mlflow.source.type": "JOB" if "ray.submission_id" in tags else "LOCAL"}
+    if "code.git_commit" in tags:
+        source_tags["mlflow.source.git.commit"] = tags["code.git_commit"]
+    return {"tags": tags, "source_tags": source_tags, "dataset": dataset}
 
 
-def build_trainer(cfg: Config, callbacks: list | None = None):
+def build_trainer(cfg: Config, callbacks: list | None = None, entry_point: str = "dcgan_dist.train"):
     """The TorchTrainer for a preflighted config (Ray must be initialised). Sweeps build one
     per trial, with Tune's report callback."""
     import ray.train
@@ -179,10 +197,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
 
     return TorchTrainer(
         train_loop,
-        # The driver's AWS_* settings travel to the workers in memory (never logged), so they
-        # read shards from the endpoint, with the credentials, that the preflight checked.
-        train_loop_config={"config": config.flatten(cfg), "tags": lineage_tags(cfg),
-                           "env": {name: os.environ[name] for name in s3.AWS_ENV_VARS if name in os.environ}},
+        train_loop_config={"config": config.flatten(cfg), **launch_info(cfg, entry_point), "env": worker_env(cfg)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.cluster.num_workers,
             use_gpu=cfg.cluster.use_gpu,
@@ -195,8 +210,19 @@ def build_trainer(cfg: Config, callbacks: list | None = None):
             # After a worker or node failure, Ray Train restarts the workers from the latest checkpoint.
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
             callbacks=callbacks,
+            # Quiet by default: Ray Train's own INFO lines (a line per report) only with --verbose.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.loop.verbose else "WARNING"),
         ),
     )
+
+
+def worker_env(cfg: Config) -> dict[str, str]:
+    """Environment the workers take from the driver. The AWS_* settings travel in memory (never
+    logged), so workers read shards from the endpoint, with the credentials, the preflight checked."""
+    env = {name: os.environ[name] for name in s3.AWS_ENV_VARS if name in os.environ}
+    if not cfg.loop.verbose:
+        env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a bar per downloaded artifact at registration
+    return env
 
 
 def storage(storage_path: str) -> dict:
@@ -236,12 +262,14 @@ def fit(cfg: Config):
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config.parse(argv, prog="python -m dcgan_dist.train", description=__doc__.split("\n\n")[0])
-    try:
-        cfg = preflight(cfg)
-    except (ConfigError, TrackingError) as e:
-        print(f"python -m dcgan_dist.train: error: {e}", file=sys.stderr)
-        return 2
+    if not cfg.loop.verbose:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # e.g. its store's "Creating initial tables" lines
+    return run_cli("python -m dcgan_dist.train", lambda: train(cfg), (ConfigError, TrackingError))
 
+
+def train(cfg: Config) -> int:
+    """Preflight (a bad input raises before Ray starts), fit, and the summary lines."""
+    cfg = preflight(cfg)
     result = fit(cfg)
     run_id = (result.metrics or {}).get("mlflow_run_id")
     checkpoint = result.checkpoint.path if result.checkpoint else None

@@ -22,7 +22,7 @@ from PIL import Image
 from dcgan_dist import config
 from dcgan_dist.config import ConfigError
 from dcgan_dist.data import manifest, pack, s3, stream
-from dcgan_dist.data.inspect import inspect
+from dcgan_dist.data.preview import inspect_manifest as inspect
 from dcgan_dist.train import main, preflight
 from tests.conftest import train_args
 

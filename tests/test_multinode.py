@@ -67,6 +67,8 @@ def assert_trained_on_both_nodes(cluster, tracking_uri: str, max_steps: int):
     node_of_rank = json.loads(tags["ray.node_of_rank"])
     assert len(node_of_rank) == 2 and set(node_of_rank) == {n["node_id"] for n in cluster.alive_nodes()}
     assert steps_of(client, run.info.run_id, "loss_d") == list(range(1, max_steps + 1))
+    # the entry point, not Ray's worker script, is the run's source; submitted as a Ray job
+    assert tags["mlflow.source.name"] == "dcgan_dist.train" and tags["mlflow.source.type"] == "JOB"
     # D's loss falls from ~1.4 as D learns (G's loss rises meanwhile: early GAN dynamics)
     loss_d = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss_d"), key=lambda m: m.step)]
     assert sum(loss_d[-3:]) < sum(loss_d[:3]), loss_d
@@ -79,6 +81,8 @@ def test_ray_job_submit_trains_on_both_nodes(ray_cluster, tmp_path):
               "--", "python", "-m", "dcgan_dist.train", *job_args(tmp_path)]
     logs = ray_cluster.cli(*submit, timeout_s=300)
     assert "Training finished at step 12" in logs
+    # quiet by default: the progress bar, not a line per Ray Train report
+    assert "12/12" in logs and "Reporting training result" not in logs, logs[-3000:]
     assert ray_cluster.token not in logs
     assert_trained_on_both_nodes(ray_cluster, f"sqlite:///{tmp_path / 'mlflow.db'}", 12)
 
@@ -89,7 +93,7 @@ def test_jobs_sdk_run_with_bn_sync_survives_a_killed_worker_via_s3_checkpoints(r
     and the run resumes from S3 into the same MLflow run with every step logged once."""
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = job_client(ray_cluster)
-    args = job_args(tmp_path, "--bn-sync", max_steps=30, checkpoint_every=10, log_every=5, max_failures=2,
+    args = job_args(tmp_path, "--bn-sync", "--verbose", max_steps=30, checkpoint_every=10, log_every=5, max_failures=2,
                     storage_path=f"s3://{s3_bucket}/checkpoints")
     job_id = client.submit_job(entrypoint=shlex.join(["python", "-m", "dcgan_dist.train", *args]),
                                runtime_env=runtime_env(aws_env()))
@@ -122,7 +126,8 @@ def test_jobs_sdk_run_with_bn_sync_survives_a_killed_worker_via_s3_checkpoints(r
     assert int(run.data.tags["train.resumed_from_step"]) in (10, 20)
     assert steps_of(mlflow_client, run.info.run_id, "img_per_s") == list(range(5, 31, 5))
     assert run.data.params["cluster.bn_sync"] == "True" and run.data.params["cluster.max_failures"] == "2"
-    assert "Resuming MLflow run" in client.get_job_logs(job_id)
+    logs = client.get_job_logs(job_id)
+    assert "Resuming MLflow run" in logs and "Reporting training result" in logs  # --verbose: Ray Train's own lines too
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="checkpoints/test/")["Contents"]]
     for name in ("state.pt", "rng-rank0.pt", "rng-rank1.pt"):
         assert any(k.startswith("checkpoints/test/checkpoint_") and k.endswith("/" + name) for k in keys), keys

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,14 @@ def test_training_leaves_metrics_samples_and_registered_models(ray_local, mlflow
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.lr"] == "0.0002" and run.data.params["model.bn"] == "paper"
     assert run.data.params["derived.world_size"] == "1"
+    # named for what it trains (--run-name stays Ray Train's resume key, kept as a tag)
+    assert re.fullmatch(r"pytorch-examples-32px-digits-[0-9a-f]{6}", run.info.run_name), run.info.run_name
+    assert run.data.tags["ray.run_name"] == "test"
+    assert run.data.tags["mlflow.source.name"] == "dcgan_dist.train" and run.data.tags["mlflow.source.type"] == "LOCAL"
+    # the Datasets panel: the bundled digits, their sha256 as the digest, in the training context
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "digits" and dataset_input.dataset.digest == run.data.tags["data.sha256"][:36]
+    assert {tag.key: tag.value for tag in dataset_input.tags}["mlflow.data.context"] == "training"
     for metric in ("loss_d", "loss_g", "d_real", "d_fake"):
         assert steps_of(client, run.info.run_id, metric) == list(range(1, 13)), metric
     assert steps_of(client, run.info.run_id, "img_per_s") == [4, 8, 12]

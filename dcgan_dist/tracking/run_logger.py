@@ -5,12 +5,16 @@ pictures, and the models at the end.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import mlflow
 import numpy as np
 import torch
 from mlflow import MlflowClient
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric, RunTag
 
 from dcgan_dist.models import Architecture
@@ -26,8 +30,10 @@ class RunLogger:
     MLflow's system metrics monitor (psutil) samples CPU, memory, disk and network (and GPUs
     with pynvml) into `system/...` metrics while the run is open."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None, parent_run_id: str = "",
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None, tags: dict[str, str] | None = None,
                  max_buffered_metrics: int = 200_000):
+        """A new run (run_id None) gets `run_name` and `tags`, which override what MLflow infers
+        (the source: Ray's worker script; the parent: `mlflow.parentRunId`, for a sweep's trials)."""
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(uri)
         if run_id is not None:
@@ -43,8 +49,7 @@ class RunLogger:
             run_id=run_id,
             experiment_id=experiment_id,
             run_name=run_name if run_id is None else None,
-            # A sweep's trials are child runs of the sweep's run (the tag the MLflow UI nests by).
-            tags={"mlflow.parentRunId": parent_run_id} if parent_run_id and run_id is None else None,
+            tags=tags if run_id is None else None,
             log_system_metrics=True,
         )
         self.run_id = self.run.info.run_id
@@ -71,6 +76,18 @@ class RunLogger:
                 key, step = match.group(1), int(match.group(2))
                 self.logged_through[key] = max(self.logged_through.get(key, 0), step)
         self.logged_through = {key: step for key, step in self.logged_through.items() if step > 0}
+
+    def log_dataset(self, name: str, source: str, digest: str) -> None:
+        """The training data in the run's Datasets panel: `source` a manifest URL or a bundled set's name."""
+        if "://" in source or source.endswith(".json"):
+            with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways", all of them local files
+                warnings.simplefilter("ignore", UserWarning)
+                dataset_source = resolve_dataset_source(redact(source))
+        else:
+            dataset_source = CodeDatasetSource({"dataset": source})  # bundled with the code (sklearn's digits)
+        # MLflow's digest column holds 36 characters: the sha256's first 36 hex digits (the full one is the tag data.sha256)
+        dataset = MetaDataset(dataset_source, name=name, digest=digest[:36])
+        mlflow.log_input(dataset, context="training")  # into the active run: this one
 
     def log_params(self, params: dict[str, Any]) -> None:
         log_params(self.client, self.run_id, params)

@@ -12,7 +12,7 @@ from dcgan_dist.data import manifest, s3
 from dcgan_dist.data.stream import IMAGE_KEYS, decode, tar_samples
 
 
-def inspect(url: str, preview_path: str | None = None, preview_count: int = 64) -> dict:
+def inspect_manifest(url: str, preview_path: str | None = None, preview_count: int = 64) -> dict:
     shards = manifest.read(url)
     report = {"manifest": url, "source": shards.source, "image_size": shards.image_size,
               "image_format": shards.image_format, "shards": len(shards.shards),
