@@ -1,7 +1,7 @@
 """benchmarks/gpu/check.sh, the one-call GPU check: its command line, and part d's dry run here.
 
 The whole dry run (parts a-d on this CPU, through Ray) takes minutes; it is run by hand
-(`bash benchmarks/gpu/check.sh --dry-run`, README "Performance"), not here.
+(`bash benchmarks/gpu/check.sh --dry-run`, docs/performance.md), not here.
 """
 
 from __future__ import annotations

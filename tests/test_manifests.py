@@ -1,4 +1,4 @@
-"""cluster/ and infra/: the KubeRay manifests, the MLflow stack, and the README steps that use them.
+"""cluster/ and infra/: the KubeRay manifests, the MLflow stack, and the steps in docs/cluster.md that use them.
 
 Offline and fast: every YAML parses; RayCluster/RayJob validate against the vendored KubeRay CRD
 schemas (cluster/schemas/, with unknown fields rejected), the core Kubernetes objects and every
@@ -31,6 +31,7 @@ SCHEMAS = CLUSTER / "schemas"
 COMPOSE = INFRA / "docker-compose.yaml"
 LAUNCHER = CLUSTER / "ray-cluster-launcher.yaml"
 README = ROOT / "README.md"
+CLUSTER_DOC = ROOT / "docs" / "cluster.md"  # the steps from an empty Kubernetes cluster to a run
 K8S_VERSION = "1.31"  # oldest Kubernetes the manifests are meant for; its schemas are bundled
 MIN_RAY_FOR_TOKEN_AUTH = (2, 52)
 
@@ -140,7 +141,7 @@ def test_expected_files_exist_and_every_yaml_parses():
         assert docs and all(isinstance(doc, dict) for doc in docs), path
     for name, doc in k8s_objects():
         assert {"apiVersion", "kind", "metadata"} <= doc.keys(), name
-        assert "namespace" not in doc["metadata"], f"{name}: the README picks the namespace"
+        assert "namespace" not in doc["metadata"], f"{name}: docs/cluster.md picks the namespace"
 
 
 def test_no_vendored_or_committed_file_is_huge():
@@ -325,7 +326,7 @@ def test_images_are_pinned_and_ours_share_one_registry():
     for image in images:
         assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image
     ours = {image.rsplit("/", 1)[0] for image in images if "dcgan" in image.rsplit("/", 1)[-1]}
-    assert ours == {"registry.example.com"}  # one `sed` in the README retargets them all
+    assert ours == {"registry.example.com"}  # one `sed` in docs/cluster.md retargets them all
 
 
 def test_training_dockerfile_cuda_base_project_installed_non_root():
@@ -445,7 +446,7 @@ def credential_patterns(text: str) -> list[str]:
 
 def scanned_files() -> list[Path]:
     files = [p for folder in (CLUSTER, INFRA) for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
-    return [*files, README]
+    return [*files, README, CLUSTER_DOC]
 
 
 def test_secret_scanners_catch_literals():
@@ -493,7 +494,7 @@ def test_no_credential_pattern_in_any_file_of_cluster_infra_or_the_readme():
 
 
 def test_every_secret_the_manifests_use_is_created_by_the_readme():
-    """The README's `kubectl create secret` lines create exactly the Secrets and keys referenced."""
+    """docs/cluster.md's `kubectl create secret` lines create exactly the Secrets and keys referenced."""
     referenced: set[tuple[str, str | None]] = set()
 
     def collect(node):
@@ -518,8 +519,8 @@ def test_every_secret_the_manifests_use_is_created_by_the_readme():
             created[words[4]] = keys
     assert referenced
     for secret, key in referenced:
-        assert secret in created, f"the README never creates Secret {secret}"
-        assert key is None or key in created[secret], f"the README's Secret {secret} lacks key {key}"
+        assert secret in created, f"docs/cluster.md never creates Secret {secret}"
+        assert key is None or key in created[secret], f"docs/cluster.md's Secret {secret} lacks key {key}"
     # envFrom a Secret hands over its keys as variables: those must be names the code reads.
     for secret in {secret for secret, key in referenced if key is None}:
         assert created[secret] <= env_names_the_code_reads(), secret
@@ -648,14 +649,14 @@ def test_create_buckets_creates_only_the_missing_ones(monkeypatch):
         assert module.create_buckets(["mlflow-artifacts", "dcgan", "more"]) == ["more"]
 
 
-# ---------------------------------------------------------------- the README
+# ---------------------------------------------------------------- docs/cluster.md
 
 
 def run_on_a_cluster_section() -> str:
-    text = README.read_text()
+    text = CLUSTER_DOC.read_text()
     headings = re.findall(r"^## (.+)$", text, re.MULTILINE)
-    assert "Run on a cluster" in headings and headings.index("Run on a cluster") < headings.index("Tests")
-    return text.split("## Run on a cluster", 1)[1].split("\n## ", 1)[0]
+    assert "From an empty Kubernetes cluster to a run in MLflow" in headings
+    return text.split("## From an empty Kubernetes cluster to a run in MLflow", 1)[1].split("\n## ", 1)[0]
 
 
 def readme_commands(section: str) -> list[str]:
@@ -671,14 +672,14 @@ def readme_commands(section: str) -> list[str]:
 
 def test_the_readme_train_commands_parse():
     commands = [c for c in readme_commands(run_on_a_cluster_section()) if "python -m dcgan_dist.train" in c]
-    assert commands, "the README shows how to submit a training run to the RayCluster"
+    assert commands, "docs/cluster.md shows how to submit a training run to the RayCluster"
     for command in commands:
         words = shlex.split(command, comments=True)
         start = words.index("dcgan_dist.train") + 1
         try:
             config.parse(words[start:])
         except SystemExit:
-            pytest.fail(f"README command does not parse: {command}")
+            pytest.fail(f"docs/cluster.md command does not parse: {command}")
     assert any("ray job submit --address http://" in c for c in commands)
     assert any(re.search(r"--data s3://\S+/manifest\.json", c) for c in commands)
 
