@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -9,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import train_args
-from tuning import sweep
+from tuning import report, space, sweep
 
 
 def sweep_args(tmp_path, tracking_uri, *search, **overrides) -> list[str]:
@@ -38,6 +40,11 @@ def runs_by_kind(client: MlflowClient, experiment: str = "tests"):
         (["--search", "lr=loguniform:0:1e-3"], "loguniform"),
         ([], "empty"),
         (["--search", "lr=1e-4", "--metric", "loss_d"], "--mode"),
+        # spaces of no trials at all: refused here, not a sweep that ends with nothing
+        (["--search", "beta1=choice:,"], "--search"),
+        (["--search", "lr=,"], "--search"),
+        (["--search", "lr=1e-4", "--num-samples", "0"], "--num-samples"),
+        (["--search", "lr=1e-4", "--grace-steps", "-1"], "--grace-steps"),
     ],
 )
 def test_bad_search_exits_2_naming_it(args, option, capsys):
@@ -74,10 +81,88 @@ def test_search_keys_are_config_paths_and_the_paper_ablation():
     assert flagged.base.tracking.register_models is False
 
 
+def test_the_paper_ablation_uses_only_the_configs_own_choices():
+    # the ablation names BatchNorm placements; the config (from models) owns the list
+    from dcgan_dist import config
+
+    assert set(space.ABLATIONS["paper"]["model.bn"]) <= set(config.BN_CHOICES)
+    assert sweep.build_parser()._option_string_actions["--bn"].choices == config.BN_CHOICES
+
+
+def test_a_trials_config_is_the_base_with_its_values_under_the_parent():
+    base = sweep.parse_args(["--search", "lr=1e-4,2e-4", "--max-steps", "33"]).base
+    from dcgan_dist import config
+
+    cfg = space.trial_config(config.flatten(base), {"optim.lr": 1e-4}, run_name="s-t1", parent_run_id="p1", storage_path="/x")
+    assert (cfg.optim.lr, cfg.loop.max_steps, cfg.tracking.run_name, cfg.tracking.parent_run_id, cfg.tracking.storage_path) == (
+        1e-4, 33, "s-t1", "p1", "/x")
+    assert base.optim.lr == 2e-4  # the base is not changed
+
+
+def errored_result(path, trial_id: str):
+    """What Tune hands back for a trial that failed before its first report: no metrics but its id."""
+    from ray.tune import Result
+
+    return Result(metrics={"trial_id": trial_id}, checkpoint=None, error=RuntimeError("worker died"), path=str(path))
+
+
+def every_trial_errored(tmp_path):
+    settings = sweep.parse_args(["--search", "lr=1e-4,2e-4", "--scheduler", "none"])
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t1" / "params.json").write_text(json.dumps({"optim.lr": 1e-4}))  # Tune writes it at a trial's start
+    return settings, [errored_result(tmp_path / "t1", "abc_00000"), errored_result(tmp_path / "t2", "abc_00001")]
+
+
+def test_trials_that_all_errored_are_listed_as_errored(tmp_path):
+    settings, results = every_trial_errored(tmp_path)
+    rows = report.trial_rows(results, settings)
+    assert [(row["trial"], row["optim.lr"], row["status"], row["steps"]) for row in rows] == [
+        ("abc_00000", 1e-4, "error", 0), ("abc_00001", None, "error", 0)]
+    files = report.write(rows, report.trial_curves(results, settings.metric), settings, tmp_path)
+    assert files["markdown"].read_text().count("| error |") == 2 and files["plot"].stat().st_size > 0
+
+
+def test_a_sweep_whose_trials_all_errored_fails_and_so_does_its_parent_run(tmp_path, mlflow_sqlite, capsys):
+    from tuning import run
+
+    settings, results = every_trial_errored(tmp_path)
+    client = MlflowClient(mlflow_sqlite)
+    parent = client.create_run(client.create_experiment("tests")).info.run_id
+    assert run.finish(client, parent, settings, results, resumed=False) == 1
+    assert client.get_run(parent).info.status == "FAILED"
+    assert "ablation.md" in {a.path for a in client.list_artifacts(parent)}
+    assert "every trial (2) failed" in capsys.readouterr().err
+
+
+def test_a_sweep_of_no_trials_says_so_instead_of_crashing(tmp_path, mlflow_sqlite, capsys):
+    from tuning import run
+
+    settings = sweep.parse_args(["--search", "lr=1e-4"])
+    client = MlflowClient(mlflow_sqlite)
+    parent = client.create_run(client.create_experiment("tests")).info.run_id
+    assert run.finish(client, parent, settings, [], resumed=False) == 1
+    assert client.get_run(parent).info.status == "FAILED"
+    assert "ran no trials" in capsys.readouterr().err
+    assert run.outcome([{"status": "error"}, {"status": "completed"}])[:2] == ("FINISHED", 0)
+
+
+def test_the_environment_is_set_only_inside_and_restored_as_it_was(monkeypatch):
+    from tuning import run
+
+    monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "0")
+    monkeypatch.delenv("TUNE_RESULT_BUFFER_LENGTH", raising=False)
+    with pytest.raises(KeyError), run.environment({"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1", "TUNE_RESULT_BUFFER_LENGTH": "1"}):
+        assert os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] == "1"
+        raise KeyError("a failing sweep")
+    assert os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] == "0" and "TUNE_RESULT_BUFFER_LENGTH" not in os.environ
+
+
 @pytest.mark.slow
 def test_grid_sweep_leaves_one_child_run_per_trial_and_the_table(ray_local, mlflow_sqlite, tmp_path):
     args = sweep_args(tmp_path, mlflow_sqlite, "lr=2e-4,1e-3", "beta1=0.5,0.9") + ["--scheduler", "none"]
+    strict_switch = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
     assert sweep.main(args) == 0
+    assert os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING") == strict_switch  # set for the sweep's fit only
 
     client = MlflowClient(mlflow_sqlite)
     parents, children = runs_by_kind(client)

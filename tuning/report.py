@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,35 +12,54 @@ import matplotlib
 matplotlib.use("Agg")  # no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tuning.sweep import Sweep  # noqa: E402
+from tuning.space import Sweep  # noqa: E402
 
 
 def trial_rows(results, sweep: Sweep) -> list[dict[str, Any]]:
-    """One row per trial: its searched values, the metric (last and best), steps, status."""
+    """One row per trial: its searched values, the metric (last and best), steps, status. A
+    trial that errored before reporting anything is a row too, its metric and steps empty."""
     better = min if sweep.mode == "min" else max
     rows = []
     for result in results:
+        metrics = result.metrics or {}
         frame = result.metrics_dataframe
         values = frame[sweep.metric].dropna().tolist() if frame is not None and sweep.metric in frame else []
-        last_step = int(result.metrics.get("step", 0)) if result.metrics else 0
+        last_step = int(metrics.get("step", 0))
         if result.error is not None:
             status = "error"
         elif last_step < sweep.base.loop.max_steps:
             status = "stopped early"
         else:
             status = "completed"
+        params = trial_params(result)
         rows.append(
-            {"trial": (result.metrics or {}).get("trial_id", "?")}
-            | {d.path: result.config.get(d.path) for d in sweep.dimensions}
+            {"trial": metrics.get("trial_id", "?")}
+            | {d.path: params.get(d.path) for d in sweep.dimensions}
             | {
                 f"last {sweep.metric}": values[-1] if values else None,
                 f"best {sweep.metric}": better(values) if values else None,
                 "steps": last_step,
                 "status": status,
-                "mlflow_run_id": (result.metrics or {}).get("mlflow_run_id", ""),
+                "mlflow_run_id": metrics.get("mlflow_run_id", ""),
             }
         )
     return sorted(rows, key=lambda r: (r[f"best {sweep.metric}"] is None, (1 if sweep.mode == "min" else -1) * (r[f"best {sweep.metric}"] or 0)))
+
+
+PARAMS_FILE = "params.json"  # Tune's JSON logger writes each trial's config there when it starts
+
+
+def trial_params(result) -> dict[str, Any]:
+    """The trial's searched values. Tune keeps them in the last result, which a trial that
+    failed before its first report does not have: then the file Tune wrote at its start."""
+    if result.config:
+        return result.config
+    try:
+        with result.filesystem.open_input_stream(f"{result.path}/{PARAMS_FILE}") as stream:
+            params = json.loads(stream.read())
+    except (OSError, ValueError):
+        return {}
+    return params if isinstance(params, dict) else {}
 
 
 def trial_curves(results, metric: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -81,7 +101,8 @@ def plot(rows: list[dict[str, Any]], curves: dict, sweep: Sweep, path: Path) -> 
         curve_axis.plot(steps, values, label=trial)
     curve_axis.set_xlabel("step")
     curve_axis.set_ylabel(sweep.metric)
-    curve_axis.legend(fontsize=6)
+    if curves:  # no trial reported the metric (every one errored): no legend to draw
+        curve_axis.legend(fontsize=6)
     figure.suptitle(f"{sweep.sweep_name}: {sweep.metric} ({sweep.mode})")
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,35 +18,34 @@ from ray.tune.schedulers import ASHAScheduler
 
 from dcgan_dist import config, placement, train
 from dcgan_dist.tracking import store
-from tuning import report
-from tuning.sweep import Sweep
+from tuning import report, space
+from tuning.space import Sweep
 
 
 def search_space(sweep: Sweep) -> dict[str, Any]:
-    space = {}
+    """The dimensions as Tune's param_space, keyed by config path."""
+    param_space = {}
     for d in sweep.dimensions:
-        if d.grid and d.distribution != "choice":
-            space[d.path] = ray.tune.grid_search(d.grid)
-        elif d.distribution == "choice":
-            space[d.path] = ray.tune.choice(d.grid)
+        if d.distribution == "choice":
+            param_space[d.path] = ray.tune.choice(d.grid)
+        elif d.grid:
+            param_space[d.path] = ray.tune.grid_search(d.grid)
         elif d.distribution == "uniform":
-            space[d.path] = ray.tune.uniform(d.low, d.high)
+            param_space[d.path] = ray.tune.uniform(d.low, d.high)
         elif d.distribution == "loguniform":
-            space[d.path] = ray.tune.loguniform(d.low, d.high)
+            param_space[d.path] = ray.tune.loguniform(d.low, d.high)
         else:
-            space[d.path] = ray.tune.randint(int(d.low), int(d.high))
-    return space
+            param_space[d.path] = ray.tune.randint(int(d.low), int(d.high))
+    return param_space
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], sweep_name: str, parent_run_id: str, train_storage: str) -> None:
     """One trial: the base config with this trial's values, trained by its own TorchTrainer."""
-    cfg = config.from_flat(params, config.from_flat(base))
     trial_id = ray.tune.get_context().get_trial_id()
     # The trial id is stable across Tuner.restore, so a resumed trial resumes its Train run
     # (and its MLflow child run) from its own latest checkpoint.
-    cfg.tracking.run_name = f"{sweep_name}-{trial_id}"
-    cfg.tracking.parent_run_id = parent_run_id
-    cfg.tracking.storage_path = train_storage
+    cfg = space.trial_config(base, params, run_name=f"{sweep_name}-{trial_id}", parent_run_id=parent_run_id,
+                             storage_path=train_storage)
     train.build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
 
 
@@ -124,6 +124,61 @@ def environment(values: dict[str, str]):
                 os.environ[name] = value
 
 
+def make_tuner(sweep: Sweep, trainable, tune_path: str, at_once: int) -> ray.tune.Tuner:
+    """The sweep's Tuner: restored from `tune_path` where this sweep ran before, else new."""
+    if ray.tune.Tuner.can_restore(tune_path):
+        print(f"Resuming sweep {sweep.sweep_name} from {tune_path}: finished trials are kept")
+        return ray.tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True)
+    scheduler = None
+    if sweep.scheduler == "asha":
+        # max_t one past the last step: ASHA stops a trial that reaches max_t, and a trial
+        # that reaches its last step must instead finish by itself (close its run, log models).
+        scheduler = ASHAScheduler(time_attr="step", max_t=sweep.base.loop.max_steps + 1,
+                                  grace_period=sweep.grace_steps, reduction_factor=2)
+    return ray.tune.Tuner(
+        trainable,
+        param_space=search_space(sweep),
+        tune_config=ray.tune.TuneConfig(
+            metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
+            num_samples=sweep.num_samples, max_concurrent_trials=at_once,
+        ),
+        run_config=ray.tune.RunConfig(name=sweep.sweep_name, storage_path=sweep.base.tracking.storage_path),
+    )
+
+
+def outcome(rows: list[dict[str, Any]]) -> tuple[str, int, str]:
+    """(the parent run's MLflow status, the exit code, a line saying why). The sweep fails when
+    no trial gave a result: every trial errored, or (never from validated input: the CLI refuses
+    an empty space and --num-samples 0) there were no trials."""
+    failed = sum(row["status"] == "error" for row in rows)
+    if not rows:
+        return "FAILED", 1, "the sweep ran no trials, so there is nothing to compare"
+    if failed == len(rows):
+        return "FAILED", 1, f"every trial ({failed}) failed; see the errors above and the table"
+    return "FINISHED", 0, f"{len(rows)} trials, {failed} failed"
+
+
+def finish(client: MlflowClient, parent_id: str, sweep: Sweep, results, resumed: bool) -> int:
+    """Close the trials ASHA stopped, log the table and plot to the parent run, close it."""
+    rows = report.trial_rows(results, sweep)
+    for row in rows:  # ASHA's stops kill the trial's workers before they can close their run
+        if row["status"] == "stopped early" and row["mlflow_run_id"]:
+            client.set_tag(row["mlflow_run_id"], "sweep.stopped_early", "true")
+            client.set_terminated(row["mlflow_run_id"], status="KILLED")
+    if rows:
+        with tempfile.TemporaryDirectory() as folder:
+            files = report.write(rows, report.trial_curves(results, sweep.metric), sweep, Path(folder))
+            for path in files.values():
+                client.log_artifact(parent_id, str(path))
+            print(files["markdown"].read_text())
+    status, code, why = outcome(rows)
+    client.set_terminated(parent_id, status=status)
+    print(f"MLflow parent run: {parent_id} ({why}{', resumed' if resumed else ''})")
+    if code:
+        print(f"The sweep failed: {why}", file=sys.stderr)
+    return code
+
+
 def run_sweep(sweep: Sweep) -> int:
     base = sweep.base
     if not ray.is_initialized():
@@ -141,43 +196,14 @@ def run_sweep(sweep: Sweep) -> int:
         # Its TorchTrainer's workers hold the real resources; Tune refuses an empty request.
         {"CPU": TRIAL_DRIVER_CPU},
     )
-    if ray.tune.Tuner.can_restore(tune_path):
-        print(f"Resuming sweep {sweep.sweep_name} from {tune_path}: finished trials are kept")
-        tuner = ray.tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        scheduler = None
-        if sweep.scheduler == "asha":
-            # max_t one past the last step: ASHA stops a trial that reaches max_t, and a trial
-            # that reaches its last step must instead finish by itself (close its run, log models).
-            scheduler = ASHAScheduler(time_attr="step", max_t=base.loop.max_steps + 1,
-                                      grace_period=sweep.grace_steps, reduction_factor=2)
-        tuner = ray.tune.Tuner(
-            trainable,
-            param_space=search_space(sweep),
-            tune_config=ray.tune.TuneConfig(
-                metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
-                num_samples=sweep.num_samples, max_concurrent_trials=at_once,
-            ),
-            run_config=ray.tune.RunConfig(name=sweep.sweep_name, storage_path=base.tracking.storage_path),
-        )
     # Reports before a trial's first evaluation carry no score; Tune's strict check (in this
     # process) would fail the trial on them (ASHA skips them; the first rung comes after the first score).
     lenient = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"} if sweep.metric.startswith("eval/") else {}
-    with environment(lenient):
-        results = tuner.fit()
-
-    rows = report.trial_rows(results, sweep)
-    curves = report.trial_curves(results, sweep.metric)
-    for row in rows:  # ASHA's stops kill the trial's workers before they can close their run
-        if row["status"] == "stopped early" and row["mlflow_run_id"]:
-            client.set_tag(row["mlflow_run_id"], "sweep.stopped_early", "true")
-            client.set_terminated(row["mlflow_run_id"], status="KILLED")
-    with tempfile.TemporaryDirectory() as folder:
-        files = report.write(rows, curves, sweep, Path(folder))
-        for path in files.values():
-            client.log_artifact(parent_id, str(path))
-        print(files["markdown"].read_text())
-    failed = sum(row["status"] == "error" for row in rows)
-    client.set_terminated(parent_id, status="FAILED" if failed == len(rows) else "FINISHED")
-    print(f"MLflow parent run: {parent_id} ({len(rows)} trials, {failed} failed{', resumed' if resumed else ''})")
-    return 1 if failed == len(rows) else 0
+    try:
+        with environment(lenient):
+            results = make_tuner(sweep, trainable, tune_path, at_once).fit()
+        return finish(client, parent_id, sweep, results, resumed)
+    except BaseException:
+        # The parent run was opened by this process, not by mlflow.start_run: nothing else closes it.
+        client.set_terminated(parent_id, status="FAILED")
+        raise

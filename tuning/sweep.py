@@ -14,117 +14,30 @@ without re-running finished trials.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
-from dataclasses import dataclass, field
-from typing import Any
 
 from dcgan_dist import config, train
-from dcgan_dist.config import Config, ConfigError
+from dcgan_dist.config import ConfigError
 from dcgan_dist.tracking.store import TrackingError
+from dcgan_dist.util import run_cli
+from tuning import space
+from tuning.space import DEFAULT_MODE, EVAL_METRIC, LOSS_METRIC, Sweep, SweepError
 
-# The paper's ablations (section 3 and 4): Adam's beta1 and learning rate, and where BatchNorm goes.
-ABLATIONS = {
-    "paper": {"optim.beta1": [0.5, 0.9], "optim.lr": [2e-4, 1e-3], "model.bn": ["paper", "all", "none"]},
-}
-DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
-# With evaluation on (--eval-every > 0, the default), trials are compared on FID (lower is
-# better). With it off, on the generator's non-saturating loss: lower means G fools D more, a
-# weak signal of sample quality.
-EVAL_METRIC, LOSS_METRIC, DEFAULT_MODE = "eval/fid", "loss_g", "min"
-
-
-def default_metric(base: Config) -> str:
-    return EVAL_METRIC if base.eval.eval_every else LOSS_METRIC
-
-
-@dataclass
-class Dimension:
-    """One search key: a grid of values or a distribution."""
-
-    path: str
-    grid: list[Any] = field(default_factory=list)
-    distribution: str = ""
-    low: float = 0.0
-    high: float = 0.0
-
-    def describe(self) -> str:
-        if self.distribution == "choice":
-            return "choice(" + ", ".join(str(v) for v in self.grid) + ")"
-        if self.grid:
-            return "grid(" + ", ".join(str(v) for v in self.grid) + ")"
-        return f"{self.distribution}({self.low}, {self.high})"
-
-
-@dataclass
-class Sweep:
-    base: Config
-    dimensions: list[Dimension]
-    sweep_name: str
-    num_samples: int
-    max_concurrent: int  # 0 = as many as the cluster's resources allow
-    scheduler: str
-    metric: str
-    mode: str
-    grace_steps: int
-
-
-class SweepError(ConfigError):
-    pass
-
-
-def parse_dimension(spec: str) -> Dimension:
-    """KEY=v1,v2,... (grid) or KEY=DIST:low:high (uniform, loguniform, randint) or KEY=choice:a,b."""
-    if "=" not in spec:
-        raise SweepError("search", f"expected KEY=VALUES, got {spec!r}")
-    key, _, values = spec.partition("=")
-    try:
-        path = config.resolve_key(key.strip())
-    except KeyError:
-        raise SweepError("search", f"unknown search key {key.strip()!r} (keys are config paths such as optim.lr, or unique leaf names)") from None
-    values = values.strip()
-    if not values:
-        raise SweepError("search", f"no values for {key.strip()!r}")
-    kind, _, rest = values.partition(":")
-    if kind in DISTRIBUTIONS and rest:
-        if kind == "choice":
-            return Dimension(path, distribution="choice", grid=[config.coerce(path, v) for v in rest.split(",") if v])
-        bounds = rest.split(":")
-        if len(bounds) != 2:
-            raise SweepError("search", f"{key}: expected {kind}:LOW:HIGH, got {values!r}")
-        low, high = (config.coerce(path, bound) for bound in bounds)
-        if not isinstance(low, (int, float)) or isinstance(low, bool):
-            raise SweepError("search", f"{key}: {kind} needs a numeric option, {path} is not")
-        if not low < high or (kind == "loguniform" and low <= 0):
-            raise SweepError("search", f"{key}: {kind} needs 0 < LOW < HIGH for loguniform, LOW < HIGH otherwise (got {low}, {high})")
-        return Dimension(path, distribution=kind, low=low, high=high)
-    grid = [config.coerce(path, v.strip()) for v in values.split(",") if v.strip()]
-    if not grid:
-        raise SweepError("search", f"no values for {key.strip()!r}")
-    return Dimension(path, grid=grid)
-
-
-def check_values(base: Config, dimension: Dimension) -> None:
-    """Every value a trial can get must pass the same validation a training run does."""
-    values = dimension.grid if dimension.grid else [dimension.low, dimension.high]
-    for value in values:
-        trial = copy.deepcopy(base)
-        config.set_value(trial, dimension.path, value)
-        config.validate(trial)
+PROG = "python -m tuning.sweep"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = config.OneLineErrorParser(prog="python -m tuning.sweep", description=__doc__.split("\n\n")[0])
+    parser = config.OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
     sweep = parser.add_argument_group("sweep")
     sweep.add_argument("--search", action="append", default=[], metavar="KEY=VALUES",
                        help="a search key and its values: v1,v2 (grid), uniform:LO:HI, loguniform:LO:HI, randint:LO:HI, choice:a,b; repeatable")
-    sweep.add_argument("--ablation", choices=sorted(ABLATIONS), help="a named search space: 'paper' = beta1 x lr x bn")
+    sweep.add_argument("--ablation", choices=sorted(space.ABLATIONS), help="a named search space: 'paper' = beta1 x lr x bn")
     sweep.add_argument("--sweep-name", default="sweep", help="the Tune experiment (and MLflow parent run) name; the same name resumes")
     sweep.add_argument("--num-samples", type=int, default=1, help="samples of the space (grids are repeated this many times)")
     sweep.add_argument("--max-concurrent", type=int, default=0, help="trials at once; 0 = as many as resources allow")
-    sweep.add_argument("--scheduler", choices=("asha", "none"), default="asha", help="early stopping (ASHA on --metric) or none")
+    sweep.add_argument("--scheduler", choices=space.SCHEDULERS, default="asha", help="early stopping (ASHA on --metric) or none")
     sweep.add_argument("--metric", help=f"metric trials are compared on (default {EVAL_METRIC} with evaluation on, else {LOSS_METRIC}; --mode {DEFAULT_MODE})")
-    sweep.add_argument("--mode", choices=("min", "max"), help="whether --metric is better low or high (required with --metric)")
+    sweep.add_argument("--mode", choices=space.MODES, help="whether --metric is better low or high (required with --metric)")
     sweep.add_argument("--grace-steps", type=int, default=0, help="ASHA: steps before a trial may be stopped; 0 = max_steps / 8")
     sweep.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (same as --num-workers)")
     sweep.add_argument("--gpus-per-trial", type=int, help="GPUs per trial, one per worker (implies --use-gpu)")
@@ -143,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> Sweep:
 
 
 def settings_from_args(args: argparse.Namespace) -> Sweep:
-    base = Config()
+    base = config.Config()
     base.tracking.register_models = False  # one registry version per trial is noise; opt in with the flag
     base = config.from_args(args, base)
     if args.workers_per_trial is not None:
@@ -153,27 +66,20 @@ def settings_from_args(args: argparse.Namespace) -> Sweep:
             raise SweepError("gpus_per_trial", f"one GPU per worker: {args.gpus_per_trial} GPUs need --workers-per-trial {args.gpus_per_trial}")
         base.cluster.num_workers, base.cluster.use_gpu = args.gpus_per_trial, True
     config.validate(base)
-
-    dimensions = [parse_dimension(spec) for spec in args.search]
-    if args.ablation:
-        given = {d.path for d in dimensions}
-        dimensions += [Dimension(path, grid=list(values)) for path, values in ABLATIONS[args.ablation].items() if path not in given]
-    if not dimensions:
-        raise SweepError("search", "the search space is empty: give --search KEY=VALUES or --ablation paper")
-    if len({d.path for d in dimensions}) != len(dimensions):
-        raise SweepError("search", "a key is searched twice")
-    for dimension in dimensions:
-        check_values(base, dimension)
+    dimensions = space.dimensions(args.search, args.ablation, base)
 
     if args.metric and not args.mode:
         raise SweepError("mode", f"say whether {args.metric} is better low or high: --mode min|max")
+    # Fewer than one sample would be a sweep of no trials: refused here, never a sweep that ends with nothing.
     if args.num_samples < 1:
         raise SweepError("num_samples", f"must be >= 1 (got {args.num_samples})")
     if args.max_concurrent < 0:
         raise SweepError("max_concurrent", f"must be >= 0 (got {args.max_concurrent})")
+    if args.grace_steps < 0:
+        raise SweepError("grace_steps", f"must be >= 0 (got {args.grace_steps})")
     if base.loop.checkpoint_every % base.loop.log_every:
         raise SweepError("checkpoint_every", f"must be a multiple of --log-every {base.loop.log_every} in a sweep, so every report carries the metric")
-    metric = args.metric or default_metric(base)
+    metric = args.metric or space.default_metric(base)
     grace = args.grace_steps or max(base.loop.log_every, base.loop.max_steps // 8)
     if metric == EVAL_METRIC:
         # ASHA must not judge a trial before its first score: the first rung comes after it.
@@ -185,13 +91,16 @@ def settings_from_args(args: argparse.Namespace) -> Sweep:
                  metric, args.mode or DEFAULT_MODE, grace)
 
 
+def preflight(sweep: Sweep) -> int:
+    """The checks a training run makes before Ray starts (the store, the data, the evaluation)."""
+    sweep.base = train.preflight(sweep.base)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     sweep = parse_args(argv)
-    try:
-        sweep.base = train.preflight(sweep.base)
-    except (ConfigError, TrackingError) as e:
-        print(f"python -m tuning.sweep: error: {e}", file=sys.stderr)
-        return 2
+    if code := run_cli(PROG, lambda: preflight(sweep), (ConfigError, TrackingError)):
+        return code
     from tuning.run import run_sweep  # Ray and Tune load only once the input is known good
 
     return run_sweep(sweep)
