@@ -56,11 +56,12 @@ def share_per_gpu(node: dict[str, float]) -> int:
     return int(node.get("CPU", 0.0) / node["GPU"] + _EPSILON)
 
 
-def cpus_per_worker(cfg: config.Config, nodes: list[dict[str, float]]) -> int:
-    """--cpus-per-worker, or (0) the most each of the run's workers can have on these nodes; 1
-    when they do not fit (yet: an autoscaler may add nodes whose size is unknown here). Ray sets
-    each worker's OMP_NUM_THREADS from its CPU request, so a 1-CPU worker trains on one thread."""
-    return cfg.cluster.cpus_per_worker or largest_cpus_per_worker(nodes, cfg.cluster, cfg.cluster.num_workers) or 1
+def cpus_per_worker(cluster: ClusterConfig, nodes: list[dict[str, float]], workers: int = 0) -> int:
+    """--cpus-per-worker, or (0) the most each of `workers` workers (default: one run's) can
+    have on these nodes; 1 when they do not fit (yet: an autoscaler may add nodes whose size is
+    unknown here). Ray sets each worker's OMP_NUM_THREADS from its CPU request, so a 1-CPU worker
+    trains on one thread. A sweep asks for its concurrent trials' workers together."""
+    return cluster.cpus_per_worker or largest_cpus_per_worker(nodes, cluster, workers or cluster.num_workers) or 1
 
 
 # ---------------------------------------------------------------- reading the cluster

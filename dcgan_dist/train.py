@@ -256,7 +256,7 @@ def fit(cfg: Config):
     if not ray.is_initialized():
         ray.init(address=cfg.cluster.ray_address or None)
     nodes, _ = placement.cluster_nodes()  # the autoscaler's node groups too, where it publishes them
-    cfg.cluster.cpus_per_worker = placement.cpus_per_worker(cfg, nodes)
+    cfg.cluster.cpus_per_worker = placement.cpus_per_worker(cfg.cluster, nodes)
     return build_trainer(cfg).fit()
 
 

@@ -61,8 +61,8 @@ def test_worker_resources_keep_workers_to_the_nodes_that_have_them():
 
 
 def test_cpus_per_worker_keeps_a_given_value_and_falls_back_to_one():
-    assert placement.cpus_per_worker(config.Config(cluster=cluster(cpus_per_worker=6)), [head(2)]) == 6
-    assert placement.cpus_per_worker(config.Config(cluster=cluster(num_workers=4)), [head(0), node(2)]) == 1
+    assert placement.cpus_per_worker(cluster(cpus_per_worker=6), [head(2)]) == 6
+    assert placement.cpus_per_worker(cluster(num_workers=4), [head(0), node(2)]) == 1
 
 
 def test_the_cluster_at_its_largest_is_the_head_plus_every_group_at_its_maximum():

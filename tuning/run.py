@@ -46,7 +46,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep_name: str, par
     # (and its MLflow child run) from its own latest checkpoint.
     cfg = space.trial_config(base, params, run_name=f"{sweep_name}-{trial_id}", parent_run_id=parent_run_id,
                              storage_path=train_storage)
-    train.build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    train.build_trainer(cfg, callbacks=[TuneReportCallback()], entry_point="tuning.sweep").fit()
 
 
 def join(storage: str, name: str) -> str:
@@ -105,7 +105,7 @@ def plan_resources(sweep: Sweep, nodes: list[dict[str, float]], at_most: bool) -
             print(f"{fit} trials of {one_trial} fit on the nodes up now and the largest size of the cluster is unknown "
                   f"(its autoscaler does not publish its node groups); running {at_once} at once, whose workers wait for "
                   "the nodes the autoscaler adds. Give --max-concurrent what the cluster holds at its largest.")
-    per_worker = cluster.cpus_per_worker or placement.largest_cpus_per_worker(room(at_once), cluster, workers * at_once) or 1
+    per_worker = placement.cpus_per_worker(cluster, room(at_once), workers * at_once)  # the same rule as one run's
     return at_once, per_worker
 
 
