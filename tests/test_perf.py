@@ -9,7 +9,9 @@ import time
 import pytest
 import torch
 
-from dcgan_dist import bench, config
+import dcgan_dist.bench.__main__ as bench_cli
+from dcgan_dist import config
+from dcgan_dist.bench import machine, variants
 from dcgan_dist.checkpoint import unwrap
 from dcgan_dist.loop import speed_up
 from dcgan_dist.models import build_models
@@ -72,7 +74,7 @@ def test_bench_prints_one_table_with_ratios_against_the_reference(tmp_path):
     assert all(len(row) == 6 for row in rows), rows
     names = [row[0] for row in rows[1:]]
     assert names == ["reference (pytorch/examples)", "ours fp32, NCHW", "ours fp32, channels_last", "ours bf16 autocast"]
-    emulated = bench.bf16_emulation(torch.device("cpu"))
+    emulated = machine.bf16_emulation(torch.device("cpu"))
     for cells in rows[1:] if not emulated else rows[1:-1]:
         assert float(cells[1].replace(",", "")) > 0
         assert re.fullmatch(r"\d+\.\d\dx", cells[2])
@@ -88,9 +90,9 @@ def test_bench_prints_one_table_with_ratios_against_the_reference(tmp_path):
 
 
 def test_bf16_variants_are_skipped_with_a_reason_where_bf16_is_emulated(monkeypatch, capsys):
-    monkeypatch.setattr(bench, "bf16_emulation", lambda device: "bf16 is emulated on this CPU (no avx512_bf16/amx_bf16)")
+    monkeypatch.setattr(bench_cli, "bf16_emulation", lambda device: "bf16 is emulated on this CPU (no avx512_bf16/amx_bf16)")
     start = time.perf_counter()
-    bench.main(["--device", "cpu", "--image-size", "32", "--batch-size", "4", "--steps", "1", "--repeats", "1",
+    bench_cli.main(["--device", "cpu", "--image-size", "32", "--batch-size", "4", "--steps", "1", "--repeats", "1",
                 "--variants", "bf16"])
     assert time.perf_counter() - start < 30  # nothing emulated ran
     rows = table_cells(capsys.readouterr().out)
@@ -115,12 +117,12 @@ def test_every_variant_is_time_boxed_and_every_row_has_every_cell():
     def breaks():
         raise RuntimeError("no such kernel\nsecond line")
 
-    table = [bench.Variant("fast step", lambda: ((lambda: None), ())),
-             bench.Variant("hangs in its build", lambda: hangs()),
-             bench.Variant("slow step", slow_step),
-             bench.Variant("breaks", breaks)]
+    table = [variants.Variant("fast step", lambda: ((lambda: None), ())),
+             variants.Variant("hangs in its build", lambda: hangs()),
+             variants.Variant("slow step", slow_step),
+             variants.Variant("breaks", breaks)]
     start = time.perf_counter()
-    bench.measure(table, device, steps=2, repeats=5, warmup=1, batch=batch, image_size=image_size, reals=reals,
+    variants.measure(table, device, steps=2, repeats=5, warmup=1, batch=batch, image_size=image_size, reals=reals,
                   budget_s=budget_s)
     assert time.perf_counter() - start < 30
     fast, hung, slow, broken = table
@@ -131,12 +133,12 @@ def test_every_variant_is_time_boxed_and_every_row_has_every_cell():
     assert slow.spent_s < budget_s
     assert broken.status == "failed" and broken.error == "RuntimeError: no such kernel"
 
-    rows = bench.table_rows(table, batch)
-    assert all(len(row) == len(bench.header(None)) == 6 for row in rows)
+    rows = bench_cli.table_rows(table, batch)
+    assert all(len(row) == len(bench_cli.header(None)) == 6 for row in rows)
     assert rows[1][1].startswith("skipped: build + 1 warm-up steps ran past")
     assert rows[2][0] == "slow step (2 repeats in its 2.5 s budget)" and float(rows[2][1]) == pytest.approx(10, rel=0.2)  # 4 images per 0.4 s
     assert rows[3][1] == "failed: RuntimeError: no such kernel" and rows[3][2:] == [""] * 4
-    assert len(bench.table_rows(table, batch, peak_tflops=989.0)[3]) == 7  # CUDA adds the share of the bf16 peak
+    assert len(bench_cli.table_rows(table, batch, peak_tflops=989.0)[3]) == 7  # CUDA adds the share of the bf16 peak
 
 
 def test_bench_refuses_cuda_without_a_gpu():

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from dcgan_dist.bench.variants import Variant, ours_variant, synchronize
+
 FULL_RUN_STEPS = {"cpu": 40, "cuda": 400}
 LOG_EVERY = 5
 STATS = ("loss_d", "loss_g", "d_real", "d_fake")
@@ -91,8 +93,6 @@ def decode_rate_per_core(manifest_url: str, batch: int) -> float:
 
 def bare_step_seconds(args) -> float:
     """The training default (channels_last, fp32) at this size and batch, median of a few steps."""
-    from dcgan_dist.bench import ours_variant, synchronize
-
     device = torch.device(args.device)
     reals = [(torch.rand(args.batch_size, 3, args.image_size, args.image_size) * 2 - 1).to(device)]
     step, _ = ours_variant(device, args.image_size, args.batch_size, reals, channels_last=True)
@@ -105,7 +105,8 @@ def bare_step_seconds(args) -> float:
     return statistics.median(times[args.warmup:])
 
 
-def main(args, table) -> None:
+def print_extras(args, table: list[Variant]) -> None:
+    """The rows around the step, as a second table under the variants'."""
     rows = []
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
@@ -126,9 +127,9 @@ def main(args, table) -> None:
             rows.append((f"full run, steady state ({full['steps']} steps, 1 worker, WebDataset shards, MLflow)",
                          f"{full['img_per_s']:,.0f} img/s = {full['img_per_s'] * step_s / args.batch_size:.0%} of the bare step"
                          f" ({full['wall_s']:.0f} s wall incl. Ray start)"))
-    reference = [v for v in table if v.name.startswith("reference") and v.img_per_s]
+    reference = [v for v in table if v.name.startswith("reference") and v.rate]
     if reference:
-        rows.append(("reference step (from the table above)", f"{statistics.median(reference[0].img_per_s):,.0f} img/s"))
+        rows.append(("reference step (from the table above)", f"{reference[0].rate:,.0f} img/s"))
     print("\n| around the step | result |\n|---|---|")
     for what, result in rows:
         print(f"| {what} | {result} |")

@@ -1,40 +1,16 @@
-"""`python -m dcgan_dist.bench`: how fast one DCGAN training step is, against the reference.
+"""The step variants of `python -m dcgan_dist.bench` and how each one is timed.
 
-Builds the pytorch/examples DCGAN step (`reference.py`) and our step in several variants, all at
-the same image size and batch, then times them interleaved: each repeat runs every variant for
-`--steps` steps in turn, so a slow spell of a shared machine hits all of them alike, and the table
-reports each variant's median over the repeats. One table, one process:
-
-    variant | img/s | vs reference | peak memory
-
-Peak memory is the CUDA allocator's high-water mark over the variant's timed steps on a GPU, and on
-a CPU the rise of the process's resident set (VmHWM, reset before each timed block) over what it
-held before, plus the variant's own weights, gradients and Adam state.
-
-Every variant is time-boxed (`--variant-budget-s`): its build and warm-up run under an alarm,
-and a timed repeat it cannot finish inside what is left of its budget is not started, so a variant
-that would take minutes (a slow compile, bf16 emulated on a CPU without avx512_bf16/amx_bf16) gets
-a row that says why it stopped instead of holding the table up. bf16 variants are skipped outright
-where bf16 is emulated (`--run-emulated-bf16` runs them anyway). On CUDA the table adds each
-variant's share of the chip's dense bf16 peak (`--peak-tflops`, or a known-peaks table), and
-`--output-json` writes the figures for scripts (benchmarks/gpu/check.sh picks its train settings
-from them).
-
-`--extras` adds the numbers around the step: a short full training run (Ray Train + WebDataset
-shards + MLflow) against the bare step of the same config, MLflow's logging cost as a share of the
-step, and the data pipeline's decode rate per core.
-
-    python -m dcgan_dist.bench --device cpu                       # the table, 64 px, batch 128
-    python -m dcgan_dist.bench --device cuda --batch-size 1024    # a batch that fills an H100
-    python -m dcgan_dist.bench --device cpu --extras              # plus the full-run figures
-    python -m dcgan_dist.bench --device cuda --output-json bench.json --variant-budget-s 60
+A `Variant` is a name and a `build()` that returns the step function (its state in the closure):
+the pytorch/examples reference (`reference.py`), and ours in NCHW or channels_last, fp32 or bf16,
+eager, compiled or captured as one CUDA graph. `measure()` builds every variant, then times them
+interleaved, each inside its own time-box; a variant's figures (img/s per repeat, peak memory,
+FLOPs per step) stay on it, and `Variant.rate` / `.tflops()` are the one median the table and the
+JSON report.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
 import signal
 import statistics
@@ -47,13 +23,12 @@ from pathlib import Path
 
 import torch
 
-from dcgan_dist.bench_machine import bf16_emulation, bf16_peak_tflops, describe_machine, matmul_tflops
+from dcgan_dist.bench.reference import reference_discriminator, reference_generator, reference_step
 from dcgan_dist.models import build_models, sample_latent
-from dcgan_dist.reference import reference_discriminator, reference_generator, reference_step
 from dcgan_dist.step import compile_models, gan_step, make_optimizers
+from dcgan_dist.util import first_line
 
 PRESET = "pytorch-examples"  # the reference's architecture, in our code
-REAL_BATCHES = 4  # real batches rotated through, so no variant reads one cached tensor
 
 
 @dataclass
@@ -278,8 +253,9 @@ def count_flops(step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
-def _first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:80]}"
+def _why(error: BaseException) -> str:
+    """A failed row's reason: the exception's type and first line, short enough for a table cell."""
+    return f"{type(error).__name__}: {first_line(error)[:80]}"
 
 
 def _finite(state: tuple) -> bool:
@@ -303,7 +279,7 @@ def build_variant(variant: Variant, device: torch.device, warmup: int, budget_s:
         variant.skipped = f"build + {warmup} warm-up steps ran past its {budget_s:g} s budget"
         variant.step, variant.state = None, ()
     except Exception as error:  # a variant this machine cannot run is reported, not fatal
-        variant.error = _first_line(error)
+        variant.error = _why(error)
         variant.step, variant.state = None, ()
     variant.spent_s = time.perf_counter() - start
     print(f"  built {variant.name} in {variant.spent_s:.1f} s", file=sys.stderr, flush=True)
@@ -334,7 +310,7 @@ def timed_block(variant: Variant, device: torch.device, steps: int, batch: int, 
         stop(f"its first {steps} timed steps ran past its {budget_s:g} s budget")
         return
     except Exception as error:
-        variant.error, variant.step = _first_line(error), None
+        variant.error, variant.step = _why(error), None
         return
     finally:
         variant.spent_s += time.perf_counter() - start
@@ -373,135 +349,3 @@ def measure(table: list[Variant], device: torch.device, steps: int, repeats: int
         if variant.img_per_s and variant.state and not _finite(variant.state):
             variant.error = "non-finite weights after the timed steps"
         variant.step, variant.state = None, ()  # free the variant's memory
-
-
-# ---------------------------------------------------------------- reporting
-
-
-def header(peak_tflops: float | None) -> list[str]:
-    cells = ["variant", "img/s", "vs reference", "peak memory", "GFLOP/step", "TFLOP/s"]
-    return cells + ["share of bf16 peak"] if peak_tflops else cells
-
-
-def table_rows(table: list[Variant], batch: int, peak_tflops: float | None = None) -> list[list[str]]:
-    """The table's rows as cells, every one as wide as the header."""
-    width = len(header(peak_tflops))
-    reference = table[0].rate if table else None
-    rows = []
-    for variant in table:
-        if variant.status != "ok":
-            why = f"failed: {variant.error}" if variant.error else f"skipped: {variant.skipped}"
-            rows.append([variant.name, why] + [""] * (width - 2))
-            continue
-        rate, tflops = variant.rate, variant.tflops(batch)
-        name = variant.name + (f" ({variant.skipped})" if variant.skipped else "")
-        cells = [name, f"{rate:,.0f}", f"{rate / reference:.2f}x" if reference else "n/a",
-                 f"{variant.peak_bytes / 2**20:,.0f} MiB", f"{variant.flops_per_step / 1e9:,.0f}", f"{tflops:,.2f}"]
-        if peak_tflops:
-            cells.append(f"{tflops / peak_tflops:.1%}")
-        rows.append(cells)
-    return rows
-
-
-def print_table(table: list[Variant], batch: int, peak_tflops: float | None = None) -> None:
-    cells = header(peak_tflops)
-    print("| " + " | ".join(cells) + " |")
-    print("|---|" + "---:|" * (len(cells) - 1))
-    for row in table_rows(table, batch, peak_tflops):
-        print("| " + " | ".join(row) + " |")
-
-
-def write_json(path: str, args: argparse.Namespace, table: list[Variant], machine: str, peak_tflops: float | None,
-               matmul: float | None) -> None:
-    """The figures for scripts: every variant with its status, and the training settings it
-    stands for (precision, train_compile), so a caller can pick the fastest that works."""
-    reference = table[0].rate if table else None
-    variants = []
-    for v in table:
-        rate = v.rate
-        variants.append({
-            "name": v.name, "status": v.status, "why": v.error or v.skipped, "precision": v.precision,
-            "train_compile": v.train_compile, "img_per_s": rate, "img_per_s_repeats": v.img_per_s,
-            "vs_reference": rate / reference if rate and reference else None,
-            "peak_mib": v.peak_bytes / 2**20 if rate else None, "gflop_per_step": v.flops_per_step / 1e9,
-            "tflops": v.tflops(args.batch_size),
-            "spent_s": round(v.spent_s, 2),
-        })
-    report = {"device": args.device, "machine": machine, "image_size": args.image_size, "batch_size": args.batch_size,
-              "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
-              "variant_budget_s": args.variant_budget_s, "bf16_peak_tflops": peak_tflops, "matmul_bf16_tflops": matmul,
-              "variants": variants}
-    partial = Path(path).with_suffix(".partial")
-    partial.write_text(json.dumps(report, indent=1))
-    partial.replace(path)  # a reader (or a kill) sees the last whole report
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--image-size", type=int, default=64, choices=(32, 64, 128))
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=None, help="steps per variant per repeat (default: 2 on CPU, 50 on CUDA)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the table shows each variant's median")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default: 2 on CPU, 10 on CUDA)")
-    parser.add_argument("--variants", nargs="*", help="only variants whose name contains one of these words")
-    parser.add_argument("--variant-budget-s", type=float, default=None,
-                        help="seconds each variant may take: build, warm-up and timed steps (default: 180 on CPU, 120 on CUDA)")
-    parser.add_argument("--total-budget-s", type=float, default=math.inf, help="seconds for all variants together (default: no limit)")
-    parser.add_argument("--run-emulated-bf16", action="store_true", help="time the bf16 variants even where bf16 is emulated (slow)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense bf16 peak for the share column (CUDA)")
-    parser.add_argument("--output-json", metavar="FILE", help="also write the figures as JSON (rewritten as they come in)")
-    parser.add_argument("--extras", action="store_true", help="also time a full training run, MLflow logging and the data pipeline")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible to torch")
-    if args.batch_size < 2:
-        parser.error("--batch-size: must be at least 2 (BatchNorm needs a batch)")
-    cuda = args.device == "cuda"
-    args.steps = args.steps or (50 if cuda else 2)
-    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
-    args.variant_budget_s = args.variant_budget_s or (120.0 if cuda else 180.0)
-    if args.variant_budget_s <= 0 or args.total_budget_s <= 0:
-        parser.error("--variant-budget-s and --total-budget-s: must be > 0")
-    return args
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as training does: pick the fastest conv kernels
-    machine = describe_machine(device)
-    peak, peak_source = bf16_peak_tflops(device, args.peak_tflops)
-    matmul = matmul_tflops(device) if device.type == "cuda" else None
-    generator = torch.Generator().manual_seed(1)
-    reals = [(torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=generator) * 2 - 1).to(device)
-             for _ in range(REAL_BATCHES)]
-    table = variants(device, args.image_size, args.batch_size, reals, args.variants)
-    emulated = bf16_emulation(device)
-    if emulated and not args.run_emulated_bf16:
-        for variant in table:
-            if variant.precision == "bf16":
-                variant.skipped = emulated
-    report = (lambda: write_json(args.output_json, args, table, machine, peak, matmul)) if args.output_json else (lambda: None)
-    measure(table, device, args.steps, args.repeats, args.warmup, args.batch_size, args.image_size, reals,
-            args.variant_budget_s, args.total_budget_s, on_progress=report)
-    report()
-    print(f"\nDCGAN step, {args.image_size} px, batch {args.batch_size}, {args.device}: {machine}")
-    print(f"median of {args.repeats} interleaved repeats of {args.steps} steps each; each variant time-boxed to "
-          f"{args.variant_budget_s:.0f} s (build + warm-up + steps)")
-    if emulated:
-        print(f"{emulated}{': its variants ran anyway (--run-emulated-bf16)' if args.run_emulated_bf16 else ''}")
-    if device.type == "cuda":
-        print(f"bf16 peak: {f'{peak:,.0f} TFLOP/s ({peak_source})' if peak else peak_source}; "
-              f"an 8192^3 bf16 matmul here: {matmul:,.0f} TFLOP/s")
-    print()
-    print_table(table, args.batch_size, peak)
-    if args.extras:
-        from dcgan_dist import bench_extras
-
-        bench_extras.main(args, table)
-
-
-if __name__ == "__main__":
-    main()
