@@ -135,6 +135,7 @@ def test_every_variant_is_time_boxed_and_every_row_has_every_cell():
 
     rows = bench_cli.table_rows(table, batch)
     assert all(len(row) == len(bench_cli.header(None)) == 6 for row in rows)
+    assert rows[0][2] == "n/a"  # no reference step in this table: its ratios would be against another variant
     assert rows[1][1].startswith("skipped: build + 1 warm-up steps ran past")
     assert rows[2][0] == "slow step (2 repeats in its 2.5 s budget)" and float(rows[2][1]) == pytest.approx(10, rel=0.2)  # 4 images per 0.4 s
     assert rows[3][1] == "failed: RuntimeError: no such kernel" and rows[3][2:] == [""] * 4

@@ -31,10 +31,15 @@ def header(peak_tflops: float | None) -> list[str]:
     return cells + ["share of bf16 peak"] if peak_tflops else cells
 
 
+def reference_rate(table: list[Variant]) -> float | None:
+    """The reference step's img/s, when it was chosen and ran (else "vs reference" is n/a)."""
+    return next((v.rate for v in table if v.name.startswith("reference") and v.status == "ok"), None)
+
+
 def table_rows(table: list[Variant], batch: int, peak_tflops: float | None = None) -> list[list[str]]:
     """The table's rows as cells, every one as wide as the header."""
     width = len(header(peak_tflops))
-    reference = table[0].rate if table else None
+    reference = reference_rate(table)
     rows = []
     for variant in table:
         if variant.status != "ok":
@@ -63,7 +68,7 @@ def write_json(path: str, args: argparse.Namespace, table: list[Variant], machin
                matmul: float | None) -> None:
     """The figures for scripts: every variant with its status, and the training settings it
     stands for (precision, train_compile), so a caller can pick the fastest that works."""
-    reference = table[0].rate if table else None
+    reference = reference_rate(table)
     entries = []
     for v in table:
         rate = v.rate
