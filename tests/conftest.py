@@ -2,6 +2,8 @@
 tracking server, and an S3 endpoint, all on 127.0.0.1.
 
 One Ray instance, S3 endpoint and MLflow server serve the whole session (each costs seconds).
+Every fixture here that starts a process (Ray, `mlflow server`, `ray start` nodes) is for tests
+marked slow; tests/tiers.py checks that (the moto endpoint is a thread: fast tests may use it).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import os
 
 import pytest
+
+pytest_plugins = ["tests.tiers"]  # the fast and slow tiers, checked
 
 # No telemetry from tests: every Ray and MLflow process the tests start (local Ray, `ray start`
 # nodes, `mlflow server`, subprocesses of `python -m ...`) inherits these from this process.

@@ -19,11 +19,13 @@ REQUIRED_FLAGS = [
 
 
 def run_train_cli(*args: str) -> subprocess.CompletedProcess:
+    """The real CLI in a fresh interpreter (a process: the tests that use it are slow)."""
     return subprocess.run(
         [sys.executable, "-m", "dcgan_dist.train", *args], capture_output=True, text=True, timeout=120
     )
 
 
+@pytest.mark.slow
 def test_help_lists_every_option():
     result = run_train_cli("--help")
     assert result.returncode == 0
@@ -34,6 +36,7 @@ def test_help_lists_every_option():
         assert "--" + path.rsplit(".", 1)[1].replace("_", "-") in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, option",
     [
@@ -57,6 +60,7 @@ def test_bad_input_exits_2_with_one_line_naming_the_option(args, option):
     assert "Ray" not in result.stderr + result.stdout  # rejected before Ray starts
 
 
+@pytest.mark.slow
 def test_bad_value_in_config_file_exits_2(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("optim:\n  beta1: 1.5\n")

@@ -52,6 +52,7 @@ def write_shards(out: str, sizes: list[int], corrupt_per_shard: int = 0, image_s
 # ---------------------------------------------------------------- packing
 
 
+@pytest.mark.slow
 def test_pack_digits_to_s3_and_read_back_the_exact_count(s3_bucket, tmp_path):
     report = pack.pack("digits", None, f"s3://{s3_bucket}/digits32", 32, shard_size=400, workers=2, progress=False)
     assert report == {"manifest": f"s3://{s3_bucket}/digits32/manifest.json", "shards": 5, "packed_now": 5,
@@ -197,6 +198,7 @@ def test_corrupt_share_above_the_limit_stops_with_a_clear_error():
         stream.check_corrupt_share(2, 98, 0.01)
 
 
+@pytest.mark.slow
 def test_two_ranks_on_uneven_shards_take_the_same_number_of_steps(s3_bucket):
     url = write_shards(f"s3://{s3_bucket}/uneven", [50, 7, 3, 30])  # 90 images, 4 very uneven shards
     shards = manifest.read(url)
@@ -241,6 +243,7 @@ def test_preflight_names_the_url_or_field_at_fault(s3_bucket, mlflow_sqlite, mon
     assert time.perf_counter() - started < 15
 
 
+@pytest.mark.slow
 def test_missing_manifest_exits_2_naming_the_url(s3_bucket, tmp_path):
     missing = f"s3://{s3_bucket}/gone/manifest.json"
     result = subprocess.run([sys.executable, "-m", "dcgan_dist.train", "--data", missing,

@@ -100,7 +100,12 @@ def test_inception_backbone_loads_a_weights_file_and_names_bad_ones(tmp_path):
             backbones.load("inception", str(path))
         assert str(path) in str(error.value)
 
-    # the training CLI checks the file before Ray starts: exit 2, one line
+
+@pytest.mark.slow
+def test_the_training_cli_refuses_bad_inception_weights_before_ray(tmp_path):
+    """Exit 2, one line naming the flag and the file (a fresh interpreter: slow tier)."""
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv.weight": torch.zeros(3)}, wrong)
     result = subprocess.run(
         [sys.executable, "-m", "dcgan_dist.train", "--eval-backbone", "inception", "--inception-weights", str(wrong),
          "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage-path", str(tmp_path / "results")],

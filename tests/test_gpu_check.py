@@ -16,6 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "benchmarks" / "gpu" / "check.sh"
 
+pytestmark = pytest.mark.slow  # each test runs check.sh: a bash process
+
 
 def run_check(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHON": os.environ.get("PYTHON", "python")}
@@ -43,7 +45,6 @@ def test_bad_arguments_exit_2_with_one_line(args, says, tmp_path):
     assert not (tmp_path / "summary.md").exists()  # nothing ran
 
 
-@pytest.mark.slow
 def test_dry_run_of_part_d_prints_one_summary_table(tmp_path):
     result = run_check("--dry-run", "--only", "d", "--out", str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

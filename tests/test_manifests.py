@@ -4,7 +4,8 @@ Offline and fast: every YAML parses; RayCluster/RayJob validate against the vend
 schemas (cluster/schemas/, with unknown fields rejected), the core Kubernetes objects and every
 Ray pod template against Kubernetes' own schemas (kubernetes-validate bundles them); the RayJob
 entrypoints parse with our CLI parsers; no credential is written anywhere; and the compose stack
-and the ConfigMap are wired with the variables the code (and the libraries it calls) reads.
+and the ConfigMap are wired with the variables the code (and the libraries it calls) reads. One
+test is slow: whether git ignores infra/.env is asked of git, a process.
 """
 
 from __future__ import annotations
@@ -479,6 +480,11 @@ def test_no_literal_credential_in_the_compose_file_and_env_example_holds_placeho
     )
     assert used == set(example), "every ${VAR} of the compose file is in .env.example, and nothing else"
     assert set(example.values()) == {"change-me"}
+
+
+@pytest.mark.slow
+def test_the_compose_env_file_is_git_ignored():
+    """Asked of git itself (a process), so in the slow tier."""
     ignored = subprocess.run(["git", "check-ignore", "-q", str(INFRA / ".env")], cwd=ROOT)
     assert ignored.returncode == 0, "infra/.env must be git-ignored"
 

@@ -19,8 +19,6 @@ from dcgan_dist.train import main
 from tests.conftest import train_args
 from tests.test_train import only_run, steps_of
 
-pytestmark = pytest.mark.slow
-
 REPO = str(Path(__file__).resolve().parents[1])
 
 
@@ -76,6 +74,7 @@ def assert_trained_on_both_nodes(cluster, tracking_uri: str, max_steps: int):
     return run
 
 
+@pytest.mark.slow
 def test_ray_job_submit_trains_on_both_nodes(ray_cluster, tmp_path):
     submit = ["job", "submit", "--address", ray_cluster.dashboard, "--runtime-env-json", json.dumps(runtime_env()),
               "--", "python", "-m", "dcgan_dist.train", *job_args(tmp_path)]
@@ -87,6 +86,7 @@ def test_ray_job_submit_trains_on_both_nodes(ray_cluster, tmp_path):
     assert_trained_on_both_nodes(ray_cluster, f"sqlite:///{tmp_path / 'mlflow.db'}", 12)
 
 
+@pytest.mark.slow
 def test_jobs_sdk_run_with_bn_sync_survives_a_killed_worker_via_s3_checkpoints(ray_cluster, s3_bucket, tmp_path):
     """Submitted through the Jobs SDK, with SyncBatchNorm, checkpoints in S3 (the storage every
     node of a real cluster shares): a training worker is killed after the step-10 checkpoint,
@@ -144,6 +144,7 @@ def test_wrong_ray_address_fails_fast_before_anything_is_scheduled(tmp_path, mlf
     assert len(error.strip().splitlines()) == 1, error
 
 
+@pytest.mark.slow
 def test_a_port_that_is_not_a_ray_cluster_is_refused(ray_cluster):
     from dcgan_dist.config import ConfigError
     from dcgan_dist.train import check_ray_address

@@ -61,6 +61,7 @@ def table_cells(stdout: str) -> list[list[str]]:
     return [[cell.strip() for cell in row.split("|")[1:-1]] for row in rows]
 
 
+@pytest.mark.slow
 def test_bench_prints_one_table_with_ratios_against_the_reference(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dcgan_dist.bench", "--device", "cpu", "--image-size", "32", "--batch-size", "8",
@@ -142,6 +143,7 @@ def test_every_variant_is_time_boxed_and_every_row_has_every_cell():
     assert len(bench_cli.table_rows(table, batch, peak_tflops=989.0)[3]) == 7  # CUDA adds the share of the bf16 peak
 
 
+@pytest.mark.slow
 def test_bench_refuses_cuda_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: the refusal cannot be shown here")

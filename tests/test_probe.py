@@ -140,6 +140,7 @@ def test_bad_input_exits_2_naming_it(case, tmp_path, mlflow_sqlite, capsys):
     assert len(errors) == 1 and named in errors[0], errors
 
 
+@pytest.mark.slow
 def test_cli_bad_dataset_path_is_one_line_and_exit_2(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dcgan_dist.probe", "--discriminator", str(tmp_path), "--dataset", "cifar10"],

@@ -152,6 +152,7 @@ def train_digits(precision: str, steps: int = 60, batch: int = 32, seed: int = 0
     return torch.stack(history), (mean_before - data_mean).abs().mean(), (mean_after - data_mean).abs().mean()
 
 
+@pytest.mark.slow(trains="60 + 60 GAN updates; bf16 is emulated, 7 s a step, on a CPU without avx512_bf16/amx_bf16")
 def test_bf16_autocast_matches_fp32_and_both_learn():
     """The --precision bf16 parity check. From the same seed and data, 60 steps each: every
     10-step mean of loss_d, loss_g, D(x) and D(G(z)) under bf16 autocast stays within

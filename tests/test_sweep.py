@@ -54,6 +54,7 @@ def test_bad_search_exits_2_naming_it(args, option, capsys):
     assert option in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bad_key_exits_2_before_any_trial(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tuning.sweep", "--search", "depth=3,4"],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -34,6 +35,7 @@ def _rank(rank: int, port: int, results) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_global_batchnorm_equals_batchnorm_on_the_whole_batch():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -68,6 +70,7 @@ def _rank_bf16(rank: int, port: int, results) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_global_batchnorm_under_bf16_autocast_keeps_fp32_statistics():
     """Under bf16 autocast the statistics are computed in fp32 (the running statistics stay fp32
     and match BatchNorm on the whole batch to bf16's input rounding), and the output is bf16,

@@ -98,6 +98,7 @@ def test_training_on_a_server_registers_models_that_load_and_probe(ray_local, ml
     assert client.get_model_version_by_alias("dcgan-generator", "champion").tags["champion.step"] == str(PROBE_STEPS)
 
 
+@pytest.mark.slow
 def test_set_alias_points_at_a_version_and_refuses_latest(mlflow_server):
     client = MlflowClient(mlflow_server.uri)
     name = f"alias-test-{time.time_ns()}"
@@ -110,6 +111,7 @@ def test_set_alias_points_at_a_version_and_refuses_latest(mlflow_server):
         registry.set_alias(name, first.version, "latest", mlflow_server.uri)
 
 
+@pytest.mark.slow
 def test_a_server_that_goes_away_costs_counted_metrics_not_the_run(mlflow_server, monkeypatch):
     """Stop the server while a RunLogger logs, restart it: logging calls keep returning, the
     buffer keeps the newest metrics, and what overflowed is counted in the run."""
