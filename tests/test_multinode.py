@@ -158,32 +158,3 @@ def test_missing_s3_storage_bucket_fails_before_ray(tmp_path, mlflow_sqlite, s3_
     assert main(train_args(tmp_path, mlflow_sqlite, storage_path="s3://no-such-bucket-here/results")) == 2
     error = capsys.readouterr().err
     assert "--storage-path" in error and "no-such-bucket-here" in error and "no such bucket" in error, error
-
-
-def test_a_resumed_logger_skips_the_steps_the_run_already_holds(mlflow_sqlite):
-    """What a restart after a crash relies on: steps 11..15 were logged before the crash and
-    are trained again from the step-10 checkpoint; they are kept once, not logged twice."""
-    import numpy as np
-
-    from dcgan_dist.tracking.run_logger import RunLogger
-    from dcgan_dist.tracking.store import ensure_experiment
-
-    ensure_experiment(mlflow_sqlite, "tests")
-    first = RunLogger(mlflow_sqlite, "tests", "crashing", None)
-    first.log_metrics([(step, {"loss_d": 1.0}) for step in range(1, 16)] + [(15, {"img_per_s": 1.0})])
-    first.log_image(np.zeros((8, 8, 3), np.uint8), key="samples", step=12)
-    first.finish("FAILED")
-
-    resumed = RunLogger(mlflow_sqlite, "tests", "crashing", first.run_id)
-    resumed.skip_logged(("loss_d", "img_per_s"), ("samples",))
-    assert resumed.logged_through == {"loss_d": 15, "img_per_s": 15, "samples": 12}
-    resumed.log_metrics([(step, {"loss_d": 2.0}) for step in range(11, 21)] + [(20, {"img_per_s": 2.0})])
-    resumed.log_image(np.zeros((8, 8, 3), np.uint8), key="samples", step=12)
-    resumed.finish()
-
-    client = MlflowClient(mlflow_sqlite)
-    history = sorted(client.get_metric_history(first.run_id, "loss_d"), key=lambda m: m.step)
-    assert [m.step for m in history] == list(range(1, 21))
-    assert [m.value for m in history] == [1.0] * 15 + [2.0] * 5
-    assert steps_of(client, first.run_id, "img_per_s") == [15, 20]
-    assert len([a for a in client.list_artifacts(first.run_id, "images") if a.path.endswith(".png")]) == 1

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import boto3
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -22,6 +23,7 @@ from dcgan_dist.tracking.run_logger import RunLogger
 from dcgan_dist.tracking.store import TrackingError, ensure_experiment
 from dcgan_dist.train import main
 from tests.conftest import train_args
+from tests.test_train import steps_of
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE_STEPS = 60  # a short run; even a random D passes 80 % on digits (benchmarks/RESULTS.md)
@@ -141,3 +143,27 @@ def test_a_server_that_goes_away_costs_counted_metrics_not_the_run(mlflow_server
         if mlflow.active_run() is not None:
             mlflow.end_run()
         server.start()  # no-op when it runs
+
+
+def test_a_resumed_logger_skips_the_steps_the_run_already_holds(mlflow_sqlite):
+    """What a restart after a crash relies on: steps 11..15 were logged before the crash and
+    are trained again from the step-10 checkpoint; they are kept once, not logged twice."""
+    ensure_experiment(mlflow_sqlite, "tests")
+    first = RunLogger(mlflow_sqlite, "tests", "crashing", None)
+    first.log_metrics([(step, {"loss_d": 1.0}) for step in range(1, 16)] + [(15, {"img_per_s": 1.0})])
+    first.log_image(np.zeros((8, 8, 3), np.uint8), key="samples", step=12)
+    first.finish("FAILED")
+
+    resumed = RunLogger(mlflow_sqlite, "tests", "crashing", first.run_id)
+    resumed.skip_logged(("loss_d", "img_per_s"), ("samples",))
+    assert resumed.logged_through == {"loss_d": 15, "img_per_s": 15, "samples": 12}
+    resumed.log_metrics([(step, {"loss_d": 2.0}) for step in range(11, 21)] + [(20, {"img_per_s": 2.0})])
+    resumed.log_image(np.zeros((8, 8, 3), np.uint8), key="samples", step=12)
+    resumed.finish()
+
+    client = MlflowClient(mlflow_sqlite)
+    history = sorted(client.get_metric_history(first.run_id, "loss_d"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(1, 21))
+    assert [m.value for m in history] == [1.0] * 15 + [2.0] * 5
+    assert steps_of(client, first.run_id, "img_per_s") == [15, 20]
+    assert len([a for a in client.list_artifacts(first.run_id, "images") if a.path.endswith(".png")]) == 1
