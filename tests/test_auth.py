@@ -148,7 +148,7 @@ def test_with_the_users_credentials_a_run_trains_and_is_on_the_server(auth_serve
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     args = train_args(tmp_path, auth_server.uri, experiment="auth", max_steps=STEPS, log_every=2, sample_every=STEPS,
-                      checkpoint_every=STEPS, eval_every=0)
+                      checkpoint_every=STEPS, eval_every=0) + ["--no-register-models"]  # registering costs a minute on CI's 2 CPUs
     assert main(args) == 0
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])  # the admin reads it back
@@ -157,6 +157,4 @@ def test_with_the_users_credentials_a_run_trains_and_is_on_the_server(auth_serve
     [run] = client.search_runs([client.get_experiment_by_name("auth").experiment_id])
     assert run.info.status == "FINISHED" and run.info.user_id == USER[0]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_d")] == list(range(1, STEPS + 1))
-    # the user created the registered models, so it manages them
-    versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
-    assert versions, "the run registered its models"
+    assert any(a.path == "images" for a in client.list_artifacts(run.info.run_id)), "artifacts go up through the server too"

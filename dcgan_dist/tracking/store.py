@@ -48,13 +48,14 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             urllib.request.urlopen(base + "/health", timeout=timeout_s).close()
         except (urllib.error.URLError, OSError) as e:
             raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable: {e}") from None
-        check_credentials(uri, timeout_s)
+        check_credentials(uri)
 
 
-def check_credentials(uri: str, timeout_s: float) -> None:
+def check_credentials(uri: str, timeout_s: float = 30.0) -> None:
     """One read the server authorises as MLflow's client would (basic auth from
     MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD, else a bearer MLFLOW_TRACKING_TOKEN).
-    The error names the user, never the password."""
+    The server is up by now; a longer timeout than /health's, since checking a password costs a
+    slow hash on the server. The error names the user, never the password."""
     username, password = os.environ.get("MLFLOW_TRACKING_USERNAME", ""), os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
     request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
     if username and password:
@@ -75,7 +76,7 @@ def check_credentials(uri: str, timeout_s: float) -> None:
         raise TrackingError(f"MLflow tracking server {redact(uri)}: {problem}; set MLFLOW_TRACKING_USERNAME and "
                             "MLFLOW_TRACKING_PASSWORD to a user of that server (an admin grants permissions)") from None
     except (urllib.error.URLError, OSError) as e:
-        raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable: {e}") from None
+        raise TrackingError(f"MLflow tracking server {redact(uri)} answered /health but not an experiment search: {e}") from None
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
