@@ -26,6 +26,8 @@ from dcgan_dist.tracking import store
 from dcgan_dist.tracking.store import TrackingError
 from dcgan_dist.util import redact, run_cli
 
+MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
 
 def preflight(cfg: Config) -> Config:
     """Resolve paths and URIs to what workers on any node can use, and fail early with the
@@ -217,9 +219,10 @@ def build_trainer(cfg: Config, callbacks: list | None = None, entry_point: str =
 
 
 def worker_env(cfg: Config) -> dict[str, str]:
-    """Environment the workers take from the driver. The AWS_* settings travel in memory (never
-    logged), so workers read shards from the endpoint, with the credentials, the preflight checked."""
-    env = {name: os.environ[name] for name in s3.AWS_ENV_VARS if name in os.environ}
+    """Environment the workers take from the driver. The AWS_* settings and MLflow's credentials
+    travel in memory (never logged), so workers read shards from the endpoint and log to the
+    server with the credentials the preflight checked (Ray may have been started without them)."""
+    env = {name: os.environ[name] for name in s3.AWS_ENV_VARS + MLFLOW_CREDENTIALS if name in os.environ}
     if not cfg.loop.verbose:
         env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a bar per downloaded artifact at registration
     return env

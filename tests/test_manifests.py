@@ -3,13 +3,17 @@
 Offline and fast: every YAML parses; RayCluster/RayJob validate against the vendored KubeRay CRD
 schemas (cluster/schemas/, with unknown fields rejected), the core Kubernetes objects and every
 Ray pod template against Kubernetes' own schemas (kubernetes-validate bundles them); the RayJob
-entrypoints parse with our CLI parsers; no credential is written anywhere; and the compose stack
-and the ConfigMap are wired with the variables the code (and the libraries it calls) reads. One
-test is slow: whether git ignores infra/.env is asked of git, a process.
+entrypoints parse with our CLI parsers; no credential is written anywhere; the compose stack
+and the ConfigMap are wired with the variables the code (and the libraries it calls) reads; and
+the deploy is locked down: MLflow's basic-auth app with its admin from a Secret, the Ray pods
+logging in with a Secret's user, a NetworkPolicy per service behind a default deny, every
+container non-root with a read-only root filesystem (tests/test_auth.py runs the auth for real).
+One test is slow: whether git ignores infra/.env is asked of git, a process.
 """
 
 from __future__ import annotations
 
+import configparser
 import copy
 import importlib.util
 import json
@@ -40,7 +44,10 @@ SENSITIVE_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|KEY", re.IGNORECASE)
 # Variables our code reads through the libraries it calls (not through os.environ itself):
 LIBRARY_ENV = {
     "boto3": {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"},
-    "mlflow": {"MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_DISABLE_TELEMETRY"},
+    "mlflow": {"MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_DISABLE_TELEMETRY",
+               "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",  # the client's basic auth
+               # the server's basic-auth app: its config file, first admin, CSRF key
+               "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"},
     "ray": {"RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_USAGE_STATS_ENABLED"},
 }
 
@@ -129,6 +136,7 @@ EXPECTED_FILES = [
     "cluster/Dockerfile", "cluster/raycluster.yaml", "cluster/rayjob-train.yaml", "cluster/rayjob-sweep.yaml",
     "cluster/ray-cluster-launcher.yaml", "infra/docker-compose.yaml", "infra/.env.example",
     "infra/mlflow/Dockerfile", "infra/k8s/mlflow.yaml", "infra/k8s/postgres.yaml", "infra/k8s/dcgan-env.yaml",
+    "infra/k8s/networkpolicies.yaml", "infra/mlflow/basic_auth.ini", "infra/mlflow/create_user.py",
 ]
 
 
@@ -224,7 +232,7 @@ def test_ray_pod_templates_validate_as_kubernetes_pod_templates():
 
 def test_core_objects_validate_against_the_kubernetes_schemas():
     kinds = {doc["kind"] for _, doc in core_objects()}
-    assert {"Deployment", "Service", "ConfigMap", "PersistentVolumeClaim", "Job"} <= kinds
+    assert {"Deployment", "Service", "ConfigMap", "PersistentVolumeClaim", "Job", "NetworkPolicy"} <= kinds
     for name, doc in core_objects():
         try:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -323,6 +331,10 @@ def test_images_are_pinned_and_ours_share_one_registry():
         for container in template.get("spec", {}).get("containers", [])
     ]
     images += [service["image"] for service in load_docs(COMPOSE)[0]["services"].values() if "build" not in service]
+    # the images ours are built on: FROM lines, with an ARG's default where FROM names one
+    for dockerfile in (CLUSTER / "Dockerfile", INFRA / "mlflow" / "Dockerfile"):
+        for base in re.findall(r"^FROM (\S+)", dockerfile.read_text(), re.MULTILINE):
+            images.append(dockerfile_arg(base[2:-1], dockerfile) if base.startswith("${") else base)
     assert images
     for image in images:
         assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image
@@ -350,6 +362,214 @@ def test_training_dockerfile_cuda_base_project_installed_non_root():
     assert re.search(r"RAY_USAGE_STATS_ENABLED=0", text) and re.search(r"MLFLOW_DISABLE_TELEMETRY=true", text)
     assert "ENV MLFLOW_DISABLE_TELEMETRY=true" in mlflow_text
     assert re.findall(r"^USER (\S+)$", mlflow_text, re.MULTILINE)[-1] not in ("root", "0")
+
+
+# ---------------------------------------------------------------- the locked-down deploy
+
+
+def workload_pods() -> dict[str, dict]:
+    """Every pod template of the manifests (Deployments, Jobs, Ray head/workers/submitters), by name."""
+    pods = {}
+    for _, doc in k8s_objects():
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["apiVersion"].startswith("ray.io/"):
+            pods |= {f"{name} {where}": template for where, template in pod_templates(doc).items()}
+        elif doc["kind"] in ("Deployment", "StatefulSet", "Job"):
+            pods[name] = doc["spec"]["template"]
+    return pods
+
+
+def test_every_container_runs_non_root_read_only_without_privileges():
+    pods = workload_pods()
+    assert len(pods) >= 9, sorted(pods)  # 3 Deployments, 2 Jobs, 2 x (head, workers), 2 submitters
+    for name, template in pods.items():
+        spec = template["spec"]
+        pod = spec.get("securityContext", {})
+        assert pod.get("runAsNonRoot") is True and pod.get("runAsUser", 0) != 0, name
+        assert pod.get("seccompProfile") == {"type": "RuntimeDefault"}, name
+        volumes = {volume["name"]: volume for volume in spec.get("volumes", [])}
+        for container in spec["containers"]:
+            assert_locked_down(container.get("securityContext", {}), f"{name} {container['name']}")
+            for mount in container.get("volumeMounts", []):
+                assert mount["name"] in volumes, f"{name}: {mount['name']} is not a volume of the pod"
+        # the head's autoscaler sidecar too, with /tmp writable from the head pod's volumes
+        if name.endswith(" head"):
+            for _, doc in ray_objects():
+                if name.startswith(f"{doc['kind']}/{doc['metadata']['name']} ") and "autoscalerOptions" in cluster_spec(doc):
+                    autoscaler = cluster_spec(doc)["autoscalerOptions"]
+                    assert_locked_down(autoscaler["securityContext"], f"{name} autoscaler")
+                    assert {m["name"] for m in autoscaler["volumeMounts"]} <= volumes.keys(), name
+    # The Ray containers write /tmp (Ray's /tmp/ray) and the home folder: emptyDirs, not the image.
+    for name, template in pods.items():
+        if name.startswith(("RayCluster", "RayJob")) and not name.endswith("submitter"):
+            volumes = {volume["name"]: volume for volume in template["spec"]["volumes"]}
+            (container,) = template["spec"]["containers"]
+            writable = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+            assert {"/tmp", "/home/ray"} <= writable.keys() and all("emptyDir" in v for v in writable.values()), name
+
+
+def assert_locked_down(security: dict, where: str) -> None:
+    assert security.get("allowPrivilegeEscalation") is False, where
+    assert security.get("readOnlyRootFilesystem") is True, where
+    assert security.get("capabilities") == {"drop": ["ALL"]}, where
+    assert not security.get("privileged") and security.get("runAsUser", 1) != 0, where
+
+
+def test_the_dockerfiles_make_and_use_a_non_root_user():
+    for dockerfile in (CLUSTER / "Dockerfile", INFRA / "mlflow" / "Dockerfile"):
+        text = dockerfile.read_text()
+        (uid,) = re.findall(r"useradd .*--uid (\d+)", text)
+        assert re.findall(r"^USER (\S+)$", text, re.MULTILINE)[-1] == uid != "0", dockerfile
+    uids = {pod["spec"]["securityContext"]["runAsUser"] for name, pod in workload_pods().items() if "postgres" not in name and "minio" not in name}
+    assert uids == {1000}  # the useradd uid of both images
+
+
+def matches(selector: dict, labels: dict) -> bool:
+    """A NetworkPolicy podSelector (matchLabels only, which is all ours use) against pod labels."""
+    assert set(selector) <= {"matchLabels"}, selector
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def network_policies() -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc["spec"] for _, doc in core_objects() if doc["kind"] == "NetworkPolicy"}
+
+
+def allowed_from(policy: dict) -> list[tuple[dict, set[int] | None]]:
+    """(peer, ports or None for every port) for each peer of each ingress rule."""
+    return [
+        (peer, {port["port"] for port in rule["ports"]} if "ports" in rule else None)
+        for rule in policy.get("ingress", []) for peer in rule["from"]
+    ]
+
+
+def pods_allowed(policy: dict, port: int) -> set[str]:
+    """The pods of the manifests an ingress policy lets in on `port` (by pod-selector peers)."""
+    pods = workload_pods()
+    return {
+        name for name, template in pods.items()
+        for peer, ports in allowed_from(policy)
+        if "podSelector" in peer and (ports is None or port in ports) and matches(peer["podSelector"], template.get("metadata", {}).get("labels", {}))
+    }
+
+
+def test_ingress_is_denied_by_default():
+    policies = network_policies()
+    deny = [p for p in policies.values() if p["podSelector"] == {} and p["policyTypes"] == ["Ingress"] and not p.get("ingress")]
+    assert len(deny) == 1, "one policy selects every pod and allows no ingress"
+    for name, policy in policies.items():
+        assert "Egress" not in policy["policyTypes"], f"{name}: egress stays open (an S3 outside the cluster); see networkpolicies.yaml"
+        for peer, _ in allowed_from(policy):
+            assert "ipBlock" not in peer, f"{name}: no address ranges, only pods and the operator's namespace"
+
+
+def test_each_service_has_a_network_policy_that_lets_in_only_its_clients():
+    policies = network_policies()
+    pods = workload_pods()
+    labels = {name: template.get("metadata", {}).get("labels", {}) for name, template in pods.items()}
+
+    def policy_for(deployment: str) -> dict:
+        (name,) = [n for n, p in policies.items() if p["podSelector"] and matches(p["podSelector"], labels[f"Deployment/{deployment}"])]
+        return policies[name]
+
+    ray_pods = {name for name in pods if name.startswith(("RayCluster", "RayJob")) and not name.endswith("submitter")}
+    # Postgres: only MLflow, on its port.
+    assert pods_allowed(policy_for("postgres"), 5432) == {"Deployment/mlflow"}
+    assert all(ports == {5432} for _, ports in allowed_from(policy_for("postgres")))
+    # MinIO: MLflow, the bucket Job and the Ray pods, on the S3 port only (the console by port-forward).
+    assert pods_allowed(policy_for("minio"), 9000) == {"Deployment/mlflow", "Job/create-buckets"} | ray_pods
+    assert all(ports == {9000} for _, ports in allowed_from(policy_for("minio")))
+    # MLflow: the Ray pods (driver, rank 0) and the user Job.
+    assert pods_allowed(policy_for("mlflow"), 5000) == {"Job/create-mlflow-user"} | ray_pods
+    assert all(ports == {5000} for _, ports in allowed_from(policy_for("mlflow")))
+    # No allow rule names a peer in another namespace, except the Ray policy's operator rule below.
+    for name in ("postgres", "minio", "mlflow"):
+        assert all(set(peer) == {"podSelector"} for peer, _ in allowed_from(policy_for(name))), name
+    # Every Service's pods are selected by an allow policy.
+    for _, doc in core_objects():
+        if doc["kind"] == "Service":
+            selector = {"matchLabels": doc["spec"]["selector"]}
+            assert any(p["podSelector"] == selector for p in policies.values()), doc["metadata"]["name"]
+
+
+def test_ray_ports_are_open_to_the_namespace_and_everything_else_only_between_ray_pods():
+    policies = network_policies()
+    pods = workload_pods()
+    ray_pods = {name: t for name, t in pods.items() if name.startswith(("RayCluster", "RayJob")) and not name.endswith("submitter")}
+    (name,) = [n for n, p in policies.items() if p["podSelector"] and all(matches(p["podSelector"], t["metadata"]["labels"]) for t in ray_pods.values())]
+    policy = policies[name]
+    assert not any(matches(policy["podSelector"], t.get("metadata", {}).get("labels", {})) for n, t in pods.items() if n not in ray_pods)
+    head = the_object("RayCluster", "dcgan")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head_ports = {port["name"]: port["containerPort"] for port in head["ports"]}
+    public = {head_ports["gcs-server"], head_ports["dashboard"], head_ports["client"]}
+    rules = allowed_from(policy)
+    # every port, but only from Ray pods (nodes talk on many ports)
+    (all_ports,) = [peer for peer, ports in rules if ports is None]
+    assert all_ports == {"podSelector": policy["podSelector"]}
+    # GCS, dashboard, client: from any pod of the namespace (an empty podSelector, no namespaceSelector)
+    assert ({"podSelector": {}}, public) in rules
+    # the KubeRay operator's namespace (docs/cluster.md installs it there) reaches only the dashboard
+    operator = [ports for peer, ports in rules if "namespaceSelector" in peer]
+    assert operator == [{head_ports["dashboard"]}]
+    assert "--namespace kuberay-system" in CLUSTER_DOC.read_text()
+    assert len(rules) == 3
+
+
+def secret_env(container_env: list[dict]) -> dict[str, tuple[str, str]]:
+    return {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for e in container_env if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def auth_ini() -> configparser.SectionProxy:
+    parser = configparser.ConfigParser()
+    parser.read_string((INFRA / "mlflow" / "basic_auth.ini").read_text())
+    return parser["mlflow"]
+
+
+def test_mlflow_runs_the_basic_auth_app_with_its_admin_from_a_secret_and_its_users_in_postgres():
+    (server,) = the_object("Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    assert "--app-name=basic-auth" in server["command"]
+    env = secret_env(server["env"])
+    assert env["MLFLOW_AUTH_ADMIN_USERNAME"] == ("mlflow-admin", "username")
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == ("mlflow-admin", "password")
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == ("mlflow-admin", "flask_secret_key")
+    # The image reads the app's settings from its basic_auth.ini: no admin password there, the
+    # users in the backend's Postgres (password from PGPASSWORD), the default authorisation.
+    dockerfile = (INFRA / "mlflow" / "Dockerfile").read_text()
+    assert re.search(r'pip install .*"mlflow\[auth\]==\$\{MLFLOW_VERSION\}"', dockerfile), "the auth extra (Flask-WTF)"
+    (config_path,) = re.findall(r"MLFLOW_AUTH_CONFIG_PATH=(\S+)", dockerfile)
+    assert re.search(rf"^COPY basic_auth.ini {re.escape(config_path)}$", dockerfile, re.MULTILINE)
+    ini = auth_ini()
+    assert "admin_password" not in ini and "admin_username" not in ini, "the admin comes from the Secret"
+    auth_db = urlparse(ini["database_uri"])
+    assert auth_db.scheme == "postgresql" and auth_db.password is None
+    assert auth_db.hostname == backend_host(server["command"]) and auth_db.path == urlparse(
+        [a for a in server["command"] if a.startswith("--backend-store-uri=")][0].split("=", 1)[1]).path
+    assert ini["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
+    assert ini["default_permission"] in ("READ", "NO_PERMISSIONS")
+    # The same in compose.
+    compose = load_docs(COMPOSE)[0]["services"]
+    assert "--app-name=basic-auth" in compose["mlflow"]["command"]
+    assert {"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"} <= set(compose_environment(compose["mlflow"]))
+    assert compose["create-mlflow-user"]["command"] == the_object("Job", "create-mlflow-user")["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
+def test_the_training_pods_log_in_with_the_user_the_job_creates():
+    (job,) = the_object("Job", "create-mlflow-user")["spec"]["template"]["spec"]["containers"]
+    job_env = secret_env(job["env"])
+    user = {name: job_env[name] for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    assert user == {"MLFLOW_TRACKING_USERNAME": ("mlflow-train", "username"), "MLFLOW_TRACKING_PASSWORD": ("mlflow-train", "password")}
+    assert job_env["MLFLOW_AUTH_ADMIN_PASSWORD"] == ("mlflow-admin", "password")
+    assert job["command"] == ["python", "/opt/create_user.py"] and "create_user.py /opt/" in (INFRA / "mlflow" / "Dockerfile").read_text()
+    for _, doc in ray_objects():
+        if doc["kind"] == "RayCluster" or "rayClusterSpec" in doc["spec"]:
+            for where, template in pod_templates(doc).items():
+                if where == "submitter":  # it only submits; the driver runs on the head
+                    continue
+                (container,) = template["spec"]["containers"]
+                env = secret_env(container["env"])
+                assert {name: env.get(name) for name in user} == user, f"{doc['metadata']['name']} {where}"
+    train = compose_environment(load_docs(COMPOSE)[0]["services"]["train"])
+    assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(train)
 
 
 # ---------------------------------------------------------------- the RayJob entrypoints

@@ -6,6 +6,7 @@ worker, so a wrong URI is one line at start-up, not a failed worker.
 
 from __future__ import annotations
 
+import base64
 import os
 import urllib.error
 import urllib.request
@@ -34,16 +35,48 @@ def resolve_tracking_uri(flag_value: str) -> str:
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Raise TrackingError naming the URI when the store cannot be used."""
+    """Raise TrackingError naming the URI when the store cannot be used. A server must answer
+    /health and an authenticated read (a basic-auth server leaves /health open), so missing or
+    wrong MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD fail here, not in a worker."""
     if uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///") :]).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise TrackingError(f"MLflow store {uri}: folder {folder} does not exist or is not writable")
     elif uri.startswith(("http://", "https://")):
+        base = uri.rstrip("/")
         try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+            urllib.request.urlopen(base + "/health", timeout=timeout_s).close()
         except (urllib.error.URLError, OSError) as e:
             raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable: {e}") from None
+        check_credentials(uri)
+
+
+def check_credentials(uri: str, timeout_s: float = 30.0) -> None:
+    """One read the server authorises as MLflow's client would (basic auth from
+    MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD, else a bearer MLFLOW_TRACKING_TOKEN).
+    The server is up by now; a longer timeout than /health's, since checking a password costs a
+    slow hash on the server. The error names the user, never the password."""
+    username, password = os.environ.get("MLFLOW_TRACKING_USERNAME", ""), os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    if username and password:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode())
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", "Bearer " + os.environ["MLFLOW_TRACKING_TOKEN"])
+    try:
+        urllib.request.urlopen(request, timeout=timeout_s).close()
+    except urllib.error.HTTPError as e:
+        if e.code not in (401, 403):
+            raise TrackingError(f"MLflow tracking server {redact(uri)} answered HTTP {e.code} to an experiment search: {e.reason}") from None
+        if e.code == 403:
+            problem = f"user {username or '(anonymous)'!r} may not read experiments (HTTP 403)"
+        elif username and password:
+            problem = f"it rejected the credentials of user {username!r} (HTTP 401)"
+        else:
+            problem = "it requires authentication (HTTP 401) and MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD are not both set"
+        raise TrackingError(f"MLflow tracking server {redact(uri)}: {problem}; set MLFLOW_TRACKING_USERNAME and "
+                            "MLFLOW_TRACKING_PASSWORD to a user of that server (an admin grants permissions)") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingError(f"MLflow tracking server {redact(uri)} answered /health but not an experiment search: {e}") from None
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
