@@ -35,7 +35,10 @@ import pytest
 # the git commit of its entry script (pytest's, here) through GitPython, which runs `git version`
 # when first imported and `git check-ignore` per run, where that script lies in a git checkout
 # (a pyenv clone does; a pip-installed Python on CI does not).
-INCIDENTAL = {("mlflow.utils.git_utils", None), ("git", "refresh")}
+# Likewise the machine probes some libraries run once, when first imported (so only in a test that
+# happens to import them first): platform.uname's `uname -p` (MLflow's telemetry schema) and
+# ctypes.util.find_library's `ldconfig -p` (CUDA's library finder, through torch).
+INCIDENTAL = {("mlflow.utils.git_utils", None), ("git", "refresh"), ("platform", None), ("ctypes.util", None)}
 
 CURRENT: list[pytest.Item] = []  # the test whose setup, body or teardown is running (none between tests)
 
