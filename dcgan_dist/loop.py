@@ -72,7 +72,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     os.environ.update(loop_config.get("env", {}))  # the driver's AWS_* settings (and quiet MLflow), for this process
     cfg = config.from_flat(loop_config["config"])
     if not cfg.loop.verbose:
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines drown the progress bar
+        quiet_worker_logs()
     worker = setup(cfg, loop_config)
     logger = worker.logger
     if worker.start_step >= cfg.loop.max_steps:
@@ -91,6 +91,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             logger.set_tags(compile_stats())
         worker.champion.finish(worker.generator, worker.discriminator)
         logger.finish()
+
+
+def quiet_worker_logs() -> None:
+    """Without --verbose: MLflow's INFO lines, and Ray Train's line per report, drown the progress
+    bar. RunConfig's LoggingConfig quiets the `ray.train` loggers, but Ray 2.60 names the report
+    logger by its file path (`logging.getLogger(__file__)` in ray/train/v2/_internal/execution/
+    context.py), so that one is quieted by name."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: its report lines stay
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def setup(cfg: Config, launch: dict[str, Any]) -> Worker:
