@@ -7,7 +7,7 @@ entrypoints parse with our CLI parsers; no credential is written anywhere; the c
 and the ConfigMap are wired with the variables the code (and the libraries it calls) reads; and
 the deploy is locked down: MLflow's basic-auth app with its admin from a Secret, the Ray pods
 logging in with a Secret's user, a NetworkPolicy per service behind a default deny, every
-container non-root with a read-only root filesystem (tests/test_auth.py runs the auth for real).
+container non-root with a read-only root filesystem (tests/test_tracking_auth.py runs the auth for real).
 One test is slow: whether git ignores infra/.env is asked of git, a process.
 """
 

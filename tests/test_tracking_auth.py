@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from dcgan_dist.train import main
-from tests.conftest import free_port, start_local_ray, train_args
+from tests.conftest import free_port, train_args
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN = ("admin", "admin-pass-for-tests")
@@ -123,30 +123,14 @@ def test_a_wrong_password_exits_2_naming_the_user_not_the_password(auth_server, 
     assert ray.is_initialized() == ray_was_up  # the preflight failed before Ray was started
 
 
-@pytest.fixture
-def ray_with_credentials():
-    """A fresh local Ray whose processes inherit the user's credentials, as the pods' env gives
-    them (Ray workers take the environment of the process that started Ray)."""
-    import ray
-
-    session_ray_was_up = ray.is_initialized()
-    ray.shutdown()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_USERNAME", USER[0])
-        patch.setenv("MLFLOW_TRACKING_PASSWORD", USER[1])
-        start_local_ray()
-        try:
-            yield
-        finally:
-            ray.shutdown()
-    if session_ray_was_up:
-        start_local_ray()
-
-
 @pytest.mark.slow
-def test_with_the_users_credentials_a_run_trains_and_is_on_the_server(auth_server, ray_with_credentials, tmp_path, monkeypatch):
+def test_with_the_users_credentials_a_run_trains_and_is_on_the_server(auth_server, ray_local, tmp_path, monkeypatch):
+    """The session's Ray was started without credentials: the driver hands its own to the
+    workers (train.worker_env), as a pod's env would give them."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", USER[1])
     args = train_args(tmp_path, auth_server.uri, experiment="auth", max_steps=STEPS, log_every=2, sample_every=STEPS,
                       checkpoint_every=STEPS, eval_every=0) + ["--no-register-models"]  # registering costs a minute on CI's 2 CPUs
     assert main(args) == 0
