@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from dcgan_dist.models import Discriminator, Generator
+from dcgan_dist.models import IMAGE_CHANNELS, Discriminator, Generator
 
 
 class LoadableGenerator(nn.Module):
@@ -38,7 +38,7 @@ class LoadableDiscriminator(nn.Module):
     def __init__(self, discriminator: Discriminator):
         super().__init__()
         self.discriminator = discriminator
-        self.image_size = discriminator.image_size
+        self.image_size, self.channels = discriminator.image_size, IMAGE_CHANNELS
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         self._check(images)
@@ -50,8 +50,8 @@ class LoadableDiscriminator(nn.Module):
         return self.discriminator.features(images)
 
     def _check(self, images: torch.Tensor) -> None:
-        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != self.image_size or images.shape[3] != self.image_size:
-            raise ValueError(f"images must be shaped (N, 3, {self.image_size}, {self.image_size}), got {list(images.shape)}")
+        if images.dim() != 4 or list(images.shape[1:]) != [self.channels, self.image_size, self.image_size]:
+            raise ValueError(f"images must be shaped (N, {self.channels}, {self.image_size}, {self.image_size}), got {list(images.shape)}")
 
 
 def script(network: Generator | Discriminator) -> torch.jit.ScriptModule:
