@@ -4,9 +4,12 @@ loader of models (registered, or from a training checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from mlflow.models import infer_signature
 
 from dcgan_dist import checkpoint
 from dcgan_dist.models import Architecture
+from dcgan_dist.tracking import scripted
 from dcgan_dist.tracking.store import TrackingError
 from dcgan_dist.util import first_line, redact
 
@@ -37,9 +41,10 @@ def log_models(architecture: Architecture, generator_state: dict[str, torch.Tens
     {registered model name: version}; each version is tagged with its step. Used for the final
     models, and for a run's best (then `set_alias(name, version, "champion")`).
 
-    The models are saved as torch.export programs ("pt2"): loading them runs no pickled code.
+    The models are saved as TorchScript modules (`scripted.py`): `mlflow.pytorch.load_model`
+    returns a real module (`.eval()`, `.to(device)`, any batch) and runs no pickled Python.
     Each also carries `state_dict.pt` and `architecture.json`, from which `load_network`
-    rebuilds the full module (D's per-layer features, for the probe)."""
+    rebuilds the plain `models.py` module (D's per-layer features, for the probe)."""
     generator, discriminator = architecture.build()
     generator.load_state_dict(generator_state)
     discriminator.load_state_dict(discriminator_state)
@@ -57,21 +62,50 @@ def log_models(architecture: Architecture, generator_state: dict[str, torch.Tens
             weights, spec = Path(folder, WEIGHTS_FILE), Path(folder, ARCHITECTURE_FILE)
             torch.save(model.state_dict(), weights)
             spec.write_text(json.dumps(architecture.to_dict(), indent=2))
-            info = mlflow.pytorch.log_model(
-                model,
-                name=name.removeprefix("dcgan-"),
-                serialization_format="pt2",
-                signature=infer_signature(example, output),
-                input_example=example,
-                step=step,
-                # Stated, not inferred: inference imports the model in a subprocess (~7 s each).
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
-                extra_files=[str(weights), str(spec)],
-            )
+            with _without_torchscript_notices():
+                info = mlflow.pytorch.log_model(
+                    scripted.script(model),
+                    name=name.removeprefix("dcgan-"),
+                    # MLflow's name for torch.save'd modules; a TorchScript one is saved by torch.jit.save
+                    # and read back by torch.jit.load, no pickled Python (docs/tracking.md).
+                    serialization_format="pickle",
+                    signature=infer_signature(example, output),
+                    input_example=example,
+                    step=step,
+                    # Stated, not inferred: inference imports the model in a subprocess (~7 s each).
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+                    extra_files=[str(weights), str(spec)],
+                )
         if register:
             version = mlflow.register_model(info.model_uri, name, tags={"step": str(step)})
             versions[name] = str(version.version)
     return versions
+
+
+@contextlib.contextmanager
+def _without_torchscript_notices():
+    """Silence what logging a TorchScript module prints about formats it is not: MLflow's warning
+    that pickled modules run code on load, and torch 2.14's TorchScript deprecation notices (MLflow
+    loads the saved module once to check the input example)."""
+    pickle_warning = _DropMessages("Saving pytorch model by Pickle")
+    logger = logging.getLogger("mlflow.pytorch")
+    logger.addFilter(pickle_warning)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
+            warnings.filterwarnings("ignore", "'torch.load' received a zip file that looks like a TorchScript archive", UserWarning)
+            yield
+    finally:
+        logger.removeFilter(pickle_warning)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 def set_alias(name: str, version: str | int, alias: str, uri: str | None = None, tags: dict[str, Any] | None = None) -> None:
