@@ -19,6 +19,8 @@ from dcgan_dist.util import first_line, redact
 
 log = logging.getLogger(__name__)
 
+CLOSE_ATTEMPTS = 3  # sends that may fail after close() before the rest is given up
+
 
 class BufferedSender:
     """Sends a run's metrics and images from a background thread.
@@ -96,7 +98,7 @@ class BufferedSender:
                 self.dropped_images += overflow
 
     def _send_loop(self) -> None:
-        backoff, failing = 1.0, False
+        backoff, failing, failures_closing = 1.0, False, 0
         while True:
             with self._changed:
                 while not (self._metrics or self._images or self._closing):
@@ -128,6 +130,9 @@ class BufferedSender:
                                 redact(self.client.tracking_uri), first_line(e))
                 failing = True
                 with self._changed:
+                    failures_closing += self._closing
+                    if failures_closing >= CLOSE_ATTEMPTS:
+                        return  # the run is over and the server is still away: close() counts what is left
                     self._changed.wait(backoff)
                 backoff = min(backoff * 2, self.retry_max_s)
                 continue
