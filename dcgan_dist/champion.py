@@ -125,12 +125,12 @@ def best_models(architecture: Architecture, best: evaluate.Best) -> tuple[torch.
 
 
 def log_final_models(logger: RunLogger, architecture: Architecture, generator: torch.nn.Module, discriminator: torch.nn.Module,
-                     last_step: int, best: evaluate.Best | None, backbone: str, register: bool = True) -> None:
+                     last_step: int, best: evaluate.Best | None, backbone: str, register: bool = True) -> dict[str, str]:
     """G and D of the last step logged into the run and (with `register`) registered as new
     versions; the best snapshot by evaluation score is registered before them (when it is not
     the last step) with the alias `champion`; the last step's go last, so MLflow's `@latest` is
     the last. Ends with the tag `registered.step`, which tells a later resume (or `python -m
-    dcgan_dist.register`) that nothing is left to do."""
+    dcgan_dist.register`) that nothing is left to do. Returns {registered model name: version}."""
     champion = None
     if best is not None and best.step != last_step and register:
         champion = logger.log_models(architecture, *best_models(architecture, best), best.step, register=True)
@@ -144,3 +144,4 @@ def log_final_models(logger: RunLogger, architecture: Architecture, generator: t
             })
         logger.set_tags({"champion.step": best.step, "champion.score": best.score})
     logger.set_tags({REGISTERED_TAG: last_step})
+    return versions

@@ -81,10 +81,8 @@ def register(storage_path: str, run_name: str, tracking_uri: str = "") -> int:
     generator, discriminator = architecture.build()
     generator.load_state_dict(state["generator"])
     discriminator.load_state_dict(state["discriminator"])
-    log_final_models(logger, architecture, generator, discriminator, step, evaluate.Best.from_state(state.get("best")),
-                     tags.get("eval.backbone", ""), register=True)
-    versions = {key.removeprefix("registered."): value for key, value in logger.tags().items()
-                if key.startswith("registered.dcgan-")}
+    versions = log_final_models(logger, architecture, generator, discriminator, step, evaluate.Best.from_state(state.get("best")),
+                                tags.get("eval.backbone", ""), register=True)
     logger.finish()
     print(f"Registered the models of step {step} into MLflow run {run_id} ({redact(uri)}): "
           + ", ".join(f"{name} version {version}" for name, version in sorted(versions.items())))

@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric
 
 from dcgan_dist.models import Architecture
 from dcgan_dist.tracking import registry
@@ -68,6 +68,8 @@ class RunLogger:
         (every image key) the run holds."""
         if metric_names is None:
             metric_names = tuple(self.client.get_run(self.run_id).data.metrics)
+            if not metric_names:  # a new run (a run gets its first metrics before its first picture)
+                return
         for name in metric_names:
             history = self.client.get_metric_history(self.run_id, name)
             self.logged_through[name] = max((m.step for m in history), default=0)
@@ -85,7 +87,8 @@ class RunLogger:
         return self.client.get_run(self.run_id).data.params
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(key, str(redact(value))) for key, value in tags.items()])
+        """Buffered like the metrics: a server that is away never stalls the training loop."""
+        self.sender.add_tags({key: str(redact(value)) for key, value in tags.items()})
 
     def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         """rows = [(step, {name: value})]; buffered, sent by the sender thread."""
