@@ -24,6 +24,8 @@ from dcgan_dist.tracking.run_logger import RunLogger
 
 log = logging.getLogger(__name__)
 
+REGISTERED_TAG = "registered.step"  # set last: the models of the end are logged (and registered)
+
 
 @dataclass
 class Champion:
@@ -99,30 +101,47 @@ class Champion:
         self.detector = CollapseDetector(self.cfg.eval.collapse_d_loss, self.cfg.eval.collapse_steps)
 
     def finish(self, generator: torch.nn.Module, discriminator: torch.nn.Module) -> None:
-        """Rank 0 at the end: the memorisation check, then G and D registered. With evaluation, the
-        best snapshot is registered first (when it is not the last step) and gets the alias
-        `champion`; the last step's models are registered last, so MLflow's `@latest` is the last."""
+        """Rank 0 at the end: the memorisation check, then G and D registered (see register_models)."""
         cfg, logger, last_step = self.cfg, self.logger, self.cfg.loop.max_steps
-        register = cfg.tracking.register_models
-        best_models = None
-        if self.best is not None and self.best.step != last_step:
-            best_models = self.architecture.build()
-            best_models[0].load_state_dict(self.best.generator)
-            best_models[1].load_state_dict(self.best.discriminator)
+        best_models = self.best_models() if self.best is not None and self.best.step != last_step else None
         if self.evaluator is not None:
             metrics, pictures = self.evaluator.memorisation(best_models[0] if best_models else unwrap(generator))
             logger.log_metrics([(last_step, metrics)])
             for name, picture in pictures.items():
                 logger.log_image(picture, key=f"memorisation_{name}", step=last_step)
-        champion = None
-        if best_models is not None and register:
-            champion = logger.log_models(self.architecture, *best_models, self.best.step, register=True)
-        versions = logger.log_models(self.architecture, unwrap(generator), unwrap(discriminator), last_step, register=register)
-        logger.set_tags({f"registered.{name}": version for name, version in versions.items()})
-        if self.best is not None and register:
-            for name, version in (champion or versions).items():
-                logger.set_alias(name, version, "champion", {
-                    "champion.step": self.best.step, "champion.score": self.best.score,
-                    "champion.metric": evaluate.SCORE, "champion.backbone": self.evaluator.backbone.name,
-                })
-            logger.set_tags({"champion.step": self.best.step, "champion.score": self.best.score})
+        backbone = self.evaluator.backbone.name if self.evaluator is not None else ""
+        log_final_models(logger, self.architecture, unwrap(generator), unwrap(discriminator), last_step, self.best, backbone,
+                         register=cfg.tracking.register_models)
+
+    def best_models(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        return best_models(self.architecture, self.best)
+
+
+def best_models(architecture: Architecture, best: evaluate.Best) -> tuple[torch.nn.Module, torch.nn.Module]:
+    generator, discriminator = architecture.build()
+    generator.load_state_dict(best.generator)
+    discriminator.load_state_dict(best.discriminator)
+    return generator, discriminator
+
+
+def log_final_models(logger: RunLogger, architecture: Architecture, generator: torch.nn.Module, discriminator: torch.nn.Module,
+                     last_step: int, best: evaluate.Best | None, backbone: str, register: bool = True) -> dict[str, str]:
+    """G and D of the last step logged into the run and (with `register`) registered as new
+    versions; the best snapshot by evaluation score is registered before them (when it is not
+    the last step) with the alias `champion`; the last step's go last, so MLflow's `@latest` is
+    the last. Ends with the tag `registered.step`, which tells a later resume (or `python -m
+    dcgan_dist.register`) that nothing is left to do. Returns {registered model name: version}."""
+    champion = None
+    if best is not None and best.step != last_step and register:
+        champion = logger.log_models(architecture, *best_models(architecture, best), best.step, register=True)
+    versions = logger.log_models(architecture, generator, discriminator, last_step, register=register)
+    logger.set_tags({f"registered.{name}": version for name, version in versions.items()})
+    if best is not None and register:
+        for name, version in (champion or versions).items():
+            logger.set_alias(name, version, "champion", {
+                "champion.step": best.step, "champion.score": best.score,
+                "champion.metric": evaluate.SCORE, "champion.backbone": backbone,
+            })
+        logger.set_tags({"champion.step": best.step, "champion.score": best.score})
+    logger.set_tags({REGISTERED_TAG: last_step})
+    return versions

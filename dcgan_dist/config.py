@@ -77,7 +77,7 @@ class LoopConfig:
     log_every: int = option(10, "read, reduce and log training stats every N steps")
     sample_every: int = option(100, "log a sample grid from a fixed latent batch every N steps")
     checkpoint_every: int = option(200, "checkpoint the full training state every N steps (and at the end)")
-    keep_checkpoints: int = option(2, "how many of the latest checkpoints Ray Train keeps")
+    keep_checkpoints: int = option(2, "how many of the latest checkpoints Ray Train keeps (>= 2: a fallback)")
     verbose: bool = option(False, "print every Ray Train report and MLflow's INFO lines and download bars; "
                                   "default: the progress bar, evaluations, warnings and the summary")
 
@@ -287,8 +287,10 @@ def validate(cfg: Config) -> Config:
         value = getattr(cfg.optim, name)
         if not 0.0 <= value < 1.0:
             raise ConfigError(name, f"must be in [0, 1) (got {value})")
-    for name in ("batch_size", "max_steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
+    for name in ("batch_size", "max_steps", "log_every", "sample_every", "checkpoint_every"):
         positive(name, getattr(cfg.loop, name))
+    if cfg.loop.keep_checkpoints < 2:  # the one before the latest is the fallback when the latest is unreadable
+        raise ConfigError("keep_checkpoints", f"must be >= 2 (got {cfg.loop.keep_checkpoints})")
     positive("num_workers", cfg.cluster.num_workers)
     for name in ("loader_workers", "shuffle_buffer", "shard_retries"):
         if getattr(cfg.data, name) < 0:
@@ -301,10 +303,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("cpus_per_worker", f"must be >= 0 (got {cfg.cluster.cpus_per_worker})")
     worker_resources(cfg.cluster)
     if cfg.loop.batch_size % cfg.cluster.num_workers:
-        raise ConfigError(
-            "batch_size",
-            f"{cfg.loop.batch_size} is not divisible by --num-workers {cfg.cluster.num_workers}",
-        )
+        raise ConfigError("batch_size", f"{cfg.loop.batch_size} is not divisible by --num-workers {cfg.cluster.num_workers}")
     if cfg.model.preset == "imagenet32" and cfg.model.image_size != 32:
         raise ConfigError("image_size", f"preset imagenet32 is 32 px only (got {cfg.model.image_size})")
     validate_eval(cfg)

@@ -13,29 +13,33 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import mlflow
 import numpy as np
 import ray.train
 import ray.train.torch
+import requests
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from dcgan_dist import checkpoint, config, data, sync_bn
-from dcgan_dist.champion import Champion
+from dcgan_dist.champion import REGISTERED_TAG, Champion, log_final_models
 from dcgan_dist.checkpoint import unwrap
 from dcgan_dist.config import Config
 from dcgan_dist.data.stream import COUNT_NAMES, check_corrupt_share
 from dcgan_dist.models import build_models, sample_latent
+from dcgan_dist.restore import restore_checkpoint
 from dcgan_dist.step import compile_models, gan_step, make_optimizers
+from dcgan_dist.tracking import store, training_run
 from dcgan_dist.tracking.run_logger import RunLogger
-from dcgan_dist.util import grid_uint8
+from dcgan_dist.tracking.store import TrackingError
+from dcgan_dist.util import first_line, grid_uint8, redact
 
 # Ray Train V2 sends print() both to the log and to stdout; a named logger prints once.
 log = logging.getLogger(__name__)
@@ -44,6 +48,8 @@ STAT_NAMES = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_
 LOGGED_COUNTS = ("corrupt_samples", "bad_shards")  # of the reader's COUNT_NAMES
 SAMPLE_GRID_SIZE = 64  # an 8x8 grid
 PROGRESS_EVERY_S = 10.0
+# What a tracking server that is away raises through MLflow's client (after its own HTTP retries).
+TRACKING_FAILURES = (TrackingError, mlflow.exceptions.MlflowException, requests.exceptions.RequestException, OSError)
 
 
 @dataclass
@@ -75,22 +81,45 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         quiet_worker_logs()
     worker = setup(cfg, loop_config)
     logger = worker.logger
-    if worker.start_step >= cfg.loop.max_steps:
-        if logger is not None:
-            log.info("Already at step %d of --max-steps %d: nothing to train", worker.start_step, cfg.loop.max_steps)
-            logger.finish()
-        return
-    try:
-        run(worker)
-    except BaseException:
-        if logger is not None:
-            logger.finish("FAILED")
-        raise
+    trained = worker.start_step < cfg.loop.max_steps
+    if trained:
+        try:
+            run(worker)
+        except BaseException:
+            if logger is not None:
+                logger.finish("FAILED")
+            raise
+    elif logger is not None:
+        log.info("Already at step %d of --max-steps %d: nothing to train", worker.start_step, cfg.loop.max_steps)
     if logger is not None:
-        if cfg.perf.compile != "off":
-            logger.set_tags(compile_stats())
-        worker.champion.finish(worker.generator, worker.discriminator)
-        logger.finish()
+        finish_run(worker, trained)
+
+
+def finish_run(w: Worker, trained: bool) -> None:
+    """Rank 0 at the end: the last evaluation's extras, the final models logged and registered,
+    the run closed. A tracking server that is away now costs no work: the last step's models
+    are in the final checkpoint, and re-running the command, or `python -m dcgan_dist.register`,
+    logs and registers them later. Training itself succeeds."""
+    cfg, logger = w.cfg, w.logger
+    uri = cfg.tracking.tracking_uri
+    later = (f"the models of step {cfg.loop.max_steps} are in the last checkpoint; log and register them when it is "
+             f"back: python -m dcgan_dist.register --storage-path {cfg.tracking.storage_path} --run-name {cfg.tracking.run_name}")
+    try:
+        store.check_reachable(uri)
+        if trained:
+            if cfg.perf.compile != "off":
+                logger.set_tags(compile_stats())
+            w.champion.finish(w.generator, w.discriminator)
+        elif logger.tags().get(REGISTERED_TAG) != str(cfg.loop.max_steps):
+            # An earlier attempt trained to the end, but the tracking server was away then.
+            log.info("Logging the models of step %d, which the run does not hold yet", cfg.loop.max_steps)
+            log_final_models(logger, w.champion.architecture, unwrap(w.generator), unwrap(w.discriminator), cfg.loop.max_steps,
+                             w.champion.best, logger.tags().get("eval.backbone", ""), register=cfg.tracking.register_models)
+    except TRACKING_FAILURES as e:
+        log.warning("MLflow %s failed at the end of training (%s): %s", redact(uri), first_line(e), later)
+        logger.abandon()
+        return
+    logger.finish()
 
 
 def quiet_worker_logs() -> None:
@@ -116,11 +145,9 @@ def setup(cfg: Config, launch: dict[str, Any]) -> Worker:
     torch.manual_seed(cfg.loop.seed + rank)  # before building: initial weights follow the seed
     generator, discriminator = build_models(cfg.model.preset, cfg.model.image_size, cfg.model.bn)
     state, start_step, mlflow_run_id = None, 0, None
-    resume_from = ray.train.get_checkpoint()
-    if resume_from is not None:
-        with resume_from.as_directory() as directory:
-            state = checkpoint.load_state(directory)
-            rng = checkpoint.load_rng(directory, rank)
+    restored = restore_checkpoint(rank, world_size, device)
+    if restored is not None:
+        state, rng = restored
         generator.load_state_dict(state["generator"])
         discriminator.load_state_dict(state["discriminator"])
         start_step, mlflow_run_id = state["step"], state["mlflow_run_id"]
@@ -148,31 +175,35 @@ def setup(cfg: Config, launch: dict[str, Any]) -> Worker:
 
     node_of_rank = nodes_of_ranks(world_size)
     logger = open_run(cfg, launch, mlflow_run_id, start_step, node_of_rank) if rank == 0 else None
+    if logger is not None and state is not None and state.get("unreadable_checkpoints"):  # resumed from an older one
+        logger.set_tags({"train.unreadable_checkpoints": "; ".join(state["unreadable_checkpoints"])})
     champion = Champion.build(cfg, rank, device, logger, state.get("best") if state is not None else None)
     return Worker(cfg, rank, world_size, device, generator, discriminator, discriminator_local, opt_g, opt_d, batches,
                   z_fixed.to(device), start_step, logger, champion)
 
 
-def open_run(cfg: Config, launch: dict[str, Any], mlflow_run_id: str | None, start_step: int,
+def open_run(cfg: Config, launch: dict[str, Any], checkpoint_run_id: str | None, start_step: int,
              node_of_rank: list[str]) -> RunLogger:
-    """Rank 0's MLflow run: a new one (named for what it trains, with the driver's source tags,
-    params and dataset), or, on resume, the checkpoint's, continued where it stopped."""
-    dataset = launch.get("dataset", {"name": cfg.data.data, "source": cfg.data.data, "sha256": ""})
-    # --run-name is Ray Train's resume key; the MLflow name tells runs apart in the UI.
-    run_name = f"{cfg.model.preset}-{cfg.model.image_size}px-{dataset['name']}-{secrets.token_hex(3)}"
-    new_run_tags = launch.get("source_tags", {}) | ({"mlflow.parentRunId": cfg.tracking.parent_run_id} if cfg.tracking.parent_run_id else {})
-    logger = RunLogger(cfg.tracking.tracking_uri, cfg.tracking.experiment, run_name, mlflow_run_id, tags=new_run_tags)
+    """Rank 0's MLflow run: the one the driver created (or found again) for this launch, or the
+    one a checkpoint continues. Steps it already holds (from an attempt that failed before this
+    one) are not logged twice."""
+    run_id = launch.get("mlflow_run_id")
+    if checkpoint_run_id and checkpoint_run_id != run_id:
+        # A checkpoint from before the driver created runs (or from another tracking setup): its
+        # run continues, and the one the driver made for this launch, still empty, goes.
+        if run_id:
+            log.warning("the checkpoint continues MLflow run %s; deleting the empty run %s made for this launch",
+                        checkpoint_run_id, run_id)
+            training_run.delete_run(cfg.tracking.tracking_uri, run_id)
+        run_id = checkpoint_run_id
+    logger = RunLogger(cfg.tracking.tracking_uri, cfg.tracking.experiment, "", run_id)
+    logger.skip_logged()  # every metric and picture the run already holds
     num_nodes = len(set(node_of_rank))
-    if logger.resumed:
+    if start_step:
         log.info("Resuming MLflow run %s from step %d", logger.run_id, start_step)
-        logger.skip_logged()  # every metric and picture the run already holds
         logger.set_tags({"train.resumed_from_step": start_step})
-    else:
-        derived = {"derived.per_worker_batch": cfg.per_worker_batch, "derived.world_size": len(node_of_rank),
-                   "derived.num_nodes": num_nodes}
-        logger.log_params(config.flatten(cfg) | derived)
-        if dataset["sha256"]:
-            logger.log_dataset(dataset["name"], dataset["source"], dataset["sha256"])
+    if "derived.num_nodes" not in logger.params():  # where the first attempt's ranks ran (tags follow restarts)
+        logger.log_params({"derived.num_nodes": num_nodes})
     # Tags, not params: after a restart the ranks may land on other nodes.
     logger.set_tags(launch.get("tags", {}) | {"ray.world_size": len(node_of_rank), "ray.run_name": cfg.tracking.run_name,
                                               "ray.num_nodes": num_nodes, "ray.node_of_rank": json.dumps(node_of_rank)})

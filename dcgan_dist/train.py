@@ -22,11 +22,13 @@ from pathlib import Path
 from dcgan_dist import config, data, placement
 from dcgan_dist.config import Config, ConfigError
 from dcgan_dist.data import manifest, s3
-from dcgan_dist.tracking import store
+from dcgan_dist.tracking import store, training_run
 from dcgan_dist.tracking.store import TrackingError
 from dcgan_dist.util import redact, run_cli
 
 MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+# The MLflow client's HTTP retry policy, where the driver sets one: the workers talk to the same server.
+MLFLOW_HTTP_SETTINGS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT")
 
 
 def preflight(cfg: Config) -> Config:
@@ -171,8 +173,9 @@ def code_version() -> dict[str, str]:
 
 
 def launch_info(cfg: Config, entry_point: str) -> dict:
-    """What every worker is handed besides the config: the run's lineage tags (code, data, Ray
-    job), the MLflow source tags of a new run (the entry point, not Ray's worker script) and the
+    """What every worker is handed besides the config: the MLflow run to write into (created
+    here, or found again on resume: see tracking/training_run.py), the run's lineage tags (code,
+    data, Ray job), the MLflow source tags (the entry point, not Ray's worker script) and the
     training data (Ray must be initialised; the world size is tagged by the workers)."""
     import ray
 
@@ -186,10 +189,12 @@ def launch_info(cfg: Config, entry_point: str) -> dict:
     source_tags = {"mlflow.source.name": entry_point, "mlflow.source.type": "JOB" if "ray.submission_id" in tags else "LOCAL"}
     if "code.git_commit" in tags:
         source_tags["mlflow.source.git.commit"] = tags["code.git_commit"]
-    return {"tags": tags, "source_tags": source_tags, "dataset": dataset}
+    launch = {"tags": tags, "source_tags": source_tags, "dataset": dataset}
+    launch["mlflow_run_id"], _ = training_run.open_training_run(cfg, launch)
+    return launch
 
 
-def build_trainer(cfg: Config, callbacks: list | None = None, entry_point: str = "dcgan_dist.train"):
+def build_trainer(cfg: Config, callbacks: list | None = None, entry_point: str = "dcgan_dist.train", launch: dict | None = None):
     """The TorchTrainer for a preflighted config (Ray must be initialised). Sweeps build one
     per trial, with Tune's report callback."""
     import ray.train
@@ -199,7 +204,7 @@ def build_trainer(cfg: Config, callbacks: list | None = None, entry_point: str =
 
     return TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.flatten(cfg), **launch_info(cfg, entry_point), "env": worker_env(cfg)},
+        train_loop_config={"config": config.flatten(cfg), **(launch or launch_info(cfg, entry_point)), "env": worker_env(cfg)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.cluster.num_workers,
             use_gpu=cfg.cluster.use_gpu,
@@ -222,7 +227,7 @@ def worker_env(cfg: Config) -> dict[str, str]:
     """Environment the workers take from the driver. The AWS_* settings and MLflow's credentials
     travel in memory (never logged), so workers read shards from the endpoint and log to the
     server with the credentials the preflight checked (Ray may have been started without them)."""
-    env = {name: os.environ[name] for name in s3.AWS_ENV_VARS + MLFLOW_CREDENTIALS if name in os.environ}
+    env = {name: os.environ[name] for name in s3.AWS_ENV_VARS + MLFLOW_CREDENTIALS + MLFLOW_HTTP_SETTINGS if name in os.environ}
     if not cfg.loop.verbose:
         env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a bar per downloaded artifact at registration
     return env
@@ -260,7 +265,12 @@ def fit(cfg: Config):
         ray.init(address=cfg.cluster.ray_address or None)
     nodes, _ = placement.cluster_nodes()  # the autoscaler's node groups too, where it publishes them
     cfg.cluster.cpus_per_worker = placement.cpus_per_worker(cfg.cluster, nodes)
-    return build_trainer(cfg).fit()
+    launch = launch_info(cfg, "dcgan_dist.train")
+    try:
+        return build_trainer(cfg, launch=launch).fit()
+    except BaseException:
+        training_run.end_failed(cfg.tracking.tracking_uri, launch["mlflow_run_id"])
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -50,3 +52,51 @@ def test_architecture_saved_in_the_checkpoint_or_read_from_an_older_ones_config(
         checkpoint.architecture_of({"architecture": {"preset": "paper", "image_size": 64, "bn": "g-only"}})
     with pytest.raises(ValueError, match="no architecture"):
         checkpoint.architecture_of({"config": {}})
+
+
+def write_checkpoint(folder, step: int, world_size: int = 2):
+    """A checkpoint folder as the loop writes it (rank 0's state.pt, every rank's RNG file)."""
+    from dcgan_dist.models import build_models
+
+    folder.mkdir(parents=True)
+    generator, discriminator = build_models("pytorch-examples", 32, "paper")
+    optimizer = torch.optim.Adam(generator.parameters())
+    for rank in range(world_size):
+        checkpoint.save(folder, rank=rank, device=torch.device("cpu"), step=step, generator=generator,
+                        discriminator=discriminator, opt_g=optimizer, opt_d=optimizer, mlflow_run_id="r",
+                        config={"cluster.num_workers": world_size}, architecture=Architecture.of("pytorch-examples", 32, "paper"))
+    return folder
+
+
+def test_resume_picks_the_newest_readable_checkpoint_and_names_the_bad_ones(tmp_path, caplog):
+    import ray.train
+
+    from dcgan_dist.restore import RestoreError, newest_readable, older_checkpoints
+
+    run = tmp_path / "run"
+    oldest = write_checkpoint(run / "checkpoint_2026-12-02_06-00-00.000001", 10)
+    middle = write_checkpoint(run / "checkpoint_2026-12-02_06-00-05.000001", 20)
+    latest = write_checkpoint(run / "checkpoint_2026-12-02_06-00-09.000001", 30)
+    write_checkpoint(run / "checkpoint_2026-12-02_06-00-12.000001", 40)  # newer than Ray Train's latest: never registered
+    (latest / "state.pt").write_bytes((latest / "state.pt").read_bytes()[:1000])  # cut short
+    (middle / "rng-rank1.pt").unlink()  # a rank's file missing
+
+    candidates = [ray.train.Checkpoint(str(latest))]
+    candidates += older_checkpoints(candidates[0])
+    assert [Path(c.path).name for c in candidates] == [latest.name, middle.name, oldest.name]
+    index, state = newest_readable(candidates)
+    assert index == 2 and state["step"] == 10
+    assert len(state["unreadable_checkpoints"]) == 2
+    assert latest.name in caplog.text and "rng-rank1.pt is missing" in caplog.text
+
+    (oldest / "state.pt").unlink()
+    with pytest.raises(RestoreError, match="no readable checkpoint.*new --run-name"):
+        newest_readable(candidates)
+
+
+def test_register_without_a_run_there_is_one_line_exit_2(tmp_path, capsys):
+    from dcgan_dist import register
+
+    assert register.main(["--storage-path", str(tmp_path), "--run-name", "nothing-here"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "nothing-here" in error and "no Ray Train run there" in error, error

@@ -87,46 +87,59 @@ def test_ray_job_submit_trains_on_both_nodes(ray_cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_jobs_sdk_run_with_bn_sync_survives_a_killed_worker_via_s3_checkpoints(ray_cluster, s3_bucket, tmp_path):
-    """Submitted through the Jobs SDK, with SyncBatchNorm, checkpoints in S3 (the storage every
-    node of a real cluster shares): a training worker is killed after the step-10 checkpoint,
-    and the run resumes from S3 into the same MLflow run with every step logged once."""
+def test_a_lost_node_and_a_lost_driver_cost_no_steps(ray_cluster, s3_bucket, tmp_path):
+    """Submitted through the Jobs SDK, with SyncBatchNorm and checkpoints in S3 (the storage
+    every node of a real cluster shares):
+    1. before the first checkpoint, the worker node is lost whole (its raylet and every process
+       on it) and a replacement joins, as KubeRay replaces a pod: Ray Train restarts both
+       workers from step 0, into the MLflow run the driver made;
+    2. once the step-20 checkpoint is registered the job is stopped (its driver lost, as `ray
+       job stop` or a killed submitter does) and the same command submitted again: it resumes
+       from S3 (at 20, or 40 if the stop came late).
+    One MLflow run, on both nodes, every step once."""
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = job_client(ray_cluster)
-    args = job_args(tmp_path, "--bn-sync", "--verbose", max_steps=30, checkpoint_every=10, log_every=5, max_failures=2,
+    client, s3, mlflow_client = job_client(ray_cluster), boto3.client("s3"), MlflowClient(tracking_uri)
+    args = job_args(tmp_path, "--bn-sync", "--verbose", max_steps=60, checkpoint_every=20, log_every=2, max_failures=2,
                     storage_path=f"s3://{s3_bucket}/checkpoints")
-    job_id = client.submit_job(entrypoint=shlex.join(["python", "-m", "dcgan_dist.train", *args]),
-                               runtime_env=runtime_env(aws_env()))
+    entrypoint = shlex.join(["python", "-m", "dcgan_dist.train", *args])
+    first_job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(aws_env()))
 
-    # The training workers, from Ray's state API: kill the one on the non-head node.
-    head = next(n["node_id"] for n in ray_cluster.alive_nodes() if n["is_head_node"])
-    deadline = time.monotonic() + 180
-    while len(workers := ray_cluster.list("actors", "class_name=RayTrainWorker", "state=ALIVE")) < 2:
-        assert time.monotonic() < deadline and client.get_job_status(job_id) in ("PENDING", "RUNNING")
-        time.sleep(0.5)
-    victim = next(w["pid"] for w in workers if w["node_id"] != head)
+    def logged_steps() -> list[int]:
+        experiment = mlflow_client.get_experiment_by_name("tests")
+        runs = mlflow_client.search_runs([experiment.experiment_id]) if experiment else []
+        return steps_of(mlflow_client, runs[0].info.run_id, "loss_d") if runs else []
 
-    # ... once Ray Train has registered the step-10 checkpoint (its controller writes the checkpoint
-    # manager's snapshot only then; a checkpoint folder alone may still be uploading) and MLflow
-    # holds steps past it.
-    s3 = boto3.client("s3")
-    mlflow_client = MlflowClient(tracking_uri)
-    while True:
-        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
-        registered = s3.list_objects_v2(Bucket=s3_bucket, Prefix="checkpoints/test/checkpoint_manager_snapshot.json").get("Contents", [])
-        runs = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("tests").experiment_id]) if registered else []
-        if runs and max(steps_of(mlflow_client, runs[0].info.run_id, "loss_d"), default=0) > 10:
-            break
-        time.sleep(0.2)
-    os.kill(victim, signal.SIGKILL)
+    def wait_for(condition, what: str, job_id: str) -> None:
+        deadline = time.monotonic() + 240
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: " + client.get_job_logs(job_id)[-3000:]
+            assert client.get_job_status(job_id) in ("PENDING", "RUNNING"), client.get_job_logs(job_id)[-3000:]
+            time.sleep(0.2)
 
-    assert wait_for_job(client, job_id) == "SUCCEEDED", client.get_job_logs(job_id)[-3000:]
-    # one MLflow run across the restart, on both nodes, every step once: none missing, none twice
-    run = assert_trained_on_both_nodes(ray_cluster, tracking_uri, 30)
-    assert int(run.data.tags["train.resumed_from_step"]) in (10, 20)
-    assert steps_of(mlflow_client, run.info.run_id, "img_per_s") == list(range(5, 31, 5))
+    def checkpointed() -> bool:
+        key = "checkpoints/test/checkpoint_manager_snapshot.json"  # written once Ray Train registers a checkpoint
+        return bool(s3.list_objects_v2(Bucket=s3_bucket, Prefix=key).get("Contents"))
+
+    wait_for(lambda: logged_steps(), "the first steps in MLflow", first_job)
+    assert not checkpointed()
+    worker_node = ray_cluster.nodes[1]
+    os.killpg(worker_node.pid, signal.SIGKILL)  # the whole node: `ray start --block`, its raylet and workers
+    worker_node.wait()
+    ray_cluster.start_node("--address", ray_cluster.address)  # the replacement
+    wait_for(checkpointed, "the step-20 checkpoint after the restart", first_job)
+
+    client.stop_job(first_job)
+    assert wait_for_job(client, first_job) == "STOPPED"
+    first_logs = client.get_job_logs(first_job)
+    second_job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(aws_env()))
+    assert wait_for_job(client, second_job) == "SUCCEEDED", client.get_job_logs(second_job)[-3000:]
+
+    run = assert_trained_on_both_nodes(ray_cluster, tracking_uri, 60)
+    assert "Resuming MLflow run" not in first_logs  # the restart after the lost node began at step 0 ...
+    assert mlflow_client.get_run(run.info.run_id).data.tags["train.resumed_from_step"] in ("20", "40")  # ... the resubmission not
+    assert steps_of(mlflow_client, run.info.run_id, "img_per_s") == list(range(2, 61, 2))
     assert run.data.params["cluster.bn_sync"] == "True" and run.data.params["cluster.max_failures"] == "2"
-    logs = client.get_job_logs(job_id)
+    logs = client.get_job_logs(second_job)
     assert "Resuming MLflow run" in logs and "Reporting training result" in logs  # --verbose: Ray Train's own lines too
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="checkpoints/test/")["Contents"]]
     for name in ("state.pt", "rng-rank0.pt", "rng-rank1.pt"):

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -143,6 +144,62 @@ def test_a_server_that_goes_away_costs_counted_metrics_not_the_run(mlflow_server
         if mlflow.active_run() is not None:
             mlflow.end_run()
         server.start()  # no-op when it runs
+
+
+@pytest.mark.slow
+def test_a_server_away_when_training_ends_costs_no_models(ray_local, mlflow_server, tmp_path, monkeypatch, capfd):
+    """The server goes away at step 4 of 30 and stays away: training still succeeds, with the
+    final models in its checkpoint; once the server is back, `python -m dcgan_dist.register`
+    logs and registers them into the same run, and re-running the command finds nothing to do."""
+    from dcgan_dist import register
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # the workers get these too: fail fast while it is down
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    server, client = mlflow_server, MlflowClient(mlflow_server.uri)
+    args = train_args(tmp_path, server.uri, experiment="away-at-end", run_name="away", max_steps=30, log_every=2,
+                      checkpoint_every=15)
+    run_ids = []
+
+    def stop_the_server_once_the_run_logs():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            experiment = client.get_experiment_by_name("away-at-end")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            if runs and steps_of(client, runs[0].info.run_id, "loss_d"):
+                run_ids.append(runs[0].info.run_id)
+                server.stop()
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=stop_the_server_once_the_run_logs, daemon=True)
+    watcher.start()
+    try:
+        assert main(args) == 0
+        watcher.join(timeout=10)
+        assert run_ids and server.process.poll() is not None, "the server should have been down at the end"
+    finally:
+        server.start()
+    assert "python -m dcgan_dist.register --storage-path" in capfd.readouterr().err  # the warning says what to run
+    [run_id] = run_ids
+    assert client.get_run(run_id).data.tags.get("registered.step") is None  # nothing registered yet
+
+    storage = ["--storage-path", str(tmp_path / "ray_results"), "--run-name", "away"]
+    assert register.main(storage) == 0
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["registered.step"] == "30"
+    for name in ("dcgan-generator", "dcgan-discriminator"):
+        latest = client.get_model_version_by_alias(name, "latest")
+        assert latest.run_id == run_id and latest.tags["step"] == "30"
+        assert client.get_model_version_by_alias(name, "champion").run_id == run_id  # the best snapshot, from the checkpoint
+    versions = len(client.search_model_versions("name='dcgan-generator'"))
+
+    # Re-running the training command (or the register command) finds the models there: no new versions.
+    assert main(args) == 0 and register.main(storage) == 0
+    assert "nothing to do" in capfd.readouterr().out
+    assert len(client.search_model_versions("name='dcgan-generator'")) == versions
+    experiment_id = client.get_experiment_by_name("away-at-end").experiment_id
+    assert [r.info.run_id for r in client.search_runs([experiment_id])] == [run_id]  # one run throughout
 
 
 def test_a_resumed_logger_skips_the_steps_the_run_already_holds(mlflow_sqlite):

@@ -89,7 +89,9 @@ def test_training_leaves_metrics_samples_and_registered_models(ray_local, mlflow
         assert torch.allclose(rebuilt.eval()(images), logits, atol=1e-5)
 
 
-def test_resume_continues_the_same_mlflow_run_and_state(ray_local, mlflow_sqlite, tmp_path):
+def test_resume_continues_the_same_mlflow_run_and_state_past_a_corrupt_checkpoint(ray_local, mlflow_sqlite, tmp_path, capfd):
+    import ray.train
+
     storage = tmp_path / "ray_results"
     args = train_args(tmp_path, mlflow_sqlite, max_steps=20, checkpoint_every=10, log_every=5)
     assert main(args) == 0
@@ -99,10 +101,18 @@ def test_resume_continues_the_same_mlflow_run_and_state(ray_local, mlflow_sqlite
     assert state_20["step"] == 20
     assert state_20["opt_d"]["state"][0]["step"].item() == 20  # Adam's own step count
 
+    # The latest checkpoint cut short (a node lost while writing it): resume falls back to step 10.
+    latest = Path(ray.train.Result.from_path(str(storage / "test")).checkpoint.path)
+    state_file = latest / checkpoint.STATE_FILE
+    state_file.write_bytes(state_file.read_bytes()[: state_file.stat().st_size // 2])
+    capfd.readouterr()
     assert main(train_args(tmp_path, mlflow_sqlite, max_steps=40, checkpoint_every=10, log_every=5)) == 0
     resumed = only_run(client)
     assert resumed.info.run_id == first_run.info.run_id and resumed.info.status == "FINISHED"
-    # steps 21..40 continue the same metric history: no gap, no duplicate
+    assert resumed.data.tags["train.resumed_from_step"] == "10"
+    assert latest.name in resumed.data.tags["train.unreadable_checkpoints"]
+    assert f"checkpoint {latest}" in capfd.readouterr().err  # the warning names the bad one
+    # steps 11..40 continue the same metric history: no gap, no duplicate
     assert steps_of(client, resumed.info.run_id, "loss_d") == list(range(1, 41))
     state_40 = latest_checkpoint_state(storage)
     assert state_40["step"] == 40 and state_40["mlflow_run_id"] == first_run.info.run_id

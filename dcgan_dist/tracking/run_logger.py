@@ -4,24 +4,25 @@ pictures, and the models at the end.
 
 from __future__ import annotations
 
+import logging
 import re
-import warnings
 from typing import Any
 
 import mlflow
 import numpy as np
 import torch
 from mlflow import MlflowClient
-from mlflow.data.code_dataset_source import CodeDatasetSource
-from mlflow.data.dataset_source_registry import resolve_dataset_source
-from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric
 
 from dcgan_dist.models import Architecture
 from dcgan_dist.tracking import registry
 from dcgan_dist.tracking.sender import BufferedSender
 from dcgan_dist.tracking.store import TrackingError, log_params
-from dcgan_dist.util import redact
+from dcgan_dist.util import first_line, redact
+
+log = logging.getLogger(__name__)
+
+ABANDON_TIMEOUT_S = 10.0  # how long a run whose server is away waits for its buffered metrics
 
 
 class RunLogger:
@@ -31,7 +32,7 @@ class RunLogger:
     with pynvml) into `system/...` metrics while the run is open."""
 
     def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None, tags: dict[str, str] | None = None,
-                 max_buffered_metrics: int = 200_000):
+                 max_buffered_metrics: int = 200_000, system_metrics: bool = True):
         """A new run (run_id None) gets `run_name` and `tags`, which override what MLflow infers
         (the source: Ray's worker script; the parent: `mlflow.parentRunId`, for a sweep's trials)."""
         mlflow.set_tracking_uri(uri)
@@ -50,7 +51,7 @@ class RunLogger:
             experiment_id=experiment_id,
             run_name=run_name if run_id is None else None,
             tags=tags if run_id is None else None,
-            log_system_metrics=True,
+            log_system_metrics=system_metrics,
         )
         self.run_id = self.run.info.run_id
         self.resumed = run_id is not None
@@ -67,6 +68,8 @@ class RunLogger:
         (every image key) the run holds."""
         if metric_names is None:
             metric_names = tuple(self.client.get_run(self.run_id).data.metrics)
+            if not metric_names:  # a new run (a run gets its first metrics before its first picture)
+                return
         for name in metric_names:
             history = self.client.get_metric_history(self.run_id, name)
             self.logged_through[name] = max((m.step for m in history), default=0)
@@ -77,23 +80,15 @@ class RunLogger:
                 self.logged_through[key] = max(self.logged_through.get(key, 0), step)
         self.logged_through = {key: step for key, step in self.logged_through.items() if step > 0}
 
-    def log_dataset(self, name: str, source: str, digest: str) -> None:
-        """The training data in the run's Datasets panel: `source` a manifest URL or a bundled set's name."""
-        if "://" in source or source.endswith(".json"):
-            with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways", all of them local files
-                warnings.simplefilter("ignore", UserWarning)
-                dataset_source = resolve_dataset_source(redact(source))
-        else:
-            dataset_source = CodeDatasetSource({"dataset": source})  # bundled with the code (sklearn's digits)
-        # MLflow's digest column holds 36 characters: the sha256's first 36 hex digits (the full one is the tag data.sha256)
-        dataset = MetaDataset(dataset_source, name=name, digest=digest[:36])
-        mlflow.log_input(dataset, context="training")  # into the active run: this one
-
     def log_params(self, params: dict[str, Any]) -> None:
         log_params(self.client, self.run_id, params)
 
+    def params(self) -> dict[str, str]:
+        return self.client.get_run(self.run_id).data.params
+
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(key, str(redact(value))) for key, value in tags.items()])
+        """Buffered like the metrics: a server that is away never stalls the training loop."""
+        self.sender.add_tags({key: str(redact(value)) for key, value in tags.items()})
 
     def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         """rows = [(step, {name: value})]; buffered, sent by the sender thread."""
@@ -115,6 +110,17 @@ class RunLogger:
     def set_alias(self, name: str, version: str, alias: str, tags: dict[str, Any]) -> None:
         registry.set_alias(name, version, alias, self.client.tracking_uri, tags)
 
+    def tags(self) -> dict[str, str]:
+        return self.client.get_run(self.run_id).data.tags
+
     def finish(self, status: str = "FINISHED", timeout_s: float = 300.0) -> None:
         self.sender.close(timeout_s)
-        mlflow.end_run(status=status)
+        try:
+            mlflow.end_run(status=status)
+        except Exception as e:  # noqa: BLE001 - the server is away; the run keeps its last status
+            log.warning("MLflow %s: could not mark run %s %s (%s)", redact(self.client.tracking_uri), self.run_id, status,
+                        first_line(e))
+
+    def abandon(self, timeout_s: float = ABANDON_TIMEOUT_S) -> None:
+        """Close without ending the run: the server is away (what is unsent is counted and dropped)."""
+        self.sender.close(timeout_s)

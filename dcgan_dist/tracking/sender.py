@@ -7,23 +7,26 @@ metrics, counted, never the run.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import threading
 
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 
 from dcgan_dist.util import first_line, redact
 
 log = logging.getLogger(__name__)
 
+CLOSE_ATTEMPTS = 3  # sends that may fail after close() before the rest is given up
+
 
 class BufferedSender:
     """Sends a run's metrics and images from a background thread.
 
-    `add_metrics` and `add_image` only append to a buffer, so the training step never waits for
+    `add_metrics`, `add_tags` and `add_image` only append to a buffer, so the training step never waits for
     the server. A failed send is retried with backoff (1 s doubling to `retry_max_s`) while the
     data waits in the buffer. Past `max_metrics` (or `max_images`) the oldest are dropped and
     counted; when the server answers again the counts are logged as the metrics
@@ -37,6 +40,7 @@ class BufferedSender:
         self.dropped_metrics = self.dropped_images = 0
         self._reported = (0, 0)  # the dropped counts the run already shows
         self._metrics: collections.deque[Metric] = collections.deque()
+        self._tags: dict[str, str] = {}  # the newest value of each tag not yet sent
         self._images: collections.deque[tuple[np.ndarray, str, int]] = collections.deque()
         self._last_step = 0
         self._in_flight = 0  # taken out of the buffer, being sent
@@ -52,6 +56,11 @@ class BufferedSender:
             self._drop_overflow()
             self._changed.notify()
 
+    def add_tags(self, tags: dict[str, str]) -> None:
+        with self._changed:
+            self._tags.update(tags)
+            self._changed.notify()
+
     def add_image(self, image_hwc: np.ndarray, key: str, step: int) -> None:
         with self._changed:
             self._images.append((image_hwc, key, step))
@@ -61,7 +70,7 @@ class BufferedSender:
     def pending(self) -> int:
         """Metrics and images not yet sent."""
         with self._changed:
-            return len(self._metrics) + len(self._images) + self._in_flight
+            return len(self._metrics) + len(self._tags) + len(self._images) + self._in_flight
 
     def close(self, timeout_s: float = 300.0) -> None:
         """Send what is left, for at most timeout_s; what could not be sent is counted and logged."""
@@ -70,14 +79,15 @@ class BufferedSender:
             self._changed.notify()
         self._thread.join(timeout_s)
         with self._changed:
-            unsent_metrics, unsent_images = len(self._metrics), len(self._images)
+            unsent_metrics, unsent_images, unsent_tags = len(self._metrics), len(self._images), len(self._tags)
             self._metrics.clear()
             self._images.clear()
+            self._tags.clear()
             self.dropped_metrics += unsent_metrics
             self.dropped_images += unsent_images
-        if unsent_metrics or unsent_images:
-            log.warning("MLflow server %s: run ended with %d metrics and %d images unsent (dropped)",
-                        redact(self.client.tracking_uri), unsent_metrics, unsent_images)
+        if unsent_metrics or unsent_images or unsent_tags:
+            log.warning("MLflow server %s: run ended with %d metrics, %d tags and %d images unsent (dropped)",
+                        redact(self.client.tracking_uri), unsent_metrics, unsent_tags, unsent_images)
 
     def _drop_overflow(self) -> None:  # caller holds the lock
         for queue, limit, kind in ((self._metrics, self.max_metrics, "metrics"), (self._images, self.max_images, "images")):
@@ -96,21 +106,24 @@ class BufferedSender:
                 self.dropped_images += overflow
 
     def _send_loop(self) -> None:
-        backoff, failing = 1.0, False
+        backoff, failing, failures_closing = 1.0, False, 0
         while True:
             with self._changed:
-                while not (self._metrics or self._images or self._closing):
+                while not (self._metrics or self._tags or self._images or self._closing):
                     self._changed.wait()
-                if not (self._metrics or self._images):
+                if not (self._metrics or self._tags or self._images):
                     return  # closing, and everything was sent
-                # Taken out while sending; put back in front if the send fails.
-                batch = [self._metrics.popleft() for _ in range(min(1000, len(self._metrics)))]  # log_batch's limit
-                image = self._images.popleft() if self._images and not batch else None
-                self._in_flight = len(batch) + (image is not None)
+                # Taken out while sending; put back in front if the send fails (log_batch takes 1000 entries, 100 of them tags).
+                tags = dict(itertools.islice(self._tags.items(), 100))
+                for key in tags:
+                    del self._tags[key]
+                batch = [self._metrics.popleft() for _ in range(min(1000 - len(tags), len(self._metrics)))]
+                image = self._images.popleft() if self._images and not (batch or tags) else None
+                self._in_flight = len(batch) + len(tags) + (image is not None)
             sent = False
             try:
-                if batch:
-                    self.client.log_batch(self.run_id, metrics=batch)
+                if batch or tags:
+                    self.client.log_batch(self.run_id, metrics=batch, tags=[RunTag(key, value) for key, value in tags.items()])
                 else:
                     self.client.log_image(self.run_id, image[0], key=image[1], step=image[2])
                 sent = True
@@ -120,6 +133,7 @@ class BufferedSender:
                     self._in_flight = 0
                     if not sent:
                         self._metrics.extendleft(reversed(batch))
+                        self._tags = tags | self._tags  # a value set meanwhile is newer
                         if image is not None:
                             self._images.appendleft(image)
                         self._drop_overflow()
@@ -128,6 +142,9 @@ class BufferedSender:
                                 redact(self.client.tracking_uri), first_line(e))
                 failing = True
                 with self._changed:
+                    failures_closing += self._closing
+                    if failures_closing >= CLOSE_ATTEMPTS:
+                        return  # the run is over and the server is still away: close() counts what is left
                     self._changed.wait(backoff)
                 backoff = min(backoff * 2, self.retry_max_s)
                 continue
