@@ -38,7 +38,7 @@ from dcgan_dist.tracking.store import TrackingError
 
 PREFIX = "authors:"
 AUTHORS_PRESETS = tuple(name for name, preset in PRESETS.items() if preset.layers is not None)
-STATS_BATCHES, STATS_BATCH = 16, 128  # the authors' infer_bnorm_stats uses batches of 128
+STATS_BATCHES, STATS_BATCH = 8, 128  # the authors' infer_bnorm_stats uses batches of 128
 FILE_NAME = re.compile(r"(?P<epoch>\d+)_(?P<kind>gen|discrim)_params\.jl_(?P<index>\d+)\.npy")
 KINDS = {"generator": "gen", "discriminator": "discrim"}
 
@@ -219,7 +219,8 @@ class Imported:
     statistics: str  # how the BatchNorm statistics were set, in words
 
 
-def load_authors(path: Path | str, preset: str | None = None, stats_batches: int = STATS_BATCHES, seed: int = 0) -> Imported:
+def load_authors(path: Path | str, preset: str | None = None, stats_batches: int = STATS_BATCHES, seed: int = 0,
+                 stats_batch: int = STATS_BATCH) -> Imported:
     """The authors' model folder as our G and D of an authors' preset (inferred from the file
     counts unless given). AuthorsError names the folder or file that does not fit."""
     folder = model_folder(Path(path).expanduser())
@@ -233,12 +234,12 @@ def load_authors(path: Path | str, preset: str | None = None, stats_batches: int
         slots = slots_of(preset)[network]
         model.load_state_dict(state_of(model, slots, read_arrays(folder, epoch, files[network], slots, preset, network)))
     rng = torch.Generator().manual_seed(seed)
-    latents = [sample_latent(STATS_BATCH, preset, rng=rng) for _ in range(stats_batches)]
+    latents = [sample_latent(stats_batch, preset, rng=rng) for _ in range(stats_batches)]
     reestimate_statistics(generator, latents)
     with torch.no_grad():
         samples = [generator.eval()(z) for z in latents]
     reestimate_statistics(discriminator, samples)
-    statistics = (f"none in the files: re-estimated, G's on {stats_batches} batches of {STATS_BATCH} latents of its prior, "
+    statistics = (f"none in the files: re-estimated, G's on {stats_batches} batches of {stats_batch} latents of its prior, "
                   f"D's on G's samples of those (the authors' infer_bnorm_stats: mean of per-batch mean and biased variance)")
     return Imported(architecture, generator.eval(), discriminator.eval(), folder, epoch, statistics)
 
