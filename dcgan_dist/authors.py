@@ -125,7 +125,7 @@ def infer_preset(folder: Path, files: dict[str, dict[int, Path]]) -> str:
     if len(fits) != 1:
         known = ", ".join(f"{p}: {e['generator']} and {e['discriminator']}" for p, e in expected.items())
         raise AuthorsError(f"{folder}: {counts['generator']} generator and {counts['discriminator']} discriminator files fit no "
-                           f"authors' preset ({known}); give --preset")
+                           f"authors' preset ({known}); is it an authors' model folder?")
     return fits[0]
 
 
@@ -141,6 +141,8 @@ def read_arrays(folder: Path, epoch: str, numbered: dict[int, Path], slots: list
             array = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as e:
             raise AuthorsError(f"{path}: not a numpy array file ({str(e).splitlines()[0][:120]})") from None
+        if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
+            raise AuthorsError(f"{path}: not a single numpy array")
         if tuple(array.shape) != slot.shape or not np.issubdtype(array.dtype, np.floating):
             raise AuthorsError(f"{path}: {array.dtype} array of shape {tuple(array.shape)}, {preset}'s {network} expects "
                                f"a float array of shape {slot.shape} here ({slot.key}); weights of another network?")

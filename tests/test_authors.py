@@ -194,7 +194,7 @@ def svhn_copy(tmp_path: Path) -> Path:
     return Path(shutil.copytree(SVHN_FOLDER, tmp_path / "copy"))
 
 
-@pytest.mark.parametrize("case", ["missing-file", "wrong-shape", "another-network", "no-weights", "not-an-array"])
+@pytest.mark.parametrize("case", ["missing-file", "wrong-shape", "another-network", "no-weights", "not-an-array", "no-such-network"])
 def test_bad_authors_files_exit_2_with_one_line_naming_the_file(case, tmp_path, capsys):
     folder = svhn_copy(tmp_path)
     store = tmp_path / "mlflow.db"
@@ -212,9 +212,14 @@ def test_bad_authors_files_exit_2_with_one_line_naming_the_file(case, tmp_path, 
         shutil.rmtree(folder)
         folder.mkdir()
         named = str(folder)
-    else:
+    elif case == "not-an-array":
         (folder / "200_gen_params.jl_02.npy").write_bytes(b"not numpy")
         named = "200_gen_params.jl_02.npy"
+    else:  # 3 and 2 files: no authors' network has those counts
+        for path in folder.glob("200_*.npy"):
+            if int(path.stem[-2:]) > (3 if "_gen_" in path.name else 2):
+                path.unlink()
+        named = f"{folder}: 3 generator and 2 discriminator files fit no authors' preset"
     assert import_authors.main(args) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(errors) == 1 and named in errors[0], errors
