@@ -304,8 +304,8 @@ def validate(cfg: Config) -> Config:
     worker_resources(cfg.cluster)
     if cfg.loop.batch_size % cfg.cluster.num_workers:
         raise ConfigError("batch_size", f"{cfg.loop.batch_size} is not divisible by --num-workers {cfg.cluster.num_workers}")
-    if cfg.model.preset == "imagenet32" and cfg.model.image_size != 32:
-        raise ConfigError("image_size", f"preset imagenet32 is 32 px only (got {cfg.model.image_size})")
+    if cfg.model.image_size not in (sizes := models.PRESETS[cfg.model.preset].image_sizes):
+        raise ConfigError("image_size", f"preset {cfg.model.preset} takes {'/'.join(map(str, sizes))} px only (got {cfg.model.image_size})")
     validate_eval(cfg)
     if not cfg.tracking.experiment.strip():
         raise ConfigError("experiment", "must not be empty")

@@ -1,5 +1,6 @@
 """`python -m dcgan_dist.explore --generator models:/dcgan-generator@champion`: the paper's
-section 6 pictures for a registered generator, written to --output-dir and logged to MLflow.
+section 6 pictures for a registered generator (or the authors' own, `authors:PATH`), written
+to --output-dir and logged to MLflow.
 
 - samples.png: an 8x8 grid of samples.
 - interpolation.png, walk.gif: spherical interpolation (slerp) between random latents, as rows
@@ -13,7 +14,9 @@ section 6 pictures for a registered generator, written to --output-dir and logge
   classes. If stroke weight is a direction in z, the third column is thicker than the first and
   still the same digit; arithmetic.json measures both (ink and class kept). For other data the
   concept is brightness over all samples.
-Nothing is downloaded: G is rebuilt from the model's `architecture.json` and `state_dict.pt`.
+Nothing is downloaded: G is rebuilt from the model's `architecture.json` and `state_dict.pt`
+(or converted from the authors' .npy files, authors.py). A G with no training run in the store
+(`authors:`) gets its explore run in the experiment `explore`.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dcgan_dist import authors
 from dcgan_dist.config import OneLineErrorParser
 from dcgan_dist.models import sample_latent
 from dcgan_dist.tracking.registry import load_network
-from dcgan_dist.tracking.store import TrackingError, check_reachable, resolve_tracking_uri
+from dcgan_dist.tracking.store import TrackingError, check_reachable, ensure_experiment, resolve_tracking_uri
 from dcgan_dist.util import grid_uint8, run_cli
 
 EXEMPLARS = 3  # latents averaged per concept, as in the paper
@@ -125,16 +129,16 @@ def explore(uri: str, output_dir: Path, tracking_uri: str, seed: int = 0, log_to
 
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    if not uri.startswith("models:/"):
-        raise ExploreError(f"--generator: expected models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}")
+    if not uri.startswith(("models:/", authors.PREFIX)):
+        raise ExploreError(f"--generator: expected models:/NAME@ALIAS, models:/NAME/VERSION or authors:PATH, got {uri!r}")
     try:
         loaded = load_network(uri, "generator", tracking_uri)
     except TrackingError as e:
         raise ExploreError(f"--generator {e}") from None
     generator, preset, source_run_id = loaded.network, loaded.architecture.preset, loaded.run_id
-    source_run = client.get_run(source_run_id)
+    source_run = client.get_run(source_run_id) if source_run_id else None
     classifier = None
-    if source_run.data.params.get("data.data") == "digits":
+    if source_run is not None and source_run.data.params.get("data.data") == "digits":
         from dcgan_dist.evaluate import backbones
 
         classifier = backbones.load("digits")
@@ -152,10 +156,11 @@ def explore(uri: str, output_dir: Path, tracking_uri: str, seed: int = 0, log_to
     files["arithmetic.json"].write_text(json.dumps(measures, indent=2))
 
     if log_to_mlflow:
-        run = client.create_run(source_run.info.experiment_id, run_name="explore", tags={
-            "mlflow.parentRunId": source_run_id,  # shown under the run that trained the model
-            "explore.model_uri": uri, "explore.source_run_id": source_run_id,
-        })
+        tags = {"explore.model_uri": uri, "explore.source_run_id": source_run_id or ""}
+        if source_run is not None:
+            tags["mlflow.parentRunId"] = source_run_id  # shown under the run that trained the model
+        experiment_id = source_run.info.experiment_id if source_run is not None else ensure_experiment(tracking_uri, "explore")
+        run = client.create_run(experiment_id, run_name="explore", tags=tags)
         for path in files.values():
             client.log_artifact(run.info.run_id, str(path), artifact_path="explore")
         numbers = {f"arithmetic/{k}": v for k, v in measures.items() if isinstance(v, float)}
@@ -168,7 +173,8 @@ def explore(uri: str, output_dir: Path, tracking_uri: str, seed: int = 0, log_to
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineErrorParser(prog="python -m dcgan_dist.explore", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--generator", required=True, help="models:/NAME@ALIAS or models:/NAME/VERSION (e.g. models:/dcgan-generator@champion)")
+    parser.add_argument("--generator", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION (e.g. models:/dcgan-generator@champion), or authors:PATH (the authors' .npy folder)")
     parser.add_argument("--output-dir", default="explore", help="where the pictures go (default: ./explore)")
     parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI; empty = MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents")

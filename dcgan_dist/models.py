@@ -4,6 +4,8 @@ G: z -> linear projection to 4x4xC -> stride-2 fractionally strided convs, each 
 channels and doubling the side -> tanh. D mirrors it with stride-2 convs and LeakyReLU(0.2),
 no pooling, no hidden fully connected layer; the last conv's output is flattened into one logit.
 Image size changes only the number of blocks: log2(size) - 2 of them (3 at 32 px, 4 at 64 px).
+The presets `imagenet32` and `svhn32` are the authors' own 32 px networks instead, layer for
+layer (models_authors.py), so that their released weights load (authors.py).
 
 Torch only: no Ray, MLflow or boto3 here.
 """
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from dcgan_dist.models_authors import IMAGENET32, SVHN32, AuthorsDiscriminator, AuthorsGenerator, LayerStack
 
 IMAGE_CHANNELS = 3  # the paper's G makes 64x64x3; grey data sets are repeated to 3 channels
 IMAGE_SIZES = (32, 64, 128)
@@ -33,6 +37,7 @@ class Preset:
     z_dim: int = 100
     image_sizes: tuple[int, ...] = IMAGE_SIZES
     deviations: str = ""
+    layers: LayerStack | None = None  # the authors' networks, layer by layer (models_authors.py)
 
 
 PRESETS = {
@@ -58,13 +63,31 @@ PRESETS = {
         ),
         Preset(
             "imagenet32",
-            base_filters=256,
-            kernel_size=5,
+            base_filters=128,
+            kernel_size=3,
             latent="uniform",
+            z_dim=256,
             image_sizes=(32,),
-            deviations="The D used for the paper's CIFAR-10 probe (Table 1): 32 px input, three "
-            "convs of 256/512/1024 filters whose 4x4 max-pooled features concatenate to "
-            "28,672 dimensions.",
+            layers=IMAGENET32,
+            deviations="The authors' ImageNet-32 GAN behind the CIFAR-10 probe (Table 1; "
+            "imagenet/load_pretrained.py): D = six 3x3 convs of 128, 128, 256, 256, 512, 512 "
+            "filters, strides 1, 2, 1, 2, 1, 2 (28,672 probe features); G = z ~ U(-1, 1)^256, "
+            "linear to 4x4x512 with BN per feature, six 3x3 (transposed) convs to 512, 256, 256, "
+            "128, 128, 3, strides 2, 1, 2, 1, 2, 1. BN epsilon 1e-8. Layers without BN get a "
+            "bias, which the authors' code omits (zero when imported).",
+        ),
+        Preset(
+            "svhn32",
+            base_filters=64,
+            kernel_size=5,
+            latent="normal",
+            image_sizes=(32,),
+            layers=SVHN32,
+            deviations="The authors' SVHN GAN (Table 2; svhn/svhn_semisup_analysis.py): D = "
+            "5x5 stride-2 convs of 64, 128, 256 filters; G = z ~ N(0, 1)^100, linear to 4096 "
+            "with BN per feature, reshaped to 4x4x256, 5x5 stride-2 transposed convs to 128, "
+            "64, 3. BN epsilon 1e-8. Layers without BN get a bias, which the authors' code "
+            "omits (zero when imported).",
         ),
     )
 }
@@ -185,21 +208,25 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def build_models(preset: str, image_size: int, bn: str) -> tuple[Generator, Discriminator]:
+def build_models(preset: str, image_size: int, bn: str) -> tuple[nn.Module, nn.Module]:
     """G and D for a preset name, image size and --bn choice, freshly initialised."""
     chosen = PRESETS[preset]
     if image_size not in chosen.image_sizes:
         raise ValueError(f"preset {preset} supports image sizes {chosen.image_sizes}, not {image_size}")
     bn_g, bn_d = BN_PLACEMENTS[bn]
-    generator, discriminator = Generator(chosen, image_size, bn_g), Discriminator(chosen, image_size, bn_d)
+    if chosen.layers is not None:
+        generator = AuthorsGenerator(chosen.layers, chosen.z_dim, image_size, bn_g.hidden, bn_g.edge)
+        discriminator = AuthorsDiscriminator(chosen.layers, image_size, bn_d.hidden, bn_d.edge)
+    else:
+        generator, discriminator = Generator(chosen, image_size, bn_g), Discriminator(chosen, image_size, bn_d)
     generator.apply(init_weights)
     discriminator.apply(init_weights)
     return generator, discriminator
 
 
 def sample_latent(batch: int, preset: str, device: torch.device | str = "cpu", rng: torch.Generator | None = None) -> torch.Tensor:
-    """z for a preset: U(-1, 1)^100 as in the paper, or N(0, 1) for pytorch-examples. `rng`: a
-    torch random generator to draw from (default: torch's global one)."""
+    """z for a preset: U(-1, 1)^z_dim as in the paper, or N(0, 1)^z_dim (pytorch-examples,
+    svhn32). `rng`: a torch random generator to draw from (default: torch's global one)."""
     chosen = PRESETS[preset]
     if chosen.latent == "uniform":
         return torch.rand(batch, chosen.z_dim, device=device, generator=rng) * 2 - 1
@@ -237,5 +264,5 @@ class Architecture:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def build(self) -> tuple[Generator, Discriminator]:
+    def build(self) -> tuple[nn.Module, nn.Module]:
         return build_models(self.preset, self.image_size, self.bn)

@@ -270,7 +270,7 @@ def parse_c_grid(text: str) -> tuple[float, ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineErrorParser(prog="python -m dcgan_dist.probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--discriminator", required=True, metavar="REF",
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a training checkpoint folder")
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, a training checkpoint folder, or authors:PATH (the authors' .npy folder)")
     parser.add_argument("--dataset", required=True, choices=("cifar10", "digits"))
     parser.add_argument("--data-path", metavar="PATH", help="cifar10: cifar-10-python.tar.gz or cifar-10-batches-py/")
     parser.add_argument("--output-json", metavar="PATH", help="write the results here as JSON")

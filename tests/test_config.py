@@ -126,6 +126,16 @@ def test_nothing_is_clamped():
     assert cfg.optim.lr == 0.0
 
 
+@pytest.mark.parametrize("preset", ["imagenet32", "svhn32"])
+def test_the_authors_32px_presets_refuse_other_sizes(preset):
+    cfg = Config()
+    cfg.model.preset, cfg.model.image_size = preset, 64
+    with pytest.raises(ConfigError, match="--image-size"):
+        config.validate(cfg)
+    cfg.model.image_size = 32
+    config.validate(cfg)
+
+
 def test_default_is_the_paper_optimiser_and_batch():
     cfg = Config()
     assert (cfg.optim.lr, cfg.optim.beta1, cfg.loop.batch_size, cfg.model.bn) == (2e-4, 0.5, 128, "paper")

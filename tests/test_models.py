@@ -47,11 +47,48 @@ CASES = [(preset, size, bn) for preset in PRESETS for size in PRESETS[preset].im
 def test_shapes_and_parameter_counts(preset, image_size, bn):
     generator, discriminator = build_models(preset, image_size, bn)
     z = sample_latent(4, preset)
+    assert z.shape == (4, PRESETS[preset].z_dim)
     images = generator(z)
     assert images.shape == (4, 3, image_size, image_size)
     assert images.min() >= -1 and images.max() <= 1  # tanh
     assert discriminator(images).shape == (4,)
-    assert (count(generator), count(discriminator)) == expected_counts(preset, image_size, bn)
+    if PRESETS[preset].layers is None:  # the authors' own networks are counted by hand below
+        assert (count(generator), count(discriminator)) == expected_counts(preset, image_size, bn)
+
+
+def layers(model: nn.Module, kind: type) -> list[tuple]:
+    return [(m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0]) for m in model.modules() if isinstance(m, kind)]
+
+
+def test_imagenet32_is_the_authors_imagenet_gan():
+    """imagenet/load_pretrained.py of Newmu/dcgan_code: 3x3 kernels, padding 1, z ~ U(-1, 1)^256."""
+    generator, discriminator = build_models("imagenet32", 32, "paper")
+    assert layers(discriminator, nn.Conv2d) == [(3, 128, 3, 1, 1), (128, 128, 3, 2, 1), (128, 256, 3, 1, 1),
+                                                (256, 256, 3, 2, 1), (256, 512, 3, 1, 1), (512, 512, 3, 2, 1)]
+    assert [type(block[1]) for block in discriminator.blocks] == [nn.Identity] + [nn.BatchNorm2d] * 5  # BN on all but the first
+    assert [(m.in_features, m.out_features) for m in discriminator.modules() if isinstance(m, nn.Linear)] == [(4 * 4 * 512, 1)]
+    assert generator.project.in_features == 256 and generator.project.out_features == 4 * 4 * 512
+    assert layers(generator, nn.ConvTranspose2d) == [(512, 512, 3, 2, 1), (512, 256, 3, 1, 1), (256, 256, 3, 2, 1),
+                                                     (256, 128, 3, 1, 1), (128, 128, 3, 2, 1), (128, 3, 3, 1, 1)]
+    norms = [m for m in generator.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert [m.num_features for m in norms] == [8192, 512, 256, 256, 128, 128]  # the projection's per feature
+    assert all(m.eps == 1e-8 for m in norms) and isinstance(generator.blocks[-1], nn.Tanh)
+    z = sample_latent(10_000, "imagenet32")
+    assert z.shape == (10_000, 256) and z.min() >= -1 and z.max() <= 1
+
+
+def test_svhn32_is_the_authors_svhn_gan():
+    """The arrays of models/svhn_unsup_all_conv_dcgan_100z_gaussian_lr_0.0005_64mb/, by hand."""
+    generator, discriminator = build_models("svhn32", 32, "paper")
+    assert layers(discriminator, nn.Conv2d) == [(3, 64, 5, 2, 2), (64, 128, 5, 2, 2), (128, 256, 5, 2, 2)]
+    assert layers(generator, nn.ConvTranspose2d) == [(256, 128, 5, 2, 2), (128, 64, 5, 2, 2), (64, 3, 5, 2, 2)]
+    assert [m.num_features for m in generator.modules() if isinstance(m, nn.BatchNorm2d)] == [4096, 128, 64]
+    # G: 100x4096 + BN(4096) + 25 x (256x128 + 128x64 + 64x3) + BN(128, 64) + the output's bias (zero when imported)
+    assert count(generator) == 409_600 + 8_192 + 25 * (32_768 + 8_192 + 192) + 256 + 128 + 3
+    # D: 25 x (3x64 + 64x128 + 128x256) + the first conv's bias + BN(128, 256) + 4096 -> 1
+    assert count(discriminator) == 25 * (192 + 8_192 + 32_768) + 64 + 256 + 512 + 4_097
+    z = sample_latent(10_000, "svhn32")
+    assert z.shape == (10_000, 100) and abs(z.std().item() - 1) < 0.02  # N(0, 1)
 
 
 def test_paper_64px_matches_the_paper_by_hand():

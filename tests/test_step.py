@@ -181,3 +181,14 @@ def test_d_is_trainable_again_when_g_pass_raises():
     with pytest.raises(RuntimeError, match="on purpose"):
         gan_step(generator, discriminator, opt_g, opt_d, real, z, discriminator_local=broken)
     assert broken.weight.requires_grad and all(p.requires_grad for p in discriminator.parameters())
+
+
+@pytest.mark.parametrize("preset", ["svhn32", "imagenet32"])
+def test_the_authors_networks_train_like_any_preset(preset):
+    """The authors' layer stacks (per-feature BN on G's projection, epsilon 1e-8) go through the
+    same step, and both networks move."""
+    generator, discriminator, opt_g, opt_d, real, z = setup(preset=preset, batch=4)
+    g_before, d_before = copy.deepcopy(generator), copy.deepcopy(discriminator)
+    gan_step(generator, discriminator, opt_g, opt_d, real, z)
+    assert not torch.equal(generator.project.weight, g_before.project.weight)
+    assert not torch.equal(discriminator.classify.weight, d_before.classify.weight)

@@ -20,7 +20,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
-from dcgan_dist import checkpoint
+from dcgan_dist import authors, checkpoint
 from dcgan_dist.models import Architecture
 from dcgan_dist.tracking import scripted
 from dcgan_dist.tracking.store import TrackingError
@@ -132,11 +132,13 @@ class LoadedNetwork:
 
 def load_network(reference: str, network: str, tracking_uri: str | None = None) -> LoadedNetwork:
     """The one loader of trained networks: `network` ("generator" or "discriminator") from a
-    registered model (`models:/NAME@ALIAS`, `models:/NAME/VERSION`) or from a training
-    checkpoint folder (or its state.pt). Raises TrackingError naming the reference and the problem."""
+    registered model (`models:/NAME@ALIAS`, `models:/NAME/VERSION`), from a training
+    checkpoint folder (or its state.pt), or from the authors' released weights (`authors:PATH`). Raises TrackingError naming the reference and the problem."""
     if network not in NETWORKS:
         raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
-    if reference.startswith("models:/") or "://" in reference:
+    if reference.startswith(authors.PREFIX):  # the authors' released .npy files, converted (authors.py)
+        architecture, state, run_id, step, store = authors.network_state(reference, network)
+    elif reference.startswith("models:/") or "://" in reference:
         architecture, state, run_id, step, store = _from_registry(reference, tracking_uri)
     else:
         architecture, state, run_id, step, store = _from_checkpoint(Path(reference).expanduser(), network)
