@@ -13,13 +13,13 @@ import warnings
 import torch
 from torch import nn
 
-from dcgan_dist.models import IMAGE_CHANNELS, Discriminator, Generator
+from dcgan_dist.models import IMAGE_CHANNELS
 
 
 class LoadableGenerator(nn.Module):
     """G taking z as (N, z_dim) or, as pytorch/examples feeds it, (N, z_dim, 1, 1)."""
 
-    def __init__(self, generator: Generator):
+    def __init__(self, generator: nn.Module):
         super().__init__()
         self.generator = generator
         self.z_dim = generator.z_dim
@@ -35,7 +35,7 @@ class LoadableGenerator(nn.Module):
 class LoadableDiscriminator(nn.Module):
     """D: images (N, 3, S, S) in [-1, 1] -> one logit each, (N,); `features(x)`: each conv block's activations."""
 
-    def __init__(self, discriminator: Discriminator):
+    def __init__(self, discriminator: nn.Module):
         super().__init__()
         self.discriminator = discriminator
         self.image_size, self.channels = discriminator.image_size, IMAGE_CHANNELS
@@ -54,9 +54,10 @@ class LoadableDiscriminator(nn.Module):
             raise ValueError(f"images must be shaped (N, {self.channels}, {self.image_size}, {self.image_size}), got {list(images.shape)}")
 
 
-def script(network: Generator | Discriminator) -> torch.jit.ScriptModule:
-    """G or D (in eval mode, on the CPU) as its loadable TorchScript module."""
-    wrapper = LoadableGenerator(network) if isinstance(network, Generator) else LoadableDiscriminator(network)
+def script(network: nn.Module) -> torch.jit.ScriptModule:
+    """G or D of any preset (in eval mode, on the CPU) as its loadable TorchScript module. A
+    generator is what has a z_dim (the authors' networks are classes of their own)."""
+    wrapper = LoadableGenerator(network) if hasattr(network, "z_dim") else LoadableDiscriminator(network)
     with warnings.catch_warnings():
         # torch 2.14 marks TorchScript deprecated; it is still the one format whose loaded module
         # supports .eval()/.train() without pickled Python (docs/tracking.md says why).
