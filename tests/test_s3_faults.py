@@ -146,21 +146,21 @@ def test_checkpoint_filesystem_rides_out_throttling_stalls_and_cuts(fault_proxy,
 def test_training_with_data_and_checkpoints_on_a_faulty_s3_completes(ray_local, fault_proxy, s3_bucket, mlflow_sqlite, tmp_path):
     url = write_shards(f"s3://{s3_bucket}/train", [40, 40, 40])
     fault_proxy.schedule(
-        Fault("slowdown", times=4, method="GET", path="shard-"),
+        Fault("slowdown", times=2, method="GET", path="shard-"),
         Fault("cut", times=2, method="GET", path="shard-", after_bytes=30_000),
-        Fault("stall", times=1, method="PUT", path="checkpoint_manager_snapshot", seconds=4),
-        Fault("slowdown", times=3, method="PUT", path="/checkpoints/test/checkpoint_(?!manager)"),
+        Fault("stall", times=1, method="PUT", path="checkpoint_manager_snapshot", seconds=4),  # past pyarrow's default 3 s
+        Fault("slowdown", times=2, method="PUT", path="/checkpoints/test/checkpoint_(?!manager)"),
     )
-    args = train_args(tmp_path, mlflow_sqlite, data=url, max_steps=6, log_every=3, sample_every=6, checkpoint_every=3,
+    args = train_args(tmp_path, mlflow_sqlite, data=url, max_steps=6, log_every=3, sample_every=6, checkpoint_every=6,
                       batch_size=16, loader_workers=0, shuffle_buffer=20, storage_path=f"s3://{s3_bucket}/checkpoints",
                       eval_every=0)
     assert main(args) == 0
-    assert fault_proxy.injected == {"slowdown": 7, "cut": 2, "stall": 1}
+    assert fault_proxy.injected == {"slowdown": 4, "cut": 2, "stall": 1}
 
     client = MlflowClient(mlflow_sqlite)
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss_d")) == list(range(1, 7))
     retries = client.get_metric_history(run.info.run_id, "data/s3_retries")
-    assert max(m.value for m in retries) >= 4 + 2  # every shard fault, retried and counted
+    assert max(m.value for m in retries) >= 2 + 2  # every shard fault, retried and counted
     assert [m.value for m in client.get_metric_history(run.info.run_id, "data/bad_shards")] == [0.0, 0.0]
