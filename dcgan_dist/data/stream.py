@@ -79,7 +79,7 @@ def read_shard(url: str, counters: Counters, retries: int) -> Iterator[dict]:
     """One shard's samples. A failure to open, or an S3 read that fails mid-shard (s3.py has
     already resumed the body a few times), is retried with backoff, `retries` times, going on
     after the samples already yielded; a broken tar is not (reading it again gives the same).
-    Returns (StopIteration.value) (samples read, opened at all, the last error)."""
+    Its return value (what `yield from` gives): (samples read, opened at all, the last error)."""
     count, opened, error = 0, False, None
     retries_before = s3.retry_count() - counters.s3_retries  # the counter is cumulative over shards
     for attempt in range(retries + 1):
