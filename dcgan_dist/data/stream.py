@@ -124,7 +124,8 @@ def read_shards(shards: Iterator[dict], counters: Counters, expected: dict[str, 
             log.warning("skipping bad shard %s (%s: %s)", redact(url), reason, error if not opened or count == 0 else "truncated")
             failures_in_a_row += 1
             if failures_in_a_row > max(10, 2 * len(expected)):
-                raise DataError(f"{failures_in_a_row} shard reads in a row failed; last: {redact(url)}: {error}")
+                last = error if isinstance(error, s3.StorageError) else f"{redact(url)}: {error}"  # a StorageError names the URL
+                raise DataError(f"{failures_in_a_row} shard reads in a row failed; last: {last}")
         else:
             failures_in_a_row = 0
 
