@@ -45,7 +45,7 @@ from dcgan_dist.util import first_line, grid_uint8, redact
 log = logging.getLogger(__name__)
 
 STAT_NAMES = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g")
-LOGGED_COUNTS = ("corrupt_samples", "bad_shards")  # of the reader's COUNT_NAMES
+LOGGED_COUNTS = ("corrupt_samples", "bad_shards", "s3_retries")  # of the reader's COUNT_NAMES
 SAMPLE_GRID_SIZE = 64  # an 8x8 grid
 PROGRESS_EVERY_S = 10.0
 # What a tracking server that is away raises through MLflow's client (after its own HTTP retries).

@@ -29,6 +29,21 @@ from dcgan_dist.util import redact, run_cli
 MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 # The MLflow client's HTTP retry policy, where the driver sets one: the workers talk to the same server.
 MLFLOW_HTTP_SETTINGS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+# Checkpoints on S3 go through pyarrow (the AWS C++ SDK), whose defaults give up early: a 1 s
+# connect timeout, a 3 s request timeout (curl's "less than 1 byte/s for 3 s" on Linux), 3
+# attempts. A failed write of Ray Train's checkpoint_manager_snapshot.json is a ControllerError
+# that Ray Train never retries (whatever max_failures or controller_failure_limit say), so the
+# filesystem itself must ride out stalls, throttling and cut connections: 30 s without a byte
+# before an attempt is abandoned, and 10 attempts (the SDK's backoff grows to 20 s: about 2
+# minutes of outage survived per request, then the run fails naming the endpoint).
+S3_CONNECT_TIMEOUT_S = 10.0
+S3_REQUEST_TIMEOUT_S = 30.0
+S3_MAX_ATTEMPTS = 10
+# What Ray Train 2.60 counts as controller failures it may retry: only a worker group that
+# failed or timed out starting (60 s each, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S), e.g. while
+# a lost node's replacement joins. Unbounded by default: a cluster that never gets its nodes
+# back would wait forever. 10 start-ups (~10 minutes) is room for a replacement pod, not more.
+CONTROLLER_FAILURE_LIMIT = 10
 
 
 def preflight(cfg: Config) -> Config:
@@ -215,7 +230,8 @@ def build_trainer(cfg: Config, callbacks: list | None = None, entry_point: str =
             **storage(cfg.tracking.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.loop.keep_checkpoints),
             # After a worker or node failure, Ray Train restarts the workers from the latest checkpoint.
-            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures,
+                                                   controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
             callbacks=callbacks,
             # Quiet by default: Ray Train's own INFO lines (a line per report) only with --verbose.
             logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.loop.verbose else "WARNING"),
@@ -235,8 +251,8 @@ def worker_env(cfg: Config) -> dict[str, str]:
 
 def storage(storage_path: str) -> dict:
     """RunConfig's storage arguments. An s3:// path gets an explicit pyarrow S3FileSystem so a
-    custom endpoint (AWS_ENDPOINT_URL: MinIO, Ceph, moto) and the driver's credentials reach
-    every Ray process; the filesystem travels to them in memory only."""
+    custom endpoint (AWS_ENDPOINT_URL: MinIO, Ceph, moto), the driver's credentials and the
+    timeouts and retries above reach every Ray process; it travels to them in memory only."""
     if not s3.is_s3(storage_path):
         return {"storage_path": storage_path}
     from pyarrow import fs
@@ -252,7 +268,9 @@ def storage(storage_path: str) -> dict:
     if not (options["access_key"] and options["secret_key"]):  # else the nodes' own chain (roles, files)
         options.pop("access_key"), options.pop("secret_key"), options.pop("session_token")
     bucket, prefix = s3.split(storage_path)
-    filesystem = fs.S3FileSystem(**{key: value for key, value in options.items() if value})
+    filesystem = fs.S3FileSystem(**{key: value for key, value in options.items() if value},
+                                 connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S,
+                                 retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS))
     return {"storage_path": f"{bucket}/{prefix}".rstrip("/"), "storage_filesystem": filesystem}
 
 

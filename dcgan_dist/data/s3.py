@@ -4,14 +4,22 @@ lets WebDataset read `s3://` shards (registered in `webdataset.gopen.gopen_schem
 
 Credentials and the endpoint come from boto3's usual chain: `AWS_ENDPOINT_URL` (or
 `AWS_ENDPOINT_URL_S3`), `AWS_PROFILE`, `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, config
-files, instance roles. Retries use botocore's `standard` mode with bounded timeouts. Local
-paths go through the same helpers, so the packer and the reader treat both alike.
+files, instance roles. Local paths go through the same helpers, so the packer and the reader
+treat both alike.
+
+Faults (docs/data.md#faults): botocore's `standard` retry mode, with bounded timeouts, retries
+throttling (503 SlowDown), 5xx answers, refused or reset connections and a stall before the
+answer. A body cut or stalled mid-read is not botocore's to retry: the reader here asks again
+for the rest (a Range GET pinned to the object's ETag), a bounded number of times. Every retry
+is counted (retry_count()), so the reader can report them.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import threading
+import time
 from pathlib import Path
 
 import boto3
@@ -28,15 +36,24 @@ AWS_ENV_VARS = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_CA_BUNDLE",
     "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
 )
-# Training reads: patient. Preflight: fail within seconds on an unreachable endpoint.
+# botocore's "max_attempts" counts retries, not attempts. Training reads: patient (8 retries,
+# backoff up to 20 s each: minutes of outage survived). Preflight: 3 retries, which ride out a
+# burst of throttling or a cut connection and still fail within seconds (backoff <= 1 + 2 + 4 s)
+# on an endpoint that is down.
 PATIENT = BotoConfig(retries={"mode": "standard", "max_attempts": 8}, connect_timeout=10, read_timeout=60)
-FAST = BotoConfig(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=2, read_timeout=5)
+FAST_RETRIES = 3
+FAST = BotoConfig(retries={"mode": "standard", "max_attempts": FAST_RETRIES}, connect_timeout=2, read_timeout=5)
+# A body cut mid-read: ask again for the rest this many times per opened object (per resume,
+# botocore's own retries apply to the new GET as well).
+BODY_RESUMES = 5
 # Multipart above 64 MiB, in 64 MiB parts.
 TRANSFER = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20)
 
 READ_BUFFER = 1 << 20
 
 _clients: dict[tuple[int, bool], object] = {}
+_retries = [0]  # this process's S3 retries (botocore's and the body resumes here), see retry_count()
+_retries_lock = threading.Lock()
 
 
 class StorageError(OSError):
@@ -70,8 +87,26 @@ def client(fast: bool = False):
     """This process's S3 client (boto3 clients must not cross a fork, hence the pid key)."""
     key = (os.getpid(), fast)
     if key not in _clients:
-        _clients[key] = boto3.session.Session().client("s3", config=FAST if fast else PATIENT)
+        s3_client = boto3.session.Session().client("s3", config=FAST if fast else PATIENT)
+        s3_client.meta.events.register("request-created.s3", _count_botocore_retry)
+        _clients[key] = s3_client
     return _clients[key]
+
+
+def _count_botocore_retry(request, **kwargs) -> None:
+    # botocore builds a new request for each attempt and numbers it in the request's context
+    if request.context.get("retries", {}).get("attempt", 1) > 1:
+        count_retry()
+
+
+def count_retry() -> None:
+    with _retries_lock:
+        _retries[0] += 1
+
+
+def retry_count() -> int:
+    """S3 requests this process has retried so far (throttled, failed, cut or stalled ones)."""
+    return _retries[0]
 
 
 def endpoint() -> str:
@@ -90,29 +125,63 @@ def describe(url: str, error: Exception) -> StorageError:
             return StorageError(f"{url}: no such bucket")
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"):
             return StorageError(f"{url}: access denied ({code})")
+        if code == "PreconditionFailed":
+            return StorageError(f"{url}: the object changed while it was being read; read it again")
+        if code in ("SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded") or (status or 0) >= 500:
+            retries = error.response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
+            return StorageError(f"{url}: endpoint {redact(endpoint())} failing: {code or 'HTTP'} {status}, still after {retries} "
+                                "retries; check the object store's health and load, then run again")
         return StorageError(f"{url}: S3 error {code or status}")
     if isinstance(error, BotoCoreError):
-        return StorageError(f"{url}: endpoint {redact(endpoint())} unreachable or failing ({type(error).__name__}: {error})")
+        return StorageError(f"{url}: endpoint {redact(endpoint())} unreachable or failing ({type(error).__name__}: {error}); "
+                            "check AWS_ENDPOINT_URL and that the object store is up")
     return StorageError(f"{url}: {error}")
 
 
 class _RawBody(io.RawIOBase):
-    """botocore's StreamingBody as a raw stream, so io.BufferedReader can put a large buffer in
-    front of it (tarfile reads in 10 KiB records; each would otherwise be one socket read)."""
+    """An S3 object's body as a raw stream, so io.BufferedReader can put a large buffer in front
+    of it (tarfile reads in 10 KiB records; each would otherwise be one socket read). A body cut
+    or stalled mid-read is resumed where it stopped (a Range GET pinned to the ETag, so a
+    replaced object is an error, never a splice), at most BODY_RESUMES times; then StorageError."""
 
-    def __init__(self, body):
-        self.body = body
+    def __init__(self, url: str, fast: bool):
+        self.url, self.fast = url, fast
+        self.bucket, self.key = split(url)
+        self.position, self.resumes = 0, 0
+        self.body, self.etag = None, None
+        self._get()
+
+    def _get(self) -> None:
+        extra = {"Range": f"bytes={self.position}-", "IfMatch": self.etag} if self.etag else {}
+        try:
+            response = client(self.fast).get_object(Bucket=self.bucket, Key=self.key, **extra)
+        except (ClientError, BotoCoreError) as e:
+            raise describe(self.url, e) from None
+        self.body, self.etag = response["Body"], response.get("ETag")
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        data = self.body.read(len(buffer))
+        while True:
+            try:
+                data = self.body.read(len(buffer))
+                break
+            except (BotoCoreError, OSError) as e:  # cut (IncompleteRead, reset) or stalled (read timeout)
+                if self.resumes >= BODY_RESUMES or self.etag is None:
+                    raise describe(self.url, e) from None
+                self.body.close()
+                time.sleep(min(0.2 * 2**self.resumes, 5.0))
+                self.resumes += 1
+                count_retry()
+                self._get()
         buffer[: len(data)] = data
+        self.position += len(data)
         return len(data)
 
     def close(self) -> None:
-        self.body.close()
+        if self.body is not None:
+            self.body.close()
         super().close()
 
 
@@ -123,12 +192,7 @@ def open_read(url: str, fast: bool = False):
             return open(url, "rb")
         except OSError as e:
             raise StorageError(f"{url}: {e.strerror or e}") from None
-    bucket, key = split(url)
-    try:
-        body = client(fast).get_object(Bucket=bucket, Key=key)["Body"]
-    except (ClientError, BotoCoreError) as e:
-        raise describe(url, e) from None
-    return io.BufferedReader(_RawBody(body), buffer_size=READ_BUFFER)
+    return io.BufferedReader(_RawBody(url, fast), buffer_size=READ_BUFFER)
 
 
 def read_bytes(url: str, fast: bool = False) -> bytes:

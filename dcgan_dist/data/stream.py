@@ -4,8 +4,9 @@ Per rank, and per DataLoader worker inside it:
 
     ResampledShards (with replacement, seeded by seed/rank/worker/start step/epoch)
       -> read_shards   (open through webdataset.gopen, whose s3:// opener is boto3; retry a
-                        shard that fails to open, then skip and count it; a truncated tar is
-                        counted as a bad shard)
+                        shard that fails to open or whose S3 read fails mid-way, going on after
+                        the samples already read; then skip and count it; a truncated tar is
+                        counted as a bad shard; S3 retries are counted)
       -> shuffle       (a sample buffer of --shuffle-buffer)
       -> decode        (torchvision.io.decode_image on the raw bytes; corrupt or missing
                         images are skipped and counted)
@@ -41,7 +42,7 @@ from dcgan_dist.util import redact
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-COUNT_NAMES = ("corrupt_samples", "bad_shards", "samples")
+COUNT_NAMES = ("corrupt_samples", "bad_shards", "samples", "s3_retries")
 SAMPLE_SHUFFLE = 1  # seed salt (an int: make_seed hashes, and str hashes differ per process)
 MAX_CORRUPT_IN_A_ROW = 1000  # nothing but corrupt images: stop rather than spin
 
@@ -57,6 +58,7 @@ class Counters:
         self.corrupt_samples = 0
         self.bad_shards = 0
         self.samples = 0
+        self.s3_retries = 0  # requests this pipeline's S3 client retried (throttled, cut, stalled)
 
 
 def _worker_id() -> int:
@@ -73,37 +75,57 @@ def tar_samples(fileobj, url: str) -> Iterator[dict]:
     return group_by_keys(dict(member, __url__=url) for member in tar_file_iterator(fileobj))
 
 
+def read_shard(url: str, counters: Counters, retries: int) -> Iterator[dict]:
+    """One shard's samples. A failure to open, or an S3 read that fails mid-shard (s3.py has
+    already resumed the body a few times), is retried with backoff, `retries` times, going on
+    after the samples already yielded; a broken tar is not (reading it again gives the same).
+    Its return value (what `yield from` gives): (samples read, opened at all, the last error)."""
+    count, opened, error = 0, False, None
+    retries_before = s3.retry_count() - counters.s3_retries  # the counter is cumulative over shards
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(0.2 * 2**(attempt - 1), 5.0))
+            s3.count_retry()
+        try:
+            stream = gopen(url)
+        except Exception as e:  # noqa: BLE001 - any failure to open is the shard's, counted
+            error = e
+            continue
+        opened, skip, error = True, count, None
+        try:
+            for sample in tar_samples(stream, url):
+                if skip:
+                    skip -= 1
+                    continue
+                count += 1
+                counters.s3_retries = s3.retry_count() - retries_before
+                yield sample
+        except Exception as e:  # noqa: BLE001 - a truncated or broken tar, or S3 failing mid-shard
+            error = e
+        finally:
+            stream.close()
+        counters.s3_retries = s3.retry_count() - retries_before
+        if not isinstance(error, s3.StorageError):
+            break
+    counters.s3_retries = s3.retry_count() - retries_before
+    return count, opened, error
+
+
 def read_shards(shards: Iterator[dict], counters: Counters, expected: dict[str, int], retries: int) -> Iterator[dict]:
     """Samples ({"__key__", "jpg"/"png"...}) of each shard; failures are counted and skipped."""
     s3.register()  # in this process (DataLoader workers may be fresh interpreters)
     failures_in_a_row = 0
     for shard in shards:
-        url, stream, error = shard["url"], None, None
-        for attempt in range(retries + 1):
-            try:
-                stream = gopen(url)
-                break
-            except Exception as e:  # noqa: BLE001 - any failure to open is the shard's, counted
-                error = e
-                if attempt < retries:
-                    time.sleep(min(0.2 * 2**attempt, 5.0))
-        count = 0
-        if stream is not None:
-            try:
-                for sample in tar_samples(stream, url):
-                    count += 1
-                    yield sample
-            except Exception as e:  # noqa: BLE001 - a truncated or broken tar
-                error = e
-            finally:
-                stream.close()
-        if stream is None or count < expected.get(url, 0):
+        url = shard["url"]
+        count, opened, error = yield from read_shard(url, counters, retries)
+        if not opened or count < expected.get(url, 0):
             counters.bad_shards += 1
-            reason = f"read {count} of {expected.get(url, '?')} samples" if stream is not None else "could not open"
-            log.warning("skipping bad shard %s (%s: %s)", redact(url), reason, error if stream is None or count == 0 else "truncated")
+            reason = f"read {count} of {expected.get(url, '?')} samples" if opened else "could not open"
+            log.warning("skipping bad shard %s (%s: %s)", redact(url), reason, error if not opened or count == 0 else "truncated")
             failures_in_a_row += 1
             if failures_in_a_row > max(10, 2 * len(expected)):
-                raise DataError(f"{failures_in_a_row} shard reads in a row failed; last: {redact(url)}: {error}")
+                last = error if isinstance(error, s3.StorageError) else f"{redact(url)}: {error}"  # a StorageError names the URL
+                raise DataError(f"{failures_in_a_row} shard reads in a row failed; last: {last}")
         else:
             failures_in_a_row = 0
 
@@ -147,7 +169,7 @@ def decode_samples(samples: Iterator[dict], counters: Counters, image_size: int)
 def with_counts(batches: Iterator[torch.Tensor], counters: Counters) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Each batch travels with its worker's cumulative counters (workers are other processes)."""
     for images in batches:
-        counts = [_worker_id(), counters.corrupt_samples, counters.bad_shards, counters.samples]
+        counts = [_worker_id(), *(getattr(counters, name) for name in COUNT_NAMES)]
         yield images, torch.tensor(counts, dtype=torch.float64)
 
 
@@ -198,7 +220,7 @@ class ShardBatches:
         return images
 
     def counts(self) -> dict[str, int]:
-        """{"corrupt_samples", "bad_shards", "samples"}: this rank's totals so far."""
+        """{"corrupt_samples", "bad_shards", "samples", "s3_retries"}: this rank's totals so far."""
         total = sum(self._counts.values(), torch.zeros(len(COUNT_NAMES), dtype=torch.float64))
         return dict(zip(COUNT_NAMES, (int(v) for v in total.tolist())))
 

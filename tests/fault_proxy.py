@@ -1,0 +1,185 @@
+"""A fault-injecting HTTP proxy on 127.0.0.1 for tests: clients use its URL as their S3
+endpoint (AWS_ENDPOINT_URL) and it forwards each request to the real endpoint (moto), except
+where a scheduled fault says otherwise:
+
+    slowdown   answer 503 SlowDown with S3's XML error body (the request never reaches S3)
+    cut        forward, send the headers (Content-Length kept) and `after_bytes` of the body, close
+    stall      forward, send `after_bytes` of the body (0: nothing, not even the headers), wait
+               `seconds`, then send the rest
+
+A fault applies to the next `times` requests (None: every one) matching its method and path
+pattern; `injected` counts what was done. Bounded: socket timeouts, daemon threads, stalls that
+end at stop(), and stop() also cuts the connections clients keep alive (an outage is an outage).
+"""
+
+from __future__ import annotations
+
+import collections
+import http.client
+import re
+import socket
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+SOCKET_TIMEOUT_S = 30.0
+SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+                 b"<Message>Please reduce your request rate.</Message><RequestId>fault-proxy</RequestId></Error>")
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "expect", "proxy-connection"}
+
+
+@dataclass
+class Fault:
+    kind: str  # "slowdown", "cut" or "stall"
+    times: int | None = 1  # how many matching requests get it; None = all of them
+    method: str = ""  # "GET", "PUT", ...; "" = any
+    path: str = ""  # a regex searched in the request's path and query; "" = any
+    after_bytes: int = 0  # cut/stall: the body bytes sent first
+    seconds: float = 0.0  # stall: how long
+
+    def matches(self, method: str, path: str) -> bool:
+        return (self.times is None or self.times > 0) and self.method in ("", method) and re.search(self.path, path) is not None
+
+
+class FaultProxy:
+    def __init__(self, upstream: str):
+        parts = urlsplit(upstream)
+        self.upstream = (parts.hostname, parts.port)
+        self.faults: list[Fault] = []
+        self.injected: collections.Counter = collections.Counter()
+        self.requests: collections.Counter = collections.Counter()  # by method
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._connections: set[socket.socket] = set()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+
+    def start(self) -> FaultProxy:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and cut every open connection (clients then get refused or reset)."""
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+        with self._lock:
+            for connection in list(self._connections):
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self._thread.join(timeout=5)
+
+    def schedule(self, *faults: Fault) -> None:
+        with self._lock:
+            self.faults = list(faults)
+
+    def _take_fault(self, method: str, path: str) -> Fault | None:
+        with self._lock:
+            self.requests[method] += 1
+            for fault in self.faults:
+                if fault.matches(method, path):
+                    if fault.times is not None:
+                        fault.times -= 1
+                    self.injected[fault.kind] += 1
+                    return fault
+        return None
+
+    def _handler_class(self):
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as S3 clients expect
+            timeout = SOCKET_TIMEOUT_S
+
+            def setup(self):
+                super().setup()
+                with proxy._lock:
+                    proxy._connections.add(self.connection)
+
+            def finish(self):
+                with proxy._lock:
+                    proxy._connections.discard(self.connection)
+                try:
+                    super().finish()
+                except OSError:
+                    pass
+
+            def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature
+                pass
+
+            def do_GET(self):
+                try:
+                    self.forward()
+                except OSError:  # the client gave up (a timeout of its own) or stop() cut it
+                    self.close_connection = True
+
+            do_PUT = do_POST = do_DELETE = do_HEAD = do_GET
+
+            def read_body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:  # the last chunk: trailers up to an empty line
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return b"".join(chunks)
+                        chunks.append(self.rfile.read(size + 2)[:size])
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def forward(self):
+                fault = proxy._take_fault(self.command, self.path)
+                if fault is not None and fault.kind == "stall" and fault.after_bytes == 0:
+                    proxy._stopping.wait(fault.seconds)  # before the request body: an upload stalls too
+                body = self.read_body()
+                if proxy._stopping.is_set():
+                    self.close_connection = True
+                    return
+                if fault is not None and fault.kind == "slowdown":
+                    self.send_response(503, "Slow Down")
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(SLOWDOWN_BODY)))
+                    self.end_headers()
+                    self.wfile.write(SLOWDOWN_BODY)
+                    return
+                status, reason, headers, content = self.ask_upstream(body)
+                self.send_response(status, reason)
+                for name, value in headers:
+                    if name.lower() not in HOP_BY_HOP:
+                        self.send_header(name, value)
+                length = dict((k.lower(), v) for k, v in headers).get("content-length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(content)))
+                self.end_headers()
+                if fault is None or fault.kind == "stall" and fault.after_bytes == 0:
+                    self.wfile.write(content)
+                    return
+                self.wfile.write(content[: fault.after_bytes])
+                self.wfile.flush()
+                if fault.kind == "cut":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                proxy._stopping.wait(fault.seconds)
+                self.wfile.write(content[fault.after_bytes:])
+
+            def ask_upstream(self, body: bytes):
+                upstream = http.client.HTTPConnection(*proxy.upstream, timeout=SOCKET_TIMEOUT_S)
+                try:
+                    upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                    for name, value in self.headers.items():
+                        if name.lower() not in HOP_BY_HOP:
+                            upstream.putheader(name, value)
+                    upstream.putheader("Content-Length", str(len(body)))
+                    upstream.endheaders(body)
+                    response = upstream.getresponse()
+                    content = response.read() if self.command != "HEAD" else b""
+                    return response.status, response.reason, response.getheaders(), content
+                finally:
+                    upstream.close()
+
+        return Handler

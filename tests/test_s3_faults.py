@@ -1,0 +1,166 @@
+"""Object-store faults, through a fault-injecting proxy (tests/fault_proxy.py) in front of the
+loopback S3 endpoint: throttling (503 SlowDown), bodies cut mid-read and stalls, during the
+preflight's manifest read, shard streaming and checkpoint writes and reads (pyarrow); retried,
+counted, and an endpoint that stays down fails with one line naming it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from dcgan_dist.data import manifest, s3, stream
+from dcgan_dist.train import check_manifest, main, storage
+from tests.conftest import train_args
+from tests.fault_proxy import Fault, FaultProxy
+from tests.test_data import cfg_for, write_shards
+
+
+@pytest.fixture
+def fault_proxy(s3_endpoint, s3_bucket, monkeypatch):
+    """The proxy in front of the session's S3 endpoint; boto3 and pyarrow reach S3 through it."""
+    proxy = FaultProxy(s3_endpoint).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    s3._clients.clear()
+    yield proxy
+    proxy.stop()
+    s3._clients.clear()
+
+
+def samples_of(shards: manifest.Manifest, counters: stream.Counters, retries: int = 3) -> list[tuple[str, bytes]]:
+    samples = stream.read_shards(({"url": url} for url in shards.shard_urls), counters, shards.expected_samples(), retries)
+    return [(sample["__key__"], sample["jpg"]) for sample in samples]
+
+
+# ---------------------------------------------------------------- the preflight's manifest read
+
+
+def test_manifest_read_survives_throttling_and_a_cut_body(fault_proxy, s3_bucket):
+    url = write_shards(f"s3://{s3_bucket}/faults", [20, 20])
+    clean = s3.read_bytes(url, fast=True)
+    fault_proxy.schedule(Fault("slowdown", times=2, method="GET", path="manifest"),
+                         Fault("cut", times=1, method="GET", path="manifest", after_bytes=len(clean) // 2))
+    retries_before = s3.retry_count()
+    assert check_manifest(cfg_for(url)) == 40  # the preflight's read; it used to stop the job (IncompleteReadError)
+    assert fault_proxy.injected == {"slowdown": 2, "cut": 1}
+    assert s3.retry_count() - retries_before == 3  # two botocore retries, one resumed body
+    assert s3.read_bytes(url, fast=True) == clean
+
+
+def test_a_body_stalled_past_the_read_timeout_is_resumed(fault_proxy, s3_bucket):
+    url = write_shards(f"s3://{s3_bucket}/stall", [20])
+    clean = s3.read_bytes(url, fast=True)
+    fault_proxy.schedule(Fault("stall", method="GET", path="manifest", after_bytes=100, seconds=s3.FAST.read_timeout + 2))
+    started = time.monotonic()
+    assert s3.read_bytes(url, fast=True) == clean
+    assert fault_proxy.injected == {"stall": 1}
+    assert time.monotonic() - started < s3.FAST.read_timeout + 2  # given up on at the read timeout, not waited out
+
+
+def test_an_endpoint_that_stays_down_fails_the_preflight_in_one_line(fault_proxy, s3_bucket, mlflow_sqlite, tmp_path, capsys):
+    url = write_shards(f"s3://{s3_bucket}/down", [20, 20])
+    fault_proxy.schedule(Fault("slowdown", times=None))  # throttled for good
+    assert main(train_args(tmp_path, mlflow_sqlite, data=url)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "Traceback" not in error
+    assert f"--data: {url}: endpoint {fault_proxy.url} failing: SlowDown 503, still after {s3.FAST_RETRIES} retries" in error
+    assert fault_proxy.injected["slowdown"] == s3.FAST_RETRIES + 1
+
+    fault_proxy.stop()  # gone: connections refused
+    assert main(train_args(tmp_path, mlflow_sqlite, data=url)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and f"--data: {url}: endpoint {fault_proxy.url} unreachable" in error
+    assert "check AWS_ENDPOINT_URL" in error
+
+
+# ---------------------------------------------------------------- shard streaming
+
+
+def test_shard_stream_survives_throttling_and_cuts_mid_shard_reading_every_sample_once(fault_proxy, s3_bucket, monkeypatch):
+    shards = manifest.read(write_shards(f"s3://{s3_bucket}/stream", [30, 30, 30]))
+    clean = samples_of(shards, stream.Counters())
+    assert fault_proxy.injected == {} and len(clean) == 90
+    shard_bytes = len(s3.read_bytes(shards.shard_urls[2]))
+    # Cheaper than the shipped 5 resumes; the seventh cut of shard 2 leaves the s3 layer's
+    # resumes behind, and read_shard opens the shard again, going on after what it yielded.
+    monkeypatch.setattr(s3, "BODY_RESUMES", 1)
+    fault_proxy.schedule(Fault("slowdown", times=3, method="GET", path="shard-000000"),
+                         Fault("cut", times=1, method="GET", path="shard-000001", after_bytes=20_000),
+                         Fault("cut", times=3, method="GET", path="shard-000002", after_bytes=shard_bytes // 4))
+    counters = stream.Counters()
+    assert samples_of(shards, counters) == clean  # nothing lost, nothing twice, same order
+    assert fault_proxy.injected == {"slowdown": 3, "cut": 4}
+    assert counters.bad_shards == 0
+    assert counters.s3_retries == 3 + 1 + 3  # botocore's, the resumed bodies, the shard opened again
+
+
+def test_a_shard_whose_reads_keep_failing_is_counted_bad_after_its_retries(fault_proxy, s3_bucket, monkeypatch):
+    shards = manifest.read(write_shards(f"s3://{s3_bucket}/cutoff", [30, 30]))
+    monkeypatch.setattr(s3, "BODY_RESUMES", 0)
+    fault_proxy.schedule(Fault("cut", times=None, method="GET", path="shard-000001", after_bytes=100))
+    counters = stream.Counters()
+    samples = samples_of(shards, counters, retries=2)
+    assert len(samples) == 30 and counters.bad_shards == 1  # shard 1: cut every time, skipped and counted
+    assert fault_proxy.injected["cut"] == 3 and counters.s3_retries == 2
+
+
+def test_shard_batches_report_the_s3_retries(fault_proxy, s3_bucket):
+    shards = manifest.read(write_shards(f"s3://{s3_bucket}/batches", [20, 20]))
+    fault_proxy.schedule(Fault("slowdown", times=2, method="GET", path="shard-"))
+    batches = stream.ShardBatches(shards, 8, rank=0, world_size=1, seed=0, loader_workers=0, shuffle_buffer=1)
+    assert all(next(batches).shape == (8, 3, 32, 32) for _ in range(6))
+    assert batches.counts()["s3_retries"] == 2 and batches.counts()["bad_shards"] == 0
+
+
+# ---------------------------------------------------------------- checkpoints (pyarrow)
+
+
+def test_checkpoint_filesystem_rides_out_throttling_stalls_and_cuts(fault_proxy, s3_bucket):
+    """The pyarrow S3FileSystem Ray Train writes checkpoints with: three 503s in a row are more
+    than pyarrow's default 3 attempts allow; a stall of 4 s is past its default 3 s timeout."""
+    options = storage(f"s3://{s3_bucket}/checkpoints")
+    filesystem, root = options["storage_filesystem"], options["storage_path"]
+    payload = bytes(range(256)) * 800  # 200 KiB
+    fault_proxy.schedule(Fault("slowdown", times=3, method="PUT"), Fault("stall", times=1, method="POST", seconds=4),
+                         Fault("cut", times=1, method="GET", after_bytes=50_000))
+    with filesystem.open_output_stream(f"{root}/checkpoint_000000/state.pt") as sink:
+        sink.write(payload)
+    with filesystem.open_input_stream(f"{root}/checkpoint_000000/state.pt") as source:
+        assert source.read() == payload
+    assert fault_proxy.injected == {"slowdown": 3, "stall": 1, "cut": 1}
+
+    from pyarrow import fs
+
+    defaults = fs.S3FileSystem(endpoint_override=fault_proxy.url, access_key="testing", secret_key="testing", region="us-east-1")
+    fault_proxy.schedule(Fault("slowdown", times=3, method="PUT"))
+    with pytest.raises(OSError, match="SLOW_DOWN"):  # what the settings are for
+        with defaults.open_output_stream(f"{root}/checkpoint_000001/state.pt") as sink:
+            sink.write(payload)
+
+
+# ---------------------------------------------------------------- a training run through the faults
+
+
+@pytest.mark.slow
+def test_training_with_data_and_checkpoints_on_a_faulty_s3_completes(ray_local, fault_proxy, s3_bucket, mlflow_sqlite, tmp_path):
+    url = write_shards(f"s3://{s3_bucket}/train", [40, 40, 40])
+    fault_proxy.schedule(
+        Fault("slowdown", times=2, method="GET", path="shard-"),
+        Fault("cut", times=2, method="GET", path="shard-", after_bytes=30_000),
+        Fault("stall", times=1, method="PUT", path="checkpoint_manager_snapshot", seconds=4),  # past pyarrow's default 3 s
+        Fault("slowdown", times=2, method="PUT", path="/checkpoints/test/checkpoint_(?!manager)"),
+    )
+    args = train_args(tmp_path, mlflow_sqlite, data=url, max_steps=6, log_every=3, sample_every=6, checkpoint_every=6,
+                      batch_size=16, loader_workers=0, shuffle_buffer=20, storage_path=f"s3://{s3_bucket}/checkpoints",
+                      eval_every=0)
+    assert main(args) == 0
+    assert fault_proxy.injected == {"slowdown": 4, "cut": 2, "stall": 1}
+
+    client = MlflowClient(mlflow_sqlite)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss_d")) == list(range(1, 7))
+    retries = client.get_metric_history(run.info.run_id, "data/s3_retries")
+    assert max(m.value for m in retries) >= 2 + 2  # every shard fault, retried and counted
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "data/bad_shards")] == [0.0, 0.0]
