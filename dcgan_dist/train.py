@@ -300,8 +300,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: Config) -> int:
     """Preflight (a bad input raises before Ray starts), fit, and the summary lines."""
+    from ray.train import TrainingFailedError
+
     cfg = preflight(cfg)
-    result = fit(cfg)
+    try:
+        result = fit(cfg)
+    except TrainingFailedError as e:  # the workers' tracebacks are in the log above; this is the summary
+        where = f"{cfg.tracking.storage_path.rstrip('/')}/{cfg.tracking.run_name}"
+        print(f"python -m dcgan_dist.train: training failed ({failure_summary(e)}); its checkpoints in {redact(where)} "
+              "are kept: fix the cause and re-run the same command to resume from the latest "
+              f"(--max-failures {cfg.cluster.max_failures} restarts were allowed)", file=sys.stderr)
+        return 1
     run_id = (result.metrics or {}).get("mlflow_run_id")
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if checkpoint and s3.is_s3(cfg.tracking.storage_path):
@@ -315,6 +324,19 @@ def train(cfg: Config) -> int:
         else:
             print(f"Open it at:  {redact(uri)}")
     return 0
+
+
+def failure_summary(error: BaseException) -> str:
+    """The cause of a failed fit() in one line: the lowest failed rank's exception (the last line
+    of its traceback), or the controller's."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        rank, cause = min(failures.items())
+        where = f"rank {rank}"
+    else:
+        cause, where = getattr(error, "controller_failure", error), "Ray Train's controller"
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return f"{where}: {lines[-1] if lines else type(cause).__name__}"
 
 
 if __name__ == "__main__":

@@ -259,7 +259,7 @@ def test_missing_manifest_exits_2_naming_the_url(s3_bucket, tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_train_from_s3_on_uneven_shards_and_log_counts(ray_local, mlflow_sqlite, s3_bucket, tmp_path,
-                                                                   monkeypatch):
+                                                                   monkeypatch, capsys):
     secret = "s3cr3t-never-logged"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)  # moto accepts any; the workers need it too
     # uneven shards, one corrupt image in each: every shard read adds to data/corrupt_samples
@@ -285,5 +285,8 @@ def test_two_workers_train_from_s3_on_uneven_shards_and_log_counts(ray_local, ml
     # 1 corrupt image in 40 (or in 5) is more than a 0.1 % limit allows: the run stops, saying why
     strict = train_args(tmp_path, mlflow_sqlite, data=url, max_steps=3, log_every=3, run_name="strict",
                         loader_workers=0, shuffle_buffer=20, max_corrupt_fraction=0.001)
-    with pytest.raises(Exception, match="more than --max-corrupt-fraction 0.001"):
-        main(strict)
+    capsys.readouterr()
+    assert main(strict) == 1
+    [summary] = [line for line in capsys.readouterr().err.splitlines() if "training failed (" in line]  # one line
+    assert "training failed (rank 0: " in summary and "more than --max-corrupt-fraction 0.001" in summary, summary
+    assert "re-run the same command to resume" in summary
