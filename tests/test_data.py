@@ -221,6 +221,8 @@ def cfg_for(data: str, **overrides) -> config.Config:
 def test_preflight_names_the_url_or_field_at_fault(s3_bucket, mlflow_sqlite, monkeypatch):
     url = write_shards(f"s3://{s3_bucket}/ok", [20, 20])
     assert preflight(cfg_for(url, tracking_uri=mlflow_sqlite)).data.data == url  # a good manifest passes
+    # --max-epochs becomes steps: an epoch is 40 // 16 steps, on any number of workers
+    assert preflight(cfg_for(url, tracking_uri=mlflow_sqlite, max_epochs=3, num_workers=2)).loop.max_steps == 3 * (40 // 16)
     with pytest.raises(ConfigError, match="--batch-size: s3://.* has 40 images, too few"):
         preflight(cfg_for(url, batch_size=64, tracking_uri=mlflow_sqlite))
 
