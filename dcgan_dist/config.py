@@ -57,7 +57,8 @@ class OptimConfig:
 class DataConfig:
     data: str = option("digits", "'digits' (bundled), or a shard manifest: PATH/manifest.json or s3://bucket/prefix/manifest.json")
     loader_workers: int = option(2, "DataLoader processes per Ray worker that read and decode shards (0 = in the training process)")
-    shuffle_buffer: int = option(1000, "samples in each reader's shuffle buffer (shards are also shuffled)")
+    shuffle_buffer: int = option(1000, "samples each reader shuffles together: a shuffle buffer, or with --sampling epochs "
+                                       "consecutive blocks of this many (shards are also shuffled)")
     sampling: str = option("epochs", "shard manifests: epochs = every sample once per epoch, split across ranks and loader "
                                      "workers, exact resume; resampled = shards drawn with replacement, an endless stream", SAMPLINGS)
     shard_retries: int = option(3, "retries for a shard that fails to open before it is skipped and counted")

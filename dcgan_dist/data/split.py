@@ -13,10 +13,12 @@ For an epoch, from the manifest's per-shard sample counts alone:
 3. a rank's span is cut into `L` streams, one per loader worker: stream `j` feeds the rank's
    steps `j, j+L, j+2L, ...` (torch's DataLoader takes batches from its workers round-robin), so
    it holds exactly `len(range(j, steps, L)) * per_rank_batch` samples;
-4. each stream is read in shard order and shuffled through a buffer of `shuffle_buffer` samples.
-   The shuffle is computed here on sample positions (its choices depend on positions only, never
-   on the bytes), so the whole reading order is known before a byte is read: a resumed reader
-   skips what was read without decoding it, and `shards plan` prints it.
+4. each stream is read in shard order and shuffled in consecutive blocks of `shuffle_buffer`
+   samples (the memory of a shuffle buffer of that size). The shuffle is computed here on sample
+   positions, never on bytes, so the whole reading order is known before a byte is read:
+   `shards plan` prints it, and a resumed reader starts at the block it stopped in (passing over
+   at most one block, plus the start of its shard, without decoding). A shuffle buffer that
+   keeps a sample for an unbounded time would make it re-read every shard since the epoch began.
 """
 
 from __future__ import annotations
@@ -114,20 +116,16 @@ def span(order: list[int], ends: list[int], start: int, stop: int) -> tuple[Piec
 
 
 def reading_order(num_samples: int, shuffle_buffer: int, seed: int, epoch: int, rank: int, index: int) -> list[int]:
-    """The order a stream hands out its samples (positions in its pieces' sequence): a shuffle
-    buffer of `shuffle_buffer` samples, filled first, then one out at random for each one in,
-    then the rest at random. Position p comes out no earlier than p - shuffle_buffer + 1 and is
-    read at most `shuffle_buffer` samples ahead of its turn."""
-    if shuffle_buffer <= 1:
-        return list(range(num_samples))
-    rng = random.Random(f"dcgan-dist stream {seed} {epoch} {rank} {index}")
-    buffer, order = list(range(min(shuffle_buffer, num_samples))), []
-    for position in range(len(buffer), num_samples):
-        slot = rng.randrange(shuffle_buffer)
-        order.append(buffer[slot])
-        buffer[slot] = position
-    rng.shuffle(buffer)
-    return order + buffer
+    """The order a stream hands out its samples (positions in its pieces' sequence): each block
+    of `shuffle_buffer` consecutive positions in a random order, block after block."""
+    order = list(range(num_samples))
+    if shuffle_buffer > 1:
+        rng = random.Random(f"dcgan-dist stream {seed} {epoch} {rank} {index}")
+        for start in range(0, num_samples, shuffle_buffer):
+            block = order[start:start + shuffle_buffer]
+            rng.shuffle(block)
+            order[start:start + shuffle_buffer] = block
+    return order
 
 
 def stream_of_worker(worker: int, epoch: int, steps: int, loader_streams: int, start_epoch: int, start_step: int) -> int:
