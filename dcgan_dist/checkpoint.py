@@ -1,7 +1,7 @@
 """The full training state in one directory: everything needed to continue exactly.
 
 Rank 0 writes `state.pt` (G, D, both Adam states, the step, the MLflow run id, the config,
-the architecture, the best snapshot by evaluation score);
+the architecture, the best snapshot by evaluation score, the data position: epoch and step in it);
 every rank writes its own RNG state to `rng-rank{N}.pt`. Ray Train merges the ranks'
 directories into one checkpoint. Everything is loaded with weights_only=True: tensors and
 plain containers only, no pickled code.
@@ -65,6 +65,7 @@ def save(
     config: dict[str, Any],
     architecture: Architecture,
     best: dict[str, Any] | None = None,
+    data_position: dict[str, Any] | None = None,
 ) -> None:
     directory = Path(directory)
     torch.save(rng_state(device), directory / rng_file(rank))
@@ -80,6 +81,7 @@ def save(
         "config": config,
         "architecture": architecture.to_dict(),
         "best": best,  # the best snapshot by evaluation score (evaluate.Best.state()), or None
+        "data_position": data_position,  # data.split.Position.state(): where the ranks are in the epoch
     }
     torch.save(state, directory / STATE_FILE)
 

@@ -23,6 +23,7 @@ import yaml
 
 # Each choice list lives in the module that owns the choices.
 from dcgan_dist import models, step
+from dcgan_dist.data.split import SAMPLINGS
 from dcgan_dist.evaluate.backbones import BACKBONES
 
 PRESETS = tuple(models.PRESETS)
@@ -40,17 +41,9 @@ def option(default, help: str, choices: tuple | None = None):
 
 @dataclass
 class ModelConfig:
-    preset: str = option(
-        "pytorch-examples",
-        "architecture preset (see models.PRESETS for each one's deviations from the paper)",
-        PRESETS,
-    )
+    preset: str = option("pytorch-examples", "architecture preset (see models.PRESETS for each one's deviations from the paper)", PRESETS)
     image_size: int = option(32, "image side in pixels; sets the number of stride-2 blocks", IMAGE_SIZES)
-    bn: str = option(
-        "paper",
-        "BatchNorm placement: paper = all layers but G's output and D's input",
-        BN_CHOICES,
-    )
+    bn: str = option("paper", "BatchNorm placement: paper = all layers but G's output and D's input", BN_CHOICES)
 
 
 @dataclass
@@ -64,7 +57,10 @@ class OptimConfig:
 class DataConfig:
     data: str = option("digits", "'digits' (bundled), or a shard manifest: PATH/manifest.json or s3://bucket/prefix/manifest.json")
     loader_workers: int = option(2, "DataLoader processes per Ray worker that read and decode shards (0 = in the training process)")
-    shuffle_buffer: int = option(1000, "samples in each reader's shuffle buffer (shards are also sampled at random)")
+    shuffle_buffer: int = option(1000, "samples each reader shuffles together: a shuffle buffer, or with --sampling epochs "
+                                       "consecutive blocks of this many (shards are also shuffled)")
+    sampling: str = option("epochs", "shard manifests: epochs = every sample once per epoch, split across ranks and loader "
+                                     "workers, exact resume; resampled = shards drawn with replacement, an endless stream", SAMPLINGS)
     shard_retries: int = option(3, "retries for a shard that fails to open before it is skipped and counted")
     max_corrupt_fraction: float = option(0.01, "stop the run when more than this share of images read were corrupt")
 
@@ -73,6 +69,7 @@ class DataConfig:
 class LoopConfig:
     batch_size: int = option(128, "GLOBAL batch size, split evenly across workers (paper: 128)")
     max_steps: int = option(600, "train until this many G/D updates in total (a resumed run continues to it)")
+    max_epochs: int = option(0, "train this many epochs instead (num_samples // --batch-size steps each); 0 = --max-steps decides")
     seed: int = option(0, "random seed; worker k uses seed + k")
     log_every: int = option(10, "read, reduce and log training stats every N steps")
     sample_every: int = option(100, "log a sample grid from a fixed latent batch every N steps")
@@ -84,15 +81,10 @@ class LoopConfig:
 
 @dataclass
 class PerfConfig:
-    precision: str = option(
-        "fp32", "fp32, or bf16: forward passes under bf16 autocast (weights, gradients and Adam stay fp32)", PRECISIONS
-    )
-    channels_last: bool = option(
-        True, "keep images, activations and conv weights channels-last (NHWC): faster convolutions on CPUs and GPUs"
-    )
-    compile: str = option(
-        "off", "torch.compile G and D: off, default, reduce-overhead (adds CUDA graphs on GPUs), max-autotune", COMPILE_MODES
-    )
+    precision: str = option("fp32", "fp32, or bf16: forward passes under bf16 autocast (weights, gradients and Adam stay fp32)", PRECISIONS)
+    channels_last: bool = option(True, "keep images, activations and conv weights channels-last (NHWC): faster convolutions on CPUs and GPUs")
+    compile: str = option("off", "torch.compile G and D: off, default, reduce-overhead (adds CUDA graphs on GPUs), max-autotune",
+                          COMPILE_MODES)
 
 
 @dataclass
@@ -246,6 +238,11 @@ def from_flat(values: dict[str, Any], base: Config | None = None) -> Config:
 
 def load_file(path: str | Path, base: Config | None = None) -> Config:
     """A YAML/JSON file of sections ({model: {preset: paper}}) or dotted/leaf keys ({lr: 1e-4})."""
+    return from_flat(read_file(path), base)
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """A config file's options as {dotted or leaf key: value}."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("config", f"no such file: {path}")
@@ -264,7 +261,7 @@ def load_file(path: str | Path, base: Config | None = None) -> Config:
                 flat[f"{key}.{sub_key}"] = sub_value
         else:
             flat[key] = value
-    return from_flat(flat, base)
+    return flat
 
 
 # ---------------------------------------------------------------- validation
@@ -292,9 +289,9 @@ def validate(cfg: Config) -> Config:
     if cfg.loop.keep_checkpoints < 2:  # the one before the latest is the fallback when the latest is unreadable
         raise ConfigError("keep_checkpoints", f"must be >= 2 (got {cfg.loop.keep_checkpoints})")
     positive("num_workers", cfg.cluster.num_workers)
-    for name in ("loader_workers", "shuffle_buffer", "shard_retries"):
-        if getattr(cfg.data, name) < 0:
-            raise ConfigError(name, f"must be >= 0 (got {getattr(cfg.data, name)})")
+    for section, name in (("data", "loader_workers"), ("data", "shuffle_buffer"), ("data", "shard_retries"), ("loop", "max_epochs")):
+        if getattr(getattr(cfg, section), name) < 0:
+            raise ConfigError(name, f"must be >= 0 (got {getattr(getattr(cfg, section), name)})")
     if not 0.0 <= cfg.data.max_corrupt_fraction <= 1.0:
         raise ConfigError("max_corrupt_fraction", f"must be in [0, 1] (got {cfg.data.max_corrupt_fraction})")
     if cfg.cluster.max_failures < -1:
@@ -375,9 +372,12 @@ def _group(parser: argparse.ArgumentParser, title: str):
 def from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
     """base (or Config()) <- --config file <- flags, then validated."""
     base = base or Config()
-    cfg = load_file(args.config, base) if getattr(args, "config", None) else base
+    from_file = read_file(args.config) if getattr(args, "config", None) else {}
     given = {k: v for k, v in vars(args).items() if k in LEAVES}
-    return validate(from_flat(given, cfg))
+    cfg = from_flat(given, from_flat(from_file, base))
+    if cfg.loop.max_epochs and "loop.max_steps" in {resolve_key(k) for k in from_file} | set(given):
+        raise ConfigError("max_epochs", f"{cfg.loop.max_epochs} and --max-steps both given: exactly one of them decides the end")
+    return validate(cfg)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -45,7 +45,7 @@ from dcgan_dist.util import first_line, grid_uint8, redact
 log = logging.getLogger(__name__)
 
 STAT_NAMES = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g")
-LOGGED_COUNTS = ("corrupt_samples", "bad_shards", "s3_retries")  # of the reader's COUNT_NAMES
+LOGGED_COUNTS = ("corrupt_samples", "bad_shards", "s3_retries", "repeated_samples")  # of the reader's COUNT_NAMES
 SAMPLE_GRID_SIZE = 64  # an 8x8 grid
 PROGRESS_EVERY_S = 10.0
 # What a tracking server that is away raises through MLflow's client (after its own HTTP retries).
@@ -170,7 +170,7 @@ def setup(cfg: Config, launch: dict[str, Any]) -> Worker:
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
 
-    batches = data.open_batches(cfg, rank, world_size, start_step)
+    batches = data.open_batches(cfg, rank, world_size, start_step, state.get("data_position") if state is not None else None)
     z_fixed = sample_latent(SAMPLE_GRID_SIZE, cfg.model.preset, rng=torch.Generator().manual_seed(cfg.loop.seed))
 
     node_of_rank = nodes_of_ranks(world_size)
@@ -307,7 +307,8 @@ def close_window(w: Worker, step: int, window: list[torch.Tensor], clock: StepCl
         first = step - len(window) + 1
         w.logger.log_metrics(
             [(first + i, dict(zip(STAT_NAMES, row))) for i, row in enumerate(rows)]
-            + [(step, {"img_per_s": img_per_s} | {f"data/{name}": data_counts[name] for name in LOGGED_COUNTS})]
+            + [(step, {"img_per_s": img_per_s, "epoch": w.batches.position.epochs_done}
+                | {f"data/{name}": data_counts[name] for name in LOGGED_COUNTS})]
         )
         now = clock.clock()
         if now - w.last_progress >= PROGRESS_EVERY_S or step == cfg.loop.max_steps:
@@ -385,6 +386,6 @@ def save_checkpoint(w: Worker, step: int, metrics: dict[str, Any]) -> None:
         checkpoint.save(
             directory, rank=w.rank, device=w.device, step=step, generator=w.generator, discriminator=w.discriminator,
             opt_g=w.opt_g, opt_d=w.opt_d, mlflow_run_id=run_id, config=config.flatten(w.cfg), architecture=w.champion.architecture,
-            best=w.champion.best.state() if w.champion.best is not None else None,
+            best=w.champion.best.state() if w.champion.best is not None else None, data_position=w.batches.data_position(),
         )
         ray.train.report(with_run_id(metrics, w.logger), checkpoint=ray.train.Checkpoint.from_directory(directory))

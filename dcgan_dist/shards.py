@@ -1,12 +1,15 @@
-"""`python -m dcgan_dist.shards`: pack images into WebDataset shards, and inspect a manifest.
+"""`python -m dcgan_dist.shards`: pack images into WebDataset shards, inspect a manifest, and
+print an epoch's split.
 
     python -m dcgan_dist.shards pack --source lsun --in bedroom_train_lmdb --out s3://bucket/lsun64 --image-size 64
     python -m dcgan_dist.shards inspect s3://bucket/lsun64/manifest.json --preview lsun64.png
+    python -m dcgan_dist.shards plan s3://bucket/lsun64/manifest.json --world-size 8 --loader-workers 4 --epoch 0
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 from dcgan_dist.config import IMAGE_SIZES, OneLineErrorParser
@@ -30,13 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     i = commands.add_parser("inspect", help="read every shard back: counts, sizes, sha256, a preview grid")
     i.add_argument("url", help="PATH/manifest.json or s3://bucket/prefix/manifest.json")
     i.add_argument("--preview", metavar="PNG", default="preview.png", help="where the preview grid goes (default: preview.png)")
+    p = commands.add_parser("plan", help="print which samples each rank reads in an epoch (--sampling epochs), as RANK<TAB>KEY lines")
+    p.add_argument("url", help="PATH/manifest.json or s3://bucket/prefix/manifest.json")
+    p.add_argument("--world-size", type=int, required=True, help="training workers (--num-workers)")
+    p.add_argument("--loader-workers", type=int, required=True, help="DataLoader processes per training worker")
+    p.add_argument("--seed", type=int, default=0, help="training's --seed (default: 0)")
+    p.add_argument("--epoch", type=int, default=0, help="which epoch, from 0 (default: 0)")
+    p.add_argument("--batch-size", type=int, default=128, help="GLOBAL batch, as training's --batch-size (default: 128)")
+    p.add_argument("--shuffle-buffer", type=int, default=1000, help="training's --shuffle-buffer (default: 1000)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli("python -m dcgan_dist.shards", lambda: pack_command(args) if args.command == "pack" else inspect_command(args),
-                   (s3.StorageError, manifest.ManifestError, FileNotFoundError, ValueError))
+    command = {"pack": pack_command, "inspect": inspect_command, "plan": plan_command}[args.command]
+    return run_cli("python -m dcgan_dist.shards", lambda: command(args), (s3.StorageError, manifest.ManifestError, FileNotFoundError, ValueError))
 
 
 def pack_command(args: argparse.Namespace) -> int:
@@ -60,6 +71,25 @@ def inspect_command(args: argparse.Namespace) -> int:
     for line in report["problems"]:
         print(f"problem: {line}")
     return 1 if report["problems"] else 0  # readable, but not what the manifest promises
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    """One line per sample: rank, tab, key; rank by rank, loader worker by worker, in reading order."""
+    from dcgan_dist.data import epochs, split  # torch: only needed here
+
+    if args.world_size < 1 or args.loader_workers < 0 or args.epoch < 0 or args.batch_size < 1:
+        raise ValueError("--world-size and --batch-size must be >= 1, --loader-workers and --epoch >= 0")
+    if args.batch_size % args.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by --world-size {args.world_size}")
+    shards = manifest.read(args.url)
+    per_rank = args.batch_size // args.world_size
+    steps = split.check([shard["num_samples"] for shard in shards.shards], args.world_size, max(args.loader_workers, 1), per_rank)
+    lines = epochs.planned_keys(shards, args.seed, args.epoch, args.world_size, args.loader_workers, per_rank, args.shuffle_buffer)
+    for chunk in iter(lambda: list(itertools.islice(lines, 10000)), []):
+        sys.stdout.write("".join(f"{rank}\t{key}\n" for rank, key in chunk))
+    print(f"epoch {args.epoch}: {steps} steps of {per_rank} samples on each of {args.world_size} ranks; "
+          f"{shards.num_samples - steps * args.batch_size} of {shards.num_samples} samples not read this epoch", file=sys.stderr)
+    return 0
 
 
 def run_inspect(url: str, preview: str) -> dict:

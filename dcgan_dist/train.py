@@ -63,6 +63,8 @@ def preflight(cfg: Config) -> Config:
             f"{redact(cfg.data.data)} has {num_images} images, too few for a batch of {cfg.per_worker_batch} "
             f"on each of {cfg.cluster.num_workers} workers",
         )
+    if cfg.loop.max_epochs:  # an epoch is num_images // --batch-size steps on any number of workers
+        cfg.loop.max_steps = cfg.loop.max_epochs * (num_images // cfg.loop.batch_size)
 
     check_evaluation(cfg)
     cfg.tracking.tracking_uri = store.resolve_tracking_uri(cfg.tracking.tracking_uri)

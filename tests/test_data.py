@@ -19,7 +19,7 @@ import webdataset as wds
 from mlflow import MlflowClient
 from PIL import Image
 
-from dcgan_dist import config
+from dcgan_dist import checkpoint, config
 from dcgan_dist.config import ConfigError
 from dcgan_dist.data import manifest, pack, s3, stream
 from dcgan_dist.data.preview import inspect_manifest as inspect
@@ -221,6 +221,8 @@ def cfg_for(data: str, **overrides) -> config.Config:
 def test_preflight_names_the_url_or_field_at_fault(s3_bucket, mlflow_sqlite, monkeypatch):
     url = write_shards(f"s3://{s3_bucket}/ok", [20, 20])
     assert preflight(cfg_for(url, tracking_uri=mlflow_sqlite)).data.data == url  # a good manifest passes
+    # --max-epochs becomes steps: an epoch is 40 // 16 steps, on any number of workers
+    assert preflight(cfg_for(url, tracking_uri=mlflow_sqlite, max_epochs=3, num_workers=2)).loop.max_steps == 3 * (40 // 16)
     with pytest.raises(ConfigError, match="--batch-size: s3://.* has 40 images, too few"):
         preflight(cfg_for(url, batch_size=64, tracking_uri=mlflow_sqlite))
 
@@ -260,19 +262,32 @@ def test_missing_manifest_exits_2_naming_the_url(s3_bucket, tmp_path):
 @pytest.mark.slow
 def test_two_workers_train_from_s3_on_uneven_shards_and_log_counts(ray_local, mlflow_sqlite, s3_bucket, tmp_path,
                                                                    monkeypatch, capsys):
+    import ray.train
+
     secret = "s3cr3t-never-logged"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)  # moto accepts any; the workers need it too
     # uneven shards, one corrupt image in each: every shard read adds to data/corrupt_samples
     url = write_shards(f"s3://{s3_bucket}/train", [40, 40, 13, 5], corrupt_per_shard=1)
-    args = train_args(tmp_path, mlflow_sqlite, data=url, num_workers=2, max_steps=6, log_every=3,
+    # --max-epochs 2: 98 images are 3 steps of 32 per epoch (2 left out), so the run ends at step 6
+    args = train_args(tmp_path, mlflow_sqlite, data=url, num_workers=2, max_epochs=2, log_every=3,
                       sample_every=6, checkpoint_every=6, loader_workers=1, shuffle_buffer=20,
                       max_corrupt_fraction=0.3)
+    del args[args.index("--max-steps"):args.index("--max-steps") + 2]
     assert main(args) == 0
 
     client = MlflowClient(mlflow_sqlite)
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["data.data"] == url
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss_d")) == list(range(1, 7))
+    assert run.data.params["derived.stop_rule"] == "max_epochs" and run.data.params["loop.max_steps"] == "6"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "epoch")] == [(3, 1.0), (6, 2.0)]
+    with ray.train.Result.from_path(str(tmp_path / "ray_results" / "test")).checkpoint.as_directory() as directory:
+        assert checkpoint.load_state(directory)["data_position"] == {
+            "sampling": "epochs", "epoch": 2, "step_in_epoch": 0, "steps_per_epoch": 3, "world_size": 2,
+            "loader_workers": 1, "samples_read_per_rank": 0}
+    # the corrupt first image of each shard read keeps its place, filled by another image
+    repeated = client.get_metric_history(run.info.run_id, "data/repeated_samples")
+    assert max(m.value for m in repeated) == max(m.value for m in client.get_metric_history(run.info.run_id, "data/corrupt_samples"))
     corrupt = client.get_metric_history(run.info.run_id, "data/corrupt_samples")
     assert sorted(m.step for m in corrupt) == [3, 6]
     assert max(m.value for m in corrupt) >= 2  # both ranks read at least one shard

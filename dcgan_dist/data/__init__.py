@@ -9,12 +9,17 @@ streams WebDataset shards written by `python -m dcgan_dist.shards pack` (see str
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from dcgan_dist.data import split
 from dcgan_dist.data.digits import digits_dataset
+from dcgan_dist.data.split import Position
+
+log = logging.getLogger(__name__)
 
 SOURCES = {"digits": digits_dataset}
 
@@ -50,32 +55,54 @@ def batch_stream(
 class InMemoryBatches:
     """batch_stream() over a bundled data set; nothing there is ever skipped."""
 
-    def __init__(self, batches: Iterator[torch.Tensor]):
-        self._batches = batches
+    def __init__(self, batches: Iterator[torch.Tensor], position: Position, per_rank_batch: int, world_size: int):
+        self._batches, self.position = batches, position
+        self.steps_per_epoch = position.steps_per_epoch
+        self._state = ("epochs", world_size, 1, per_rank_batch)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> torch.Tensor:
-        return next(self._batches)
+        images = next(self._batches)
+        self.position = self.position.next()
+        return images
 
     def counts(self) -> dict[str, int]:
-        return {"corrupt_samples": 0, "bad_shards": 0, "samples": 0}
+        return {"corrupt_samples": 0, "bad_shards": 0, "samples": 0, "repeated_samples": 0}
+
+    def data_position(self) -> dict:
+        return self.position.state(*self._state)
 
 
-def open_batches(cfg, rank: int, world_size: int, start_step: int = 0):
+def open_batches(cfg, rank: int, world_size: int, start_step: int = 0, data_position: dict | None = None):
     """The batch iterator the training loop uses for `cfg.data.data`: an iterator of NCHW
-    batches with a `counts()` method ({"corrupt_samples", "bad_shards", "samples"} so far)."""
+    batches with `counts()` ({"corrupt_samples", "bad_shards", "samples", "repeated_samples"}
+    so far), `position` (a split.Position: epoch and step of the next batch) and
+    `data_position()` (the checkpoint's entry). A resumed run passes its checkpoint's
+    `data_position` (shard manifests continue from it) and its step."""
     # Pinned host memory lets the loop's .to(device, non_blocking=True) copy without a host sync.
     pin_memory = cfg.cluster.use_gpu
     if cfg.data.data in SOURCES:
         dataset = open_dataset(cfg.data.data, cfg.model.image_size)
+        position = Position(*divmod(start_step, len(dataset) // cfg.loop.batch_size), len(dataset) // cfg.loop.batch_size)
         return InMemoryBatches(batch_stream(dataset, cfg.per_worker_batch, rank, world_size, cfg.loop.seed, start_step,
-                                            pin_memory))
-    from dcgan_dist.data import manifest, stream
+                                            pin_memory), position, cfg.per_worker_batch, world_size)
+    from dcgan_dist.data import epochs, manifest, stream
 
+    shards = manifest.read(cfg.data.data)
+    streams = max(cfg.data.loader_workers, 1)
+    epoch_batches = None
+    if cfg.data.sampling == "epochs":
+        steps = split.steps_per_epoch(shards.num_samples, cfg.per_worker_batch * world_size)
+        position, changed = split.resume_position(data_position, start_step, steps, "epochs", world_size, streams)
+        if changed:
+            log.warning("resuming at epoch %d step %d, but %s: this epoch's split differs from the interrupted one's "
+                        "(some of its samples may be read twice or not at all)", position.epoch, position.step, changed)
+        epoch_batches = epochs.EpochBatches(shards, cfg.per_worker_batch, rank, world_size, cfg.loop.seed, position.epoch,
+                                            position.step, cfg.data.loader_workers, cfg.data.shuffle_buffer, cfg.data.shard_retries)
     return stream.ShardBatches(
-        manifest.read(cfg.data.data), cfg.per_worker_batch, rank, world_size, cfg.loop.seed, start_step,
+        shards, cfg.per_worker_batch, rank, world_size, cfg.loop.seed, start_step,
         loader_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-        shard_retries=cfg.data.shard_retries, pin_memory=pin_memory,
+        shard_retries=cfg.data.shard_retries, pin_memory=pin_memory, epochs=epoch_batches,
     )

@@ -1,6 +1,8 @@
 """The WebDataset reader: endless, per-rank batches streamed from the shards of a manifest.
 
-Per rank, and per DataLoader worker inside it:
+`--sampling epochs` (the default) reads each sample once per epoch, split across ranks and
+loader workers (data/split.py plans it, data/epochs.py reads it). `--sampling resampled` is the
+endless stream with replacement below; per rank, and per DataLoader worker inside it:
 
     ResampledShards (with replacement, seeded by seed/rank/worker/start step/epoch)
       -> read_shards   (open through webdataset.gopen, whose s3:// opener is boto3; retry a
@@ -37,12 +39,13 @@ from webdataset.utils import make_seed
 
 from dcgan_dist.data import s3
 from dcgan_dist.data.manifest import Manifest
+from dcgan_dist.data.split import Position
 from dcgan_dist.util import redact
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-COUNT_NAMES = ("corrupt_samples", "bad_shards", "samples", "s3_retries")
+COUNT_NAMES = ("corrupt_samples", "bad_shards", "samples", "s3_retries", "repeated_samples")
 SAMPLE_SHUFFLE = 1  # seed salt (an int: make_seed hashes, and str hashes differ per process)
 MAX_CORRUPT_IN_A_ROW = 1000  # nothing but corrupt images: stop rather than spin
 
@@ -59,6 +62,7 @@ class Counters:
         self.bad_shards = 0
         self.samples = 0
         self.s3_retries = 0  # requests this pipeline's S3 client retried (throttled, cut, stalled)
+        self.repeated_samples = 0  # with --sampling epochs: places of unreadable samples, filled by another image
 
 
 def _worker_id() -> int:
@@ -169,8 +173,11 @@ def decode_samples(samples: Iterator[dict], counters: Counters, image_size: int)
 def with_counts(batches: Iterator[torch.Tensor], counters: Counters) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Each batch travels with its worker's cumulative counters (workers are other processes)."""
     for images in batches:
-        counts = [_worker_id(), *(getattr(counters, name) for name in COUNT_NAMES)]
-        yield images, torch.tensor(counts, dtype=torch.float64)
+        yield images, counts_row(counters)
+
+
+def counts_row(counters: Counters) -> torch.Tensor:
+    return torch.tensor([_worker_id()] + [getattr(counters, name) for name in COUNT_NAMES], dtype=torch.float64)
 
 
 def pipeline(manifest: Manifest, per_worker_batch: int, rank: int, seed: int, start_step: int,
@@ -188,19 +195,27 @@ def pipeline(manifest: Manifest, per_worker_batch: int, rank: int, seed: int, st
 
 
 class ShardBatches:
-    """Endless batches for one rank, and the counts of what was skipped on the way."""
+    """Endless batches for one rank, the counts of what was skipped on the way, and where in the
+    epochs the rank is. `epochs`: an epochs.EpochBatches to load (--sampling epochs); without
+    it, the resampled pipeline above."""
 
     def __init__(self, manifest: Manifest, per_worker_batch: int, rank: int, world_size: int, seed: int,
                  start_step: int = 0, loader_workers: int = 2, shuffle_buffer: int = 1000, shard_retries: int = 3,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, epochs=None):
         steps_per_epoch = max(1, manifest.num_samples // (per_worker_batch * world_size))
-        dataset = pipeline(manifest, per_worker_batch, rank, seed, start_step, shuffle_buffer, shard_retries,
-                           batches_per_epoch=math.ceil(steps_per_epoch / max(loader_workers, 1)))
+        if epochs is None:
+            dataset = pipeline(manifest, per_worker_batch, rank, seed, start_step, shuffle_buffer, shard_retries,
+                               batches_per_epoch=math.ceil(steps_per_epoch / max(loader_workers, 1)))
+            self.position = Position(*divmod(start_step, steps_per_epoch), steps_per_epoch)
+        else:  # one endless pass: worker w gives this rank's batches w, w+L, ... across epochs
+            dataset, self.position = epochs, Position(epochs.start_epoch, epochs.start_step, steps_per_epoch)
         # persistent workers keep each pipeline's counters and shard RNG epoch across epochs
         self.loader = DataLoader(dataset, batch_size=None, num_workers=loader_workers,
                                  persistent_workers=loader_workers > 0, pin_memory=pin_memory,
                                  prefetch_factor=2 if loader_workers > 0 else None)
         self.steps_per_epoch = steps_per_epoch
+        self._state = ("resampled" if epochs is None else "epochs", world_size, max(loader_workers, 1), per_worker_batch)
+        self.keys: list[str] = []  # the sample keys of the last batch (--sampling epochs)
         self._batches = iter(self.loader)
         self._counts: dict[int, torch.Tensor] = {}
 
@@ -210,19 +225,25 @@ class ShardBatches:
     def __next__(self) -> torch.Tensor:
         for _ in range(2):
             try:
-                images, counts = next(self._batches)
+                images, counts, *keys = next(self._batches)
                 break
             except StopIteration:  # a nominal epoch ended; the stream goes on
                 self._batches = iter(self.loader)
         else:
             raise DataError("the shard stream gave no batch in a whole epoch")
         self._counts[int(counts[0])] = counts[1:]
+        self.keys = keys[0] if keys else []
+        self.position = self.position.next()
         return images
 
     def counts(self) -> dict[str, int]:
-        """{"corrupt_samples", "bad_shards", "samples", "s3_retries"}: this rank's totals so far."""
+        """{"corrupt_samples", "bad_shards", "samples", "s3_retries", "repeated_samples"}: this rank's totals so far."""
         total = sum(self._counts.values(), torch.zeros(len(COUNT_NAMES), dtype=torch.float64))
         return dict(zip(COUNT_NAMES, (int(v) for v in total.tolist())))
+
+    def data_position(self) -> dict:
+        """The checkpoint's entry: Position.state() of the next batch."""
+        return self.position.state(*self._state)
 
 
 def check_corrupt_share(corrupt_samples: float, samples: float, max_corrupt_fraction: float) -> None:

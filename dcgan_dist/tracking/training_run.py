@@ -70,7 +70,8 @@ def open_training_run(cfg: Config, launch: dict[str, Any]) -> tuple[str, bool]:
     run = client.create_run(experiment_id, run_name=name, tags=tags)
     run_id = run.info.run_id
     log_params(client, run_id, config.flatten(cfg) | {
-        "derived.per_worker_batch": cfg.per_worker_batch, "derived.world_size": cfg.cluster.num_workers})
+        "derived.per_worker_batch": cfg.per_worker_batch, "derived.world_size": cfg.cluster.num_workers,
+        "derived.stop_rule": "max_epochs" if cfg.loop.max_epochs else "max_steps"})
     if dataset.get("sha256"):
         log_dataset(client, run_id, dataset["name"], dataset["source"], dataset["sha256"])
     return run_id, False
