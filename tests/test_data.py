@@ -305,3 +305,14 @@ def test_two_workers_train_from_s3_on_uneven_shards_and_log_counts(ray_local, ml
     [summary] = [line for line in capsys.readouterr().err.splitlines() if "training failed (" in line]  # one line
     assert "training failed (rank 0: " in summary and "more than --max-corrupt-fraction 0.001" in summary, summary
     assert "re-run the same command to resume" in summary
+
+
+def test_every_source_counts_what_the_loop_reduces():
+    """The loop sums counts()[name] for each of the reader's COUNT_NAMES on every rank; the
+    bundled digits must have each of them (at 0), or every digits run fails at its first window."""
+    from dcgan_dist import config, data
+    from dcgan_dist.data.stream import COUNT_NAMES
+
+    batches = data.open_batches(config.Config(), rank=0, world_size=1)
+    next(batches)
+    assert set(batches.counts()) == set(COUNT_NAMES) and not any(batches.counts().values())

@@ -69,7 +69,9 @@ class InMemoryBatches:
         return images
 
     def counts(self) -> dict[str, int]:
-        return {"corrupt_samples": 0, "bad_shards": 0, "samples": 0, "repeated_samples": 0}
+        from dcgan_dist.data.stream import COUNT_NAMES  # the names the loop reduces, whatever the source
+
+        return dict.fromkeys(COUNT_NAMES, 0)
 
     def data_position(self) -> dict:
         return self.position.state(*self._state)
