@@ -20,9 +20,10 @@ import time
 import torch
 
 from dcgan_dist.data import batch_stream, open_dataset
-from dcgan_dist.models import build_models, sample_latent
-from dcgan_dist.probe import DEFAULT_PER_CLASS, ProbedModel, load_digits_splits, run_probe
+from dcgan_dist.models import Architecture, build_models, sample_latent
+from dcgan_dist.probe import DEFAULT_PER_CLASS, load_digits_splits, run_probe
 from dcgan_dist.step import gan_step, make_optimizers
+from dcgan_dist.tracking.registry import LoadedNetwork
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
     opt_g, opt_d = make_optimizers(generator, discriminator, 2e-4, 0.5, 0.999)
     batches = batch_stream(open_dataset("digits", 32), args.batch_size, 0, 1, args.seed)
     splits = load_digits_splits(32)
-    architecture = {"preset": args.preset, "image_size": 32, "bn": args.bn}
+    architecture = Architecture.of(args.preset, 32, args.bn)
     print(f"| steps | train s | trained D | {DEFAULT_PER_CLASS['digits']}/class | random D | raw pixels | probe s |")
     print("|---|---|---|---|---|---|---|")
     step, train_s = 0, 0.0
@@ -55,7 +56,7 @@ def main() -> None:
             step += 1
         train_s += time.perf_counter() - start
         start = time.perf_counter()
-        r = run_probe(ProbedModel(discriminator, architecture, None, step), splits, DEFAULT_PER_CLASS["digits"], args.subsets,
+        r = run_probe(LoadedNetwork(discriminator, architecture, None, step), splits, DEFAULT_PER_CLASS["digits"], args.subsets,
                       tuple(float(c) for c in args.c_grid.split(",")))
         d, few = r["discriminator"], r["discriminator"]["few"]
         print(f"| {step} | {train_s:.0f} | {d['accuracy']:.1%} | {few['mean']:.1%} +/- {few['std']:.1%} "
