@@ -46,6 +46,9 @@ class RunLogger:
                     "resume with the tracking URI it started with, or use a new --run-name"
                 ) from None
         experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        if run_id is not None:  # start_run refuses a run of another experiment than the process's active one
+            experiment_id = self.client.get_run(run_id).info.experiment_id
+            mlflow.set_experiment(experiment_id=experiment_id)
         self.run = mlflow.start_run(
             run_id=run_id,
             experiment_id=experiment_id,

@@ -21,6 +21,7 @@ from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag
+from mlflow.tracking.context.registry import resolve_tags
 
 from dcgan_dist import config
 from dcgan_dist.config import Config
@@ -67,7 +68,9 @@ def open_training_run(cfg: Config, launch: dict[str, Any]) -> tuple[str, bool]:
     tags = launch.get("source_tags", {}) | {RESUME_KEY_TAG: key, "ray.storage_path": redact(cfg.tracking.storage_path)}
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    # What mlflow.start_run would add (the user, from MLFLOW_TRACKING_USERNAME on a server with
+    # authentication; the host), under the launch's own source tags.
+    run = client.create_run(experiment_id, run_name=name, tags=resolve_tags(tags))
     run_id = run.info.run_id
     log_params(client, run_id, config.flatten(cfg) | {
         "derived.per_worker_batch": cfg.per_worker_batch, "derived.world_size": cfg.cluster.num_workers,
