@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dcgan_dist.models_authors import IMAGENET32, SVHN32, AuthorsDiscriminator, AuthorsGenerator, LayerStack
+from dcgan_dist.models_authors import IMAGENET32, SVHN32, AuthorsDiscriminator, AuthorsGenerator, BlockDiscriminator, LayerStack
 
 IMAGE_CHANNELS = 3  # the paper's G makes 64x64x3; grey data sets are repeated to 3 channels
 IMAGE_SIZES = (32, 64, 128)
@@ -158,7 +158,7 @@ class Generator(nn.Module):
         return self.blocks(self.project_norm(x))
 
 
-class Discriminator(nn.Module):
+class Discriminator(BlockDiscriminator):
     def __init__(self, preset: Preset, image_size: int, bn: BatchNormPlacement):
         super().__init__()
         self.image_size = image_size
@@ -182,19 +182,6 @@ class Discriminator(nn.Module):
         # The paper's "flattened and fed into a single sigmoid output": a linear map to one
         # logit; the sigmoid lives in the loss (BCEWithLogits) for numerical safety.
         self.classify = nn.Linear(16 * in_channels, 1)
-
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every conv block's activations, first to last (the linear probe's inputs)."""
-        outputs = []
-        for block in self.blocks:
-            x = block(x)
-            outputs.append(x)
-        return outputs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return self.classify(x.flatten(1)).squeeze(1)
 
 
 def init_weights(module: nn.Module) -> None:

@@ -80,7 +80,25 @@ class AuthorsGenerator(nn.Module):
         return self.blocks(x.view(-1, self.top_channels, 4, 4))
 
 
-class AuthorsDiscriminator(nn.Module):
+class BlockDiscriminator(nn.Module):
+    """A D of conv blocks (`self.blocks`) then one linear logit (`self.classify`), ours and the
+    authors' alike: `features` gives every block's activations, first to last (the probe's inputs).
+    Subclasses set both in __init__ (no class annotations: TorchScript scripts these modules)."""
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = []
+        for block in self.blocks:
+            x = block(x)
+            outputs.append(x)
+        return outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.classify(x.flatten(1)).squeeze(1)
+
+
+class AuthorsDiscriminator(BlockDiscriminator):
     """Convs with LeakyReLU(0.2) (BN on all but the first), then a linear map of the last
     4x4xC activations to one logit; `features` gives every conv block's output (the probe's)."""
 
@@ -103,12 +121,3 @@ class AuthorsDiscriminator(nn.Module):
         self.blocks = nn.ModuleList(layers)
         self.classify = nn.Linear(16 * channels, 1)
 
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outputs = []
-        for block in self.blocks:
-            x = block(x)
-            outputs.append(x)
-        return outputs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.features(x)[-1].flatten(1)).squeeze(1)
