@@ -1,12 +1,13 @@
 """The GAN update as a plain function: D then G, the minimax objective, non-saturating G loss."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dcgan_dist.models import build_models, sample_latent
+from dcgan_dist.models import BN_PLACEMENTS, PRESETS, Discriminator, Generator, build_models, init_weights, sample_latent
 from dcgan_dist.step import gan_step, make_optimizers
 
 
@@ -127,14 +128,24 @@ def test_channels_last_computes_the_same_step():
     assert discriminator.blocks[1][0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def train_digits(precision: str, steps: int = 60, batch: int = 32, seed: int = 0):
+def narrow_models(base_filters: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The pytorch-examples G and D at 32 px with another base width, initialised as any preset."""
+    preset = dataclasses.replace(PRESETS["pytorch-examples"], base_filters=base_filters)
+    bn_g, bn_d = BN_PLACEMENTS["paper"]
+    generator, discriminator = Generator(preset, 32, bn_g), Discriminator(preset, 32, bn_d)
+    generator.apply(init_weights)
+    discriminator.apply(init_weights)
+    return generator, discriminator
+
+
+def train_digits(precision: str, steps: int, batch: int, base_filters: int, seed: int = 0):
     """`steps` updates on the bundled digits from one seed: per-step stats, and the mean image of
     G's samples before and after (train-mode BatchNorm, as in the step)."""
     from dcgan_dist.data.digits import digits_dataset
 
     images = digits_dataset(32).tensors[0]
     torch.manual_seed(seed)
-    generator, discriminator = (m.to(memory_format=torch.channels_last) for m in build_models("pytorch-examples", 32, "paper"))
+    generator, discriminator = (m.to(memory_format=torch.channels_last) for m in narrow_models(base_filters))
     opt_g, opt_d = make_optimizers(generator, discriminator, 2e-4, 0.5, 0.999)
     draw = torch.Generator().manual_seed(seed)
     z_probe = sample_latent(256, "pytorch-examples", rng=torch.Generator().manual_seed(99))
@@ -152,21 +163,23 @@ def train_digits(precision: str, steps: int = 60, batch: int = 32, seed: int = 0
     return torch.stack(history), (mean_before - data_mean).abs().mean(), (mean_after - data_mean).abs().mean()
 
 
-@pytest.mark.slow(trains="60 + 60 GAN updates; bf16 is emulated, 7 s a step, on a CPU without avx512_bf16/amx_bf16")
+@pytest.mark.slow(trains="80 + 80 GAN updates; bf16 is emulated, about 1 s a step, on a CPU without avx512_bf16/amx_bf16")
 def test_bf16_autocast_matches_fp32_and_both_learn():
-    """The --precision bf16 parity check. From the same seed and data, 60 steps each: every
-    10-step mean of loss_d, loss_g, D(x) and D(G(z)) under bf16 autocast stays within
-    0.05 + 5 % of the fp32 value (measured here: at most 0.002 for loss_d and 0.095 for a
-    loss_g near 6.4), and both runs learn: D's loss falls below half its first value and G's
-    mean image moves towards the data's."""
-    fp32, fp32_before, fp32_after = train_digits("fp32")
-    bf16, bf16_before, bf16_after = train_digits("bf16")
-    fp32_windows, bf16_windows = fp32.view(6, 10, 4).mean(1), bf16.view(6, 10, 4).mean(1)
+    """The --precision bf16 parity check, on the pytorch-examples networks at half their width
+    (32 base filters) and a batch of 16: bf16 is emulated on AVX2-only CPUs, where the full width
+    cost CI four minutes. From the same seed and data, 80 steps each: every 10-step mean of
+    loss_d, loss_g, D(x) and D(G(z)) under bf16 autocast stays within 0.05 + 5 % of the fp32
+    value, and both runs learn: D's loss falls below half its first value and G's mean image
+    moves towards the data's (to 0.79 of its first distance, measured on an AMD EPYC with
+    avx512_bf16, in both precisions; a G that does not learn stays at 1)."""
+    fp32, fp32_before, fp32_after = train_digits("fp32", steps=80, batch=16, base_filters=32)
+    bf16, bf16_before, bf16_after = train_digits("bf16", steps=80, batch=16, base_filters=32)
+    fp32_windows, bf16_windows = fp32.view(-1, 10, 4).mean(1), bf16.view(-1, 10, 4).mean(1)
     tolerance = 0.05 + 0.05 * fp32_windows.abs()
     assert ((fp32_windows - bf16_windows).abs() <= tolerance).all(), (fp32_windows, bf16_windows)
     for history, before, after in ((fp32, fp32_before, fp32_after), (bf16, bf16_before, bf16_after)):
         assert history[-10:, 0].mean() < 0.5 * history[0, 0], history[:, 0]
-        assert after < 0.8 * before, (before, after)
+        assert after < 0.9 * before, (before, after)
 
 
 def test_d_is_trainable_again_when_g_pass_raises():
