@@ -37,8 +37,10 @@ import pytest
 # (a pyenv clone does; a pip-installed Python on CI does not).
 # Likewise the machine probes some libraries run once, when first imported (so only in a test that
 # happens to import them first): platform.uname's `uname -p` (MLflow's telemetry schema) and
-# ctypes.util.find_library's `ldconfig -p` (CUDA's library finder, through torch).
-INCIDENTAL = {("mlflow.utils.git_utils", None), ("git", "refresh"), ("platform", None), ("ctypes.util", None)}
+# ctypes.util.find_library's `ldconfig -p` (CUDA's library finder, through torch), and
+# matplotlib's font cache, built once per machine with `fc-list` by whichever test first draws text.
+INCIDENTAL = {("mlflow.utils.git_utils", None), ("git", "refresh"), ("platform", None), ("ctypes.util", None),
+              ("matplotlib.font_manager", None)}
 
 CURRENT: list[pytest.Item] = []  # the test whose setup, body or teardown is running (none between tests)
 
