@@ -91,7 +91,11 @@ class Evaluator:
         probabilities: eval/confident_share and eval/class_balance (digits), eval/inception_score
         and its std (fid-inception)."""
         with torch.random.fork_rng(devices=[]):
-            features, probabilities = self.backbone.embed(self.generate(generator))
+            return self.score(self.generate(generator))
+
+    def score(self, images: torch.Tensor) -> dict[str, float]:
+        """evaluate()'s metrics for images already generated."""
+        features, probabilities = self.backbone.embed(images)
         kid, kid_std = kernel_inception_distance(features, self.real_features, *self.kid_subsets)
         metrics = {SCORE: frechet_distance(features, self.real_features), "eval/kid": kid, "eval/kid_std": kid_std}
         if probabilities is not None and self.backbone.score is not None:
