@@ -45,10 +45,10 @@ def main() -> None:
         rows.append((f"read the whole set once ({count} images, 32 px PNG shards, in-process)", read_s, ""))
         for queries in args.queries:
             samples = torch.rand(queries, 3, 32, 32) * 2 - 1
-            _, search_s = timed(lambda: nearest_training_images(samples, training.split(1024), device=args.device))
+            _, search_s = timed(lambda samples=samples: nearest_training_images(samples, training.split(1024), device=args.device))
             rate = queries * count * pixels / search_s
             rows.append((f"nearest-neighbour search, {queries} queries x {count} images", search_s, f"{rate / 1e9:.2f}"))
-            _, check_s = timed(lambda: memorisation_check(samples, every_image(manifest, 32), training[:1000], device=args.device))
+            _, check_s = timed(lambda samples=samples: memorisation_check(samples, every_image(manifest, 32), training[:1000], device=args.device))
             rows.append((f"memorisation_check, {queries} samples + 1000 real, streamed from the shards", check_s, ""))
     print(f"| measurement ({args.device}, {torch.get_num_threads()} threads) | seconds | G multiply-adds/s |")
     print("|---|---|---|")
