@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pytorch_fid import inception as pytorch_fid  # the dev extra's reference (never imported by dcgan_dist)
 
 from dcgan_dist.data import every_image
 from dcgan_dist.data.digits import digits_dataset
@@ -22,8 +23,6 @@ from dcgan_dist.evaluate.fid import frechet_distance
 from dcgan_dist.evaluate.memorisation import memorisation_check, nearest_training_images
 from dcgan_dist.evaluate.scores import inception_score
 from tests.test_probe import write_checkpoint
-
-pytorch_fid = pytest.importorskip("pytorch_fid.inception", reason="pytorch-fid is in the dev extra")
 
 
 @pytest.fixture(scope="module")
