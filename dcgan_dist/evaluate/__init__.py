@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 SCORE = "eval/fid"  # the score that picks the best checkpoint and the champion: lower is better
 KID_SUBSETS, KID_SUBSET_SIZE = 10, 500
 HELD_OUT_SHARE = 4  # the memorisation check's held-out real images: 1/4 of --eval-samples
-# Training's end-of-run memorisation check reads the whole training set up to this size (about a
-# minute of reading and comparing on a CPU per 100k 32 px images at 1,000 samples); a larger set
+# Training's end-of-run memorisation check reads the whole training set up to this size (per 100k
+# 32 px images at 1,000 samples: ~1 min of reading and ~2.5 of comparing on a loaded 2-core CPU,
+# benchmarks/memorisation.py; seconds of comparing on a GPU); a larger set
 # is checked against the evaluation pool, and `python -m dcgan_dist.evaluate --memorisation-against` does the whole set.
 WHOLE_SET_LIMIT = 200_000
 
