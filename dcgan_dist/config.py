@@ -24,7 +24,7 @@ import yaml
 # Each choice list lives in the module that owns the choices.
 from dcgan_dist import models, step
 from dcgan_dist.data.split import SAMPLINGS
-from dcgan_dist.evaluate.backbones import BACKBONES
+from dcgan_dist.evaluate.backbones import BACKBONES, NEEDS_WEIGHTS
 
 PRESETS = tuple(models.PRESETS)
 BN_CHOICES = tuple(models.BN_PLACEMENTS)
@@ -117,8 +117,8 @@ class TrackingConfig:
 class EvalConfig:
     eval_every: int = option(200, "FID/KID (and the classifier score) of G every N steps and at the end; the best score's G/D is the `champion`; 0 = off")
     eval_samples: int = option(1000, "generated and real images per evaluation (scores compare only at equal counts)")
-    eval_backbone: str = option("digits", "feature backbone: digits (our own cached classifier) or inception (needs --inception-weights)", EVAL_BACKBONES)
-    inception_weights: str = option("", "Inception-v3 state dict file (e.g. torchvision's inception_v3_google-0cc3c7bd.pth); never downloaded")
+    eval_backbone: str = option("digits", "backbone: digits (our classifier), inception, fid-inception (FID's; both need --inception-weights)", EVAL_BACKBONES)
+    inception_weights: str = option("", "inception_v3_google-*.pth, or pt_inception-2015-12-05-*.pth for fid-inception; never downloaded")
     collapse_d_loss: float = option(1e-3, "collapse event when the median of D's loss over the last --collapse-steps steps is below this")
     collapse_steps: int = option(50, "steps over which D's loss median is judged for a collapse")
     rollback_on_collapse: bool = option(False, "on a collapse event, reload the best G/D (by eval score) and continue")
@@ -340,8 +340,8 @@ def validate_eval(cfg: Config) -> None:
         raise ConfigError("collapse_d_loss", f"must be >= 0 (got {cfg.eval.collapse_d_loss})")
     if cfg.eval.collapse_steps < 1:
         raise ConfigError("collapse_steps", f"must be >= 1 (got {cfg.eval.collapse_steps})")
-    if cfg.eval.eval_every and cfg.eval.eval_backbone == "inception" and not cfg.eval.inception_weights:
-        raise ConfigError("inception_weights", "--eval-backbone inception needs a weights file (nothing is downloaded)")
+    if cfg.eval.eval_every and cfg.eval.eval_backbone in NEEDS_WEIGHTS and not cfg.eval.inception_weights:
+        raise ConfigError("inception_weights", f"--eval-backbone {cfg.eval.eval_backbone} needs a weights file (nothing is downloaded)")
 
 
 # ---------------------------------------------------------------- CLI

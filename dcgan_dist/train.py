@@ -90,12 +90,12 @@ def check_evaluation(cfg: Config) -> None:
     """Load a user's Inception weights now (a bad file fails here, not at the first evaluation)."""
     if not cfg.eval.eval_every:
         return
-    if cfg.eval.eval_backbone == "inception":
-        from dcgan_dist.evaluate import backbones
+    from dcgan_dist.evaluate import backbones
 
+    if cfg.eval.eval_backbone in backbones.NEEDS_WEIGHTS:
         cfg.eval.inception_weights = str(Path(cfg.eval.inception_weights).expanduser().resolve())  # workers run elsewhere
         try:
-            backbones.load_inception(cfg.eval.inception_weights)
+            backbones.load(cfg.eval.eval_backbone, cfg.eval.inception_weights)
         except backbones.BackboneError as e:
             raise ConfigError("inception_weights", str(e).removeprefix("--inception-weights: ")) from None
     elif cfg.data.data not in data.SOURCES:

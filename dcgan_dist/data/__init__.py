@@ -29,6 +29,21 @@ def open_dataset(data: str, image_size: int) -> Dataset:
     return SOURCES[data](image_size)
 
 
+def every_image(data: str, image_size: int, batch_size: int = 1024, loader_workers: int = 0) -> Iterator[torch.Tensor]:
+    """The whole training set once, in its stored order, in batches, never all in memory (a
+    bundled set is small; a manifest is streamed: stream.read_once). Raises ValueError when a
+    manifest's images are not `image_size` px."""
+    if data in SOURCES:
+        yield from open_dataset(data, image_size).tensors[0].split(batch_size)
+        return
+    from dcgan_dist.data import manifest, stream
+
+    shards = manifest.read(data)
+    if shards.image_size != image_size:
+        raise ValueError(f"{data}: its images are {shards.image_size} px, not {image_size}")
+    yield from stream.read_once(shards, batch_size, loader_workers)
+
+
 def batch_stream(
     dataset: Dataset, per_worker_batch: int, rank: int, world_size: int, seed: int, start_step: int = 0,
     pin_memory: bool = False,

@@ -194,6 +194,21 @@ def pipeline(manifest: Manifest, per_worker_batch: int, rank: int, seed: int, st
     ).with_epoch(batches_per_epoch)
 
 
+def read_once(manifest: Manifest, batch_size: int, loader_workers: int = 0, shard_retries: int = 3) -> Iterator[torch.Tensor]:
+    """Every image of the manifest once, shards in manifest order (split among `loader_workers`
+    DataLoader processes, 0 = this process), in batches of up to `batch_size`: a pass over the
+    whole set that holds one batch per worker in memory. Bad shards and corrupt images are
+    skipped and counted as in training."""
+    counters = Counters()
+    once = wds.DataPipeline(
+        wds.SimpleShardList(manifest.shard_urls), wds.split_by_worker,
+        partial(read_shards, counters=counters, expected=manifest.expected_samples(), retries=shard_retries),
+        partial(decode_samples, counters=counters, image_size=manifest.image_size),
+        wds.batched(batch_size, collation_fn=torch.stack, partial=True),
+    )
+    yield from DataLoader(once, batch_size=None, num_workers=loader_workers, prefetch_factor=2 if loader_workers > 0 else None)
+
+
 class ShardBatches:
     """Endless batches for one rank, the counts of what was skipped on the way, and where in the
     epochs the rank is. `epochs`: an epochs.EpochBatches to load (--sampling epochs); without

@@ -8,6 +8,9 @@
   example torchvision's `inception_v3_google-0cc3c7bd.pth`); nothing is downloaded. Its 2048-d
   pool3 features are the usual FID features (torchvision's port, so values are close to, not
   identical with, the TensorFlow FID code's).
+- `fid-inception`: the FID Inception network (fid_inception.py) with the user's
+  `pt_inception-2015-12-05-*.pth` file: the network published FIDs and Inception Scores use,
+  so its scores compare with the literature's (at the same sample counts).
 
 A score is only comparable with another from the same backbone `name` and sample counts.
 """
@@ -19,6 +22,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +33,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("digits", "inception")
+BACKBONES = ("digits", "inception", "fid-inception")
+NEEDS_WEIGHTS = ("inception", "fid-inception")  # the backbones that take --inception-weights
 CACHE_ENV = "DCGAN_DIST_CACHE"  # where the trained digits classifier is kept
 DIGITS_SIDE = 16  # the digits are 8x8 at heart: 16 px keeps the strokes and costs 1/4 of 32 px
 INCEPTION_SIDE = 299
@@ -47,6 +52,7 @@ class Backbone:
     model: nn.Module  # images -> (features, class logits or None)
     input_side: int
     device: torch.device
+    score: Callable[[np.ndarray], dict[str, float]] | None = None  # what the class probabilities give
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor, batch_size: int = 200) -> tuple[np.ndarray, np.ndarray | None]:
@@ -59,18 +65,24 @@ class Backbone:
             rows, logits = self.model(batch)
             features.append(rows.double().cpu().numpy())
             if logits is not None:
-                probabilities.append(logits.softmax(dim=1).double().cpu().numpy())
+                probabilities.append(logits.double().softmax(dim=1).cpu().numpy())  # in float64: the IS takes their logs
         return np.concatenate(features), (np.concatenate(probabilities) if probabilities else None)
 
 
 def load(name: str, inception_weights: str = "", device: torch.device | str = "cpu") -> Backbone:
     """The backbone for --eval-backbone (and --inception-weights)."""
+    from dcgan_dist.evaluate.scores import classifier_score, inception_score
+
     device = torch.device(device)
     if name == "digits":
-        return Backbone(f"digits-cnn-{recipe_hash()}", load_digits_classifier().to(device).eval(), DIGITS_SIDE, device)
+        return Backbone(f"digits-cnn-{recipe_hash()}", load_digits_classifier().to(device).eval(), DIGITS_SIDE, device,
+                        classifier_score)
     if name == "inception":
         model, digest = load_inception(inception_weights)
         return Backbone(f"inception-v3-{digest}", model.to(device).eval(), INCEPTION_SIDE, device)
+    if name == "fid-inception":
+        model, digest = load_fid_inception(inception_weights)
+        return Backbone(f"fid-inception-{digest}", model.to(device).eval(), INCEPTION_SIDE, device, inception_score)
     raise BackboneError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}")
 
 
@@ -176,32 +188,55 @@ class _InceptionPool3(nn.Module):
         return self.inception(images), None
 
 
-def load_inception(path: str) -> tuple[nn.Module, str]:
-    """torchvision's Inception-v3 with the state dict in `path`, and the file's short sha256.
-    Raises BackboneError naming the file for a missing, unreadable or mismatched file."""
-    from torchvision.models import inception_v3
-
+def read_weights(path: str, flag: str = "--inception-weights") -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict in `path` (torch.load with weights_only=True) and the file's short sha256.
+    Raises BackboneError naming the file for a missing, unreadable or non-state-dict file."""
     if not path:
-        raise BackboneError("--inception-weights: the inception backbone needs a weights file (nothing is downloaded)")
+        raise BackboneError(f"{flag}: this backbone needs a weights file (nothing is downloaded)")
     file = Path(path).expanduser()
     if not file.is_file():
-        raise BackboneError(f"--inception-weights: no such file: {file}")
+        raise BackboneError(f"{flag}: no such file: {file}")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors all mean the same to the user
-        raise BackboneError(f"--inception-weights: {file} is not a torch state dict loadable with weights_only=True ({type(e).__name__})") from None
+        raise BackboneError(f"{flag}: {file} is not a torch state dict loadable with weights_only=True ({type(e).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BackboneError(f"--inception-weights: {file} does not hold a state dict (a mapping of names to tensors)")
-    # transform_input=False: the images are already in [-1, 1], the range Google's weights expect.
-    model = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
+        raise BackboneError(f"{flag}: {file} does not hold a state dict (a mapping of names to tensors)")
+    return state, hashlib.sha256(file.read_bytes()).hexdigest()[:10]
+
+
+def load_weights_into(model: nn.Module, path: str, network: str) -> str:
+    """Load the state dict in `path` into `model`, every key and shape as the model has them;
+    returns the file's short sha256. A file of another network raises BackboneError naming it."""
+    state, digest = read_weights(path)
+    file = Path(path).expanduser()
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # tensors of the wrong shape
-        raise BackboneError(f"--inception-weights: {file} is not an Inception-v3 state dict: {str(e).splitlines()[-1].strip()}") from None
+        raise BackboneError(f"--inception-weights: {file} is not {network} state dict: {str(e).splitlines()[-1].strip()}") from None
     if result.missing_keys or result.unexpected_keys:
         raise BackboneError(
-            f"--inception-weights: {file} is not an Inception-v3 state dict: {len(result.missing_keys)} missing keys "
+            f"--inception-weights: {file} is not {network} state dict: {len(result.missing_keys)} missing keys "
             f"(e.g. {result.missing_keys[:2]}), {len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:2]})"
         )
-    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:10]
+    return digest
+
+
+def load_inception(path: str) -> tuple[nn.Module, str]:
+    """torchvision's Inception-v3 with the state dict in `path`, and the file's short sha256."""
+    from torchvision.models import inception_v3
+
+    # transform_input=False: the images are already in [-1, 1], the range Google's weights expect.
+    model = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
+    digest = load_weights_into(model, path, "an Inception-v3")
     return _InceptionPool3(model), digest
+
+
+def load_fid_inception(path: str) -> tuple[nn.Module, str]:
+    """The FID Inception network (fid_inception.py) with the weights of a pt_inception-2015-12-05
+    file, and the file's short sha256."""
+    from dcgan_dist.evaluate import fid_inception
+
+    network = fid_inception.build_network()
+    digest = load_weights_into(network, path, "a FID Inception (pt_inception-2015-12-05)")
+    return fid_inception.FIDInception(network), digest
