@@ -85,12 +85,13 @@ def read_svhn_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One SVHN .mat file: X 32 x 32 x 3 x N uint8, y N x 1 in 1..10 (10 = the digit 0) ->
     (N x 32 x 32 x 3 uint8 pixels, the digits 0..9)."""
     from scipy.io import loadmat  # MATLAB v5 arrays only: nothing is unpickled or run
+    from scipy.io.matlab import MatReadError
 
     if not path.is_file():
         raise ProbeError(f"--data-path {path}: missing (SVHN needs {' and '.join(SVHN_FILES.values())} in the folder)")
     try:
         data = loadmat(path, variable_names=["X", "y"])
-    except (ValueError, OSError, NotImplementedError, TypeError) as e:
+    except (MatReadError, ValueError, OSError, NotImplementedError, TypeError) as e:
         raise ProbeError(f"--data-path {path}: not a MATLAB .mat file scipy can read ({str(e).splitlines()[0][:100]})") from None
     pixels, labels = data.get("X"), data.get("y")
     if pixels is None or labels is None:
