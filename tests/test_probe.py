@@ -145,12 +145,13 @@ def test_probe_logs_to_the_checkpoints_run(tmp_path, mlflow_sqlite):
     torch.save(state, folder / checkpoint.STATE_FILE)
     archive = write_cifar_archive(tmp_path / "cifar.tar.gz")
     assert probe.main(["--discriminator", str(folder), "--dataset", "cifar10", "--data-path", str(archive),
-                       "--per-class", "5", "--subsets", "1", "--c-grid", "1e-3,1e-2", "--tracking-uri", mlflow_sqlite]) == 0
-    [metric] = client.get_metric_history(run_id, "probe/cifar10/accuracy")
+                       "--per-class", "5", "--subsets", "1", "--c-grid", "1e-3,1e-2", "--tracking-uri", mlflow_sqlite, "--no-full-fit"]) == 0
+    [metric] = client.get_metric_history(run_id, "probe/cifar10/accuracy_5_mean")
     assert metric.step == 7 and 0.0 <= metric.value <= 1.0
     metrics = client.get_run(run_id).data.metrics
-    assert {"probe/cifar10/accuracy_5_mean", "probe/cifar10/accuracy_5_std", "probe/cifar10/raw_pixels_5"} <= set(metrics)
-    assert not any("_400" in key for key in metrics)
+    assert {"probe/cifar10/accuracy_5_std", "probe/cifar10/test_error_5_mean", "probe/cifar10/raw_pixels_5"} <= set(metrics)
+    assert not any("_400" in key for key in metrics)  # named by --per-class
+    assert "probe/cifar10/accuracy" not in metrics  # --no-full-fit: no SVM on the whole training split
     assert [a.path for a in client.list_artifacts(run_id, "probe")] == ["probe/cifar10.json"]
 
 
