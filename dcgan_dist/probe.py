@@ -46,7 +46,7 @@ import torch
 from dcgan_dist import authors
 from dcgan_dist.config import OneLineErrorParser
 from dcgan_dist.models import PRESETS
-from dcgan_dist.probe_data import DATASETS, ProbeError, Splits, load_digits_splits, load_splits
+from dcgan_dist.probe_data import DATASETS, ProbeError, Splits, check_data_path, load_digits_splits, load_splits
 from dcgan_dist.probe_protocol import BN_STATS, C_GRID, FEATURE_DTYPES, extract_features, probe_feature_set, raw_pixels, set_bn_statistics
 from dcgan_dist.tracking.registry import LoadedNetwork, load_network
 from dcgan_dist.tracking.store import TrackingError, check_reachable, ensure_experiment, resolve_tracking_uri
@@ -207,8 +207,7 @@ def probe_command(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ProbeError("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False)")
     bn_stats = args.bn_stats or ("reestimate" if args.discriminator.startswith(authors.PREFIX) else "running")
-    if args.data_path and not Path(args.data_path).expanduser().exists():
-        raise ProbeError(f"--data-path {args.data_path}: no such file or folder")
+    check_data_path(args.dataset, args.data_path)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     if args.discriminator.startswith("models:/") or not args.no_mlflow:
         check_reachable(tracking_uri)

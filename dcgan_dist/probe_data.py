@@ -127,14 +127,24 @@ def load_digits_splits(image_size: int) -> Splits:
     return Splits((images[train], labels[train]), (images[val], labels[val]), (images[test], labels[test]))
 
 
-def load_splits(dataset: str, data_path: str | None, image_size: int) -> Splits:
-    """The splits of `dataset` (a key of DATASETS); ProbeError when the path does not fit."""
+def check_data_path(dataset: str, data_path: str | None) -> None:
+    """ProbeError unless `data_path` is given where `dataset` needs one, exists, and is not given
+    for the bundled digits (checked before D is loaded, so a wrong path fails at once)."""
     if dataset == "digits":
         if data_path:
             raise ProbeError("--data-path: digits are bundled with scikit-learn; give no path")
-        return load_digits_splits(image_size)
+        return
     if not data_path:
         needed = "the path of cifar-10-python.tar.gz" if dataset == "cifar10" else f"the folder of {' and '.join(SVHN_FILES.values())}"
         raise ProbeError(f"--data-path: {dataset} needs {needed}")
+    if not Path(data_path).expanduser().exists():
+        raise ProbeError(f"--data-path {data_path}: no such file or folder")
+
+
+def load_splits(dataset: str, data_path: str | None, image_size: int) -> Splits:
+    """The splits of `dataset` (a key of DATASETS); ProbeError when the path does not fit."""
+    check_data_path(dataset, data_path)
+    if dataset == "digits":
+        return load_digits_splits(image_size)
     path = Path(data_path).expanduser()
     return load_cifar10(path, image_size) if dataset == "cifar10" else load_svhn(path, image_size)
