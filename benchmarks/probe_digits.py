@@ -21,7 +21,8 @@ import torch
 
 from dcgan_dist.data import batch_stream, open_dataset
 from dcgan_dist.models import Architecture, build_models, sample_latent
-from dcgan_dist.probe import DEFAULT_PER_CLASS, load_digits_splits, run_probe
+from dcgan_dist.probe import DATASETS, load_digits_splits, run_probe
+from dcgan_dist.probe_protocol import C_GRID
 from dcgan_dist.step import gan_step, make_optimizers
 from dcgan_dist.tracking.registry import LoadedNetwork
 
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--bn", default="paper")
     parser.add_argument("--subsets", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--c-grid", default="0.1,1,10")
+    parser.add_argument("--c-grid", default=",".join(f"{c:g}" for c in C_GRID))
     args = parser.parse_args()
     checkpoints = sorted(int(s) for s in args.steps.split(","))
 
@@ -44,7 +45,7 @@ def main() -> None:
     batches = batch_stream(open_dataset("digits", 32), args.batch_size, 0, 1, args.seed)
     splits = load_digits_splits(32)
     architecture = Architecture.of(args.preset, 32, args.bn)
-    print(f"| steps | train s | trained D | {DEFAULT_PER_CLASS['digits']}/class | random D | raw pixels | probe s |")
+    print(f"| steps | train s | trained D | {DATASETS['digits'].per_class}/class | random D | raw pixels | probe s |")
     print("|---|---|---|---|---|---|---|")
     step, train_s = 0, 0.0
     for target in checkpoints:
@@ -56,7 +57,7 @@ def main() -> None:
             step += 1
         train_s += time.perf_counter() - start
         start = time.perf_counter()
-        r = run_probe(LoadedNetwork(discriminator, architecture, None, step), splits, DEFAULT_PER_CLASS["digits"], args.subsets,
+        r = run_probe(LoadedNetwork(discriminator, architecture, None, step), splits, DATASETS["digits"].per_class, args.subsets,
                       tuple(float(c) for c in args.c_grid.split(",")))
         d, few = r["discriminator"], r["discriminator"]["few"]
         print(f"| {step} | {train_s:.0f} | {d['accuracy']:.1%} | {few['mean']:.1%} +/- {few['std']:.1%} "

@@ -25,6 +25,7 @@ Theano's conventions (lib/ops.py), converted to torch's:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,7 +181,7 @@ def state_of(model: nn.Module, slots: list[Slot], arrays: list[np.ndarray]) -> d
 
 
 @torch.no_grad()
-def reestimate_statistics(model: nn.Module, batches: list[torch.Tensor]) -> None:
+def reestimate_statistics(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     """Each BatchNorm's running statistics = the mean over `batches` of each batch's mean and
     biased variance of its input (the authors' infer_bnorm_stats), with the model normalising
     by batch statistics meanwhile, as the authors' networks do."""
@@ -195,18 +196,20 @@ def reestimate_statistics(model: nn.Module, batches: list[torch.Tensor]) -> None
     hooks = [m.register_forward_hook(record) for m in norms]
     was_training = model.training
     model.train()
+    count = 0
     try:
-        for batch in batches:
+        for batch in batches:  # any iterable: the probe streams its images
             model(batch)
+            count += 1
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
     for m in norms:
         mean, var = sums[id(m)]
-        m.running_mean.copy_(mean / len(batches))
-        m.running_var.copy_(var / len(batches))
-        m.num_batches_tracked.fill_(len(batches))
+        m.running_mean.copy_(mean / count)
+        m.running_var.copy_(var / count)
+        m.num_batches_tracked.fill_(count)
 
 
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcgan_dist import checkpoint, probe
+from dcgan_dist import checkpoint, probe, probe_protocol
 from dcgan_dist.data.sources import cifar10
 from dcgan_dist.models import Architecture, build_models
 from dcgan_dist.step import make_optimizers
@@ -37,15 +37,61 @@ def test_features_are_every_block_max_pooled_to_4x4(preset, expected):
     assert np.allclose(probe.extract_features(discriminator, images[:1]), features[:1], atol=1e-5)
 
 
+def test_reestimated_statistics_normalise_the_training_images_as_their_batch_would():
+    """`reestimate` (the authors' infer_bnorm_stats): with the training images in one batch, eval-mode
+    features equal the batch-statistics (train-mode) features; `running` keeps the trained ones."""
+    _, discriminator = build_models("svhn32", 32, "paper")
+    images = torch.rand(100, 3, 32, 32) * 2 - 1
+    norm = discriminator.blocks[1][1]
+    kept = norm.running_mean.clone()
+    probe_protocol.set_bn_statistics(discriminator, images, "running")
+    assert torch.equal(norm.running_mean, kept)
+    with torch.no_grad():
+        batch_statistics = [b.detach() for b in discriminator.train().features(images)]
+    probe_protocol.set_bn_statistics(discriminator, images, "reestimate")
+    assert not torch.allclose(norm.running_mean, kept)
+    features = probe.extract_features(discriminator, images)
+    expected = torch.cat([torch.nn.functional.adaptive_max_pool2d(b, 4).flatten(1) for b in batch_statistics], 1)
+    assert np.allclose(features, expected.numpy(), atol=1e-4)
+
+
+def test_default_c_grid_spans_the_authors_range():
+    authors_c = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)  # svhn/svhn_semisup_analysis.py
+    assert set(authors_c) <= set(probe_protocol.C_GRID)
+
+
+def test_float16_features_hold_the_float32_values_and_overflow_is_named():
+    _, discriminator = build_models("imagenet32", 32, "paper")
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    full = probe.extract_features(discriminator, images)
+    half = probe.extract_features(discriminator, images, dtype=np.float16)
+    assert half.dtype == np.float16 and half.nbytes * 2 == full.nbytes
+    assert np.allclose(half, full, rtol=1e-3, atol=1e-3)
+    with pytest.raises(probe.ProbeError, match="--feature-dtype float32"):
+        probe_protocol.check_finite(np.full((2, 3), np.inf, dtype=np.float16))  # as a float32 > 65504 casts
+
+
+def test_device_cuda_without_cuda_exits_2_or_gives_the_cpu_features(tmp_path, capsys):
+    if torch.cuda.is_available():  # a GPU machine: the same features as on the CPU
+        _, discriminator = build_models("svhn32", 32, "paper")
+        images = torch.rand(8, 3, 32, 32) * 2 - 1
+        cpu = probe.extract_features(discriminator, images)
+        assert np.allclose(probe.extract_features(discriminator, images, device="cuda"), cpu, atol=1e-3)
+        return
+    code = probe.main(["--discriminator", str(tmp_path), "--dataset", "digits", "--device", "cuda", "--no-mlflow"])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(errors) == 1 and "--device cuda" in errors[0]
+
+
 def write_cifar_archive(path: Path, per_batch: int = 30, test: int = 60) -> Path:
-    """A small archive in the layout of cifar-10-python.tar.gz; each class has its own colour
-    plus noise, so the labels can be learnt from the pixels."""
+    """A small archive in the layout of cifar-10-python.tar.gz; each class is its own random
+    image plus noise, so a linear SVM can learn the labels from the pixels."""
     rng = np.random.default_rng(0)
-    colours = rng.integers(0, 256, size=(10, 3))
+    templates = rng.integers(0, 256, size=(10, 3, 1024))
 
     def batch(count: int) -> dict:
         labels = np.arange(count) % 10
-        pixels = colours[labels][:, :, None] + rng.normal(0, 10, size=(count, 3, 1024))
+        pixels = templates[labels] + rng.normal(0, 10, size=(count, 3, 1024))
         return {b"data": pixels.clip(0, 255).astype(np.uint8).reshape(count, 3072), b"labels": labels.tolist()}
 
     with tarfile.open(path, "w:gz") as archive:
@@ -72,15 +118,19 @@ def test_probe_on_a_cifar_archive_writes_the_json_document(tmp_path, capsys):
     archive = write_cifar_archive(tmp_path / "cifar-10-python.tar.gz")
     output = tmp_path / "probe.json"
     code = probe.main(["--discriminator", str(write_checkpoint(tmp_path / "ckpt")), "--dataset", "cifar10",
-                       "--data-path", str(archive), "--per-class", "5", "--subsets", "2", "--no-mlflow", "--c-grid", "1",
+                       "--data-path", str(archive), "--per-class", "5", "--subsets", "2", "--no-mlflow", "--c-grid", "1e-3,1e-2",
                        "--output-json", str(output)])
     assert code == 0
     result = json.loads(output.read_text())
-    assert set(result) == {"accuracy", "accuracy_400", "feature_dims", "baselines"}
-    assert set(result["accuracy_400"]) == {"mean", "std"} and set(result["baselines"]) == {"raw_pixels", "random_d"}
+    # the few-labels result is named by its count, --per-class 5, not the paper's 400
+    assert set(result) == {"accuracy", "accuracy_5", "test_error_5", "feature_dims", "baselines", "protocol"}
+    assert set(result["accuracy_5"]) == {"mean", "std", "C"} and set(result["baselines"]) == {"raw_pixels", "random_d"}
     assert result["feature_dims"] == 7168
-    assert all(0.0 <= value <= 1.0 for value in (result["accuracy"], *result["baselines"].values()))
-    assert result["baselines"]["raw_pixels"] >= 0.9  # the colours: proof that images and labels line up
+    assert result["protocol"] | {"c_grid": None} == {"bn_stats": "running", "feature_dtype": "float16", "c_grid": None,
+                                                     "per_class": 5, "draws": 2}
+    baselines = [v for b in result["baselines"].values() for v in b.values()]
+    assert all(0.0 <= value <= 1.0 for value in (result["accuracy"], *baselines))
+    assert result["baselines"]["raw_pixels"]["accuracy"] >= 0.9  # the colours: proof that images and labels line up
     printed = capsys.readouterr().out
     assert "trained D" in printed and "raw pixels" in printed and "random D" in printed
 
@@ -95,9 +145,13 @@ def test_probe_logs_to_the_checkpoints_run(tmp_path, mlflow_sqlite):
     torch.save(state, folder / checkpoint.STATE_FILE)
     archive = write_cifar_archive(tmp_path / "cifar.tar.gz")
     assert probe.main(["--discriminator", str(folder), "--dataset", "cifar10", "--data-path", str(archive),
-                       "--per-class", "5", "--subsets", "1", "--c-grid", "1", "--tracking-uri", mlflow_sqlite]) == 0
-    [metric] = client.get_metric_history(run_id, "probe/cifar10/accuracy")
+                       "--per-class", "5", "--subsets", "1", "--c-grid", "1e-3,1e-2", "--tracking-uri", mlflow_sqlite, "--no-full-fit"]) == 0
+    [metric] = client.get_metric_history(run_id, "probe/cifar10/accuracy_5_mean")
     assert metric.step == 7 and 0.0 <= metric.value <= 1.0
+    metrics = client.get_run(run_id).data.metrics
+    assert {"probe/cifar10/accuracy_5_std", "probe/cifar10/test_error_5_mean", "probe/cifar10/raw_pixels_5"} <= set(metrics)
+    assert not any("_400" in key for key in metrics)  # named by --per-class
+    assert "probe/cifar10/accuracy" not in metrics  # --no-full-fit: no SVM on the whole training split
     assert [a.path for a in client.list_artifacts(run_id, "probe")] == ["probe/cifar10.json"]
 
 

@@ -79,12 +79,12 @@ def test_training_on_a_server_registers_models_that_load_and_probe(ray_local, ml
     output = tmp_path / "probe.json"
     probe = subprocess.run(
         [sys.executable, "-m", "dcgan_dist.probe", "--discriminator", "models:/dcgan-discriminator@latest",
-         "--dataset", "digits", "--tracking-uri", mlflow_server.uri, "--output-json", str(output), "--subsets", "1", "--c-grid", "1"],
+         "--dataset", "digits", "--tracking-uri", mlflow_server.uri, "--output-json", str(output), "--subsets", "1", "--c-grid", "1e-4,1e-3,1e-2"],
         capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONPATH": str(REPO)},
     )
     assert probe.returncode == 0, probe.stderr[-3000:]
     result = json.loads(output.read_text())
-    assert set(result) == {"accuracy", "accuracy_400", "feature_dims", "baselines"}
+    assert set(result) == {"accuracy", "accuracy_50", "test_error_50", "feature_dims", "baselines", "protocol"}
     assert result["feature_dims"] == 7168 and set(result["baselines"]) == {"raw_pixels", "random_d"}
     assert result["accuracy"] >= 0.80, result
     metric = client.get_metric_history(run_id, "probe/digits/accuracy")

@@ -1,0 +1,142 @@
+"""The probe's protocol on one set of features: D's BatchNorm statistics, the features (every conv
+block max-pooled to 4x4), and the L2-SVM with C chosen on validation (probe.py runs it on the
+trained D, a random D and the raw pixels; fidelity.md says why each choice is made).
+
+Torch, numpy and scikit-learn only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.svm import LinearSVC
+
+from dcgan_dist.authors import reestimate_statistics
+from dcgan_dist.models import Discriminator
+from dcgan_dist.probe_data import ProbeError
+
+# The authors' C values (svhn/svhn_semisup_analysis.py) for their unscaled features, one decade
+# further each way: our own D's and the raw pixels' features have other scales.
+C_GRID = (1e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 1e-1)
+POOLED_SIDE = 4  # every block's features are max-pooled to 4x4
+BN_STATS = ("running", "reestimate")
+FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
+STATS_BATCH = 128  # the authors' infer_bnorm_stats(X, nbatch=128)
+SCORE_CHUNK = 4096  # images scored at a time: the SVM's float64 copy of a split never exists
+
+
+@torch.no_grad()
+def set_bn_statistics(discriminator: Discriminator, images: torch.Tensor, bn_stats: str, device: str = "cpu") -> None:
+    """`running`: keep the statistics D kept in training. `reestimate`: replace them by the mean
+    over batches of 128 training images of each batch's mean and biased variance (the authors'
+    infer_bnorm_stats, through authors.reestimate_statistics)."""
+    if bn_stats == "reestimate":
+        discriminator.to(device)
+        reestimate_statistics(discriminator, (batch.to(device) for batch in images.split(STATS_BATCH)))
+
+
+@torch.no_grad()
+def extract_features(discriminator: Discriminator, images: torch.Tensor, batch_size: int = 256, device: str = "cpu",
+                     dtype: type = np.float32) -> np.ndarray:
+    """(N, feature_dims) of `dtype`: each conv block max-pooled to 4x4, flattened, concatenated;
+    filled in place, so the only full copy is the result's."""
+    discriminator.to(device).eval()  # BatchNorm uses its (running or re-estimated) statistics
+    features = None
+    for start in range(0, len(images), batch_size):
+        blocks = discriminator.features(images[start : start + batch_size].to(device))
+        chunk = torch.cat([F.adaptive_max_pool2d(b, POOLED_SIDE).flatten(1) for b in blocks], 1).cpu().numpy()
+        if features is None:
+            features = np.empty((len(images), chunk.shape[1]), dtype=dtype)
+        features[start : start + len(chunk)] = chunk
+    check_finite(features)
+    return features
+
+
+def check_finite(features: np.ndarray) -> None:
+    for start in range(0, len(features), SCORE_CHUNK):
+        if not np.isfinite(features[start : start + SCORE_CHUNK]).all():
+            raise ProbeError(f"features beyond {features.dtype}'s range (largest {np.finfo(features.dtype).max:g}): "
+                             "use --feature-dtype float32")
+
+
+def raw_pixels(images: torch.Tensor, dtype: type = np.float32) -> np.ndarray:
+    return images.flatten(1).numpy().astype(dtype)
+
+
+# ---------------------------------------------------------------- the SVM
+
+
+def fit_svm(features: np.ndarray, labels: np.ndarray, c: float, counter: dict[str, int]) -> LinearSVC:
+    """One-vs-rest L2-SVM (squared hinge) on the features as they are, as the authors fit theirs."""
+    svm = LinearSVC(C=c, loss="squared_hinge", random_state=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        svm.fit(features, labels)
+    counter["not_converged"] += sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    counter["fits"] += 1
+    return svm
+
+
+def accuracy(svm: LinearSVC, features: np.ndarray, labels: np.ndarray) -> float:
+    """svm.score, a chunk of float32 at a time (sklearn would copy the split to float64)."""
+    weights, bias = svm.coef_.T.astype(np.float32), svm.intercept_.astype(np.float32)
+    correct = 0
+    for start in range(0, len(features), SCORE_CHUNK):
+        scores = features[start : start + SCORE_CHUNK].astype(np.float32) @ weights + bias
+        correct += int((svm.classes_[scores.argmax(1)] == labels[start : start + SCORE_CHUNK]).sum())
+    return correct / len(labels)
+
+
+def per_class_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.choice(np.flatnonzero(labels == k), per_class, replace=False) for k in np.unique(labels)])
+
+
+def full_fit(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], c_grid: tuple[float, ...],
+             counter: dict[str, int]) -> dict[str, float]:
+    """An SVM per C on the whole training split; the best on validation, scored on test."""
+    best = (-1.0, 0.0, 0.0)
+    for c in c_grid:
+        svm = fit_svm(features["train"], labels["train"], c, counter)
+        val_accuracy = accuracy(svm, features["val"], labels["val"])
+        if val_accuracy > best[0]:
+            best = (val_accuracy, c, accuracy(svm, features["test"], labels["test"]))
+    return {"accuracy": best[2], "C": best[1], "val_accuracy": best[0]}
+
+
+def few_labels(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], per_class: int, draws: int,
+               c_grid: tuple[float, ...], counter: dict[str, int]) -> dict[str, Any]:
+    """The authors' protocol: `draws` draws of `per_class` labelled training images per class; for
+    each C an SVM per draw; the C of the best mean validation accuracy; that C's test accuracies
+    over the draws (mean, std)."""
+    val_accuracies = np.zeros((len(c_grid), draws))
+    test_accuracies = np.zeros((len(c_grid), draws))
+    for draw in range(draws):
+        chosen = per_class_subset(labels["train"], per_class, draw)
+        train = (np.asarray(features["train"][chosen]), labels["train"][chosen])
+        for index, c in enumerate(c_grid):
+            svm = fit_svm(*train, c, counter)
+            val_accuracies[index, draw] = accuracy(svm, features["val"], labels["val"])
+            test_accuracies[index, draw] = accuracy(svm, features["test"], labels["test"])
+    best = int(val_accuracies.mean(1).argmax())
+    return {"mean": float(test_accuracies[best].mean()), "std": float(test_accuracies[best].std()), "C": c_grid[best],
+            "val_accuracy": float(val_accuracies[best].mean()), "per_class": per_class, "draws": draws}
+
+
+def probe_feature_set(featurize: Callable[[torch.Tensor], np.ndarray], splits, per_class: int, draws: int,
+                      c_grid: tuple[float, ...], with_full_fit: bool, counter: dict[str, int]) -> dict[str, Any]:
+    """The protocol for one feature set: features of every split, the few-labels SVMs and (when
+    asked) the full-training-split SVM."""
+    labels = {split: getattr(splits, split)[1] for split in ("train", "val", "test")}
+    features = {split: featurize(getattr(splits, split)[0]) for split in ("train", "val", "test")}
+    result = {"dims": int(features["train"].shape[1]), "feature_bytes": int(sum(f.nbytes for f in features.values())),
+              "few": few_labels(features, labels, per_class, draws, c_grid, counter)}
+    if with_full_fit:
+        result |= full_fit(features, labels, c_grid, counter)
+    return result
