@@ -77,17 +77,18 @@ def write_shard(index: int) -> dict:
     os.chmod(tmp, 0o644)
     written, skipped = 0, []
     try:
-        with wds.TarWriter(tmp) as sink:
+        with source.reader() as load, wds.TarWriter(tmp) as sink:
             for offset, item in enumerate(items):
                 try:
-                    with source.load(item) as image:
+                    with load(item) as image:
                         data = encode(preprocess(image, settings.image_size), settings.image_format)
                 except Exception as e:  # noqa: BLE001 - an unreadable image is skipped and reported
                     skipped.append(f"{item!r}: {e}")
                     continue
                 sink.write({"__key__": f"{first + offset:09d}", extension: data})
                 written += 1
-        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        with open(tmp, "rb") as written_tar:  # hashed in chunks: a shard is never held in memory
+            digest = hashlib.file_digest(written_tar, "sha256").hexdigest()
         size = Path(tmp).stat().st_size
         s3.upload_file(Path(tmp), s3.join(out, shard_name(index)))
     finally:

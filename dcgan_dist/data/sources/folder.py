@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from dcgan_dist.data.sources import Source
+from dcgan_dist.data.sources import Source, plain
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -21,4 +21,4 @@ def open_source(path: str | None) -> Source:
     paths = image_paths(Path(path))
     if not paths:
         raise FileNotFoundError(f"--in {path}: no images ({', '.join(sorted(EXTENSIONS))})")
-    return Source("folder", paths, Image.open)
+    return Source("folder", paths, plain(Image.open))
