@@ -4,6 +4,7 @@ print an epoch's split.
     python -m dcgan_dist.shards pack --source lsun --in bedroom_train_lmdb --out s3://bucket/lsun64 --image-size 64
     python -m dcgan_dist.shards inspect s3://bucket/lsun64/manifest.json --preview lsun64.png
     python -m dcgan_dist.shards plan s3://bucket/lsun64/manifest.json --world-size 8 --loader-workers 4 --epoch 0
+    python -m dcgan_dist.shards dedup s3://bucket/lsun64/manifest.json --out s3://bucket/lsun64-dedup
 """
 
 from __future__ import annotations
@@ -41,12 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch", type=int, default=0, help="which epoch, from 0 (default: 0)")
     p.add_argument("--batch-size", type=int, default=128, help="GLOBAL batch, as training's --batch-size (default: 128)")
     p.add_argument("--shuffle-buffer", type=int, default=1000, help="training's --shuffle-buffer (default: 1000)")
+    p = commands.add_parser("dedup", help="drop near-duplicates (the paper's autoencoder hash): new shards, manifest.json, dedup-report.json")
+    p.add_argument("url", help="PATH/manifest.json or s3://bucket/prefix/manifest.json")
+    p.add_argument("--out", required=True, metavar="DIR_OR_S3_PREFIX")
+    for flag, kind, default, text in DEDUP_FLAGS:
+        p.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
     return parser
+
+
+DEDUP_FLAGS = (  # flag, type, default, help; each is a field of dedup.DedupSettings
+    ("--epochs", int, 10, "autoencoder training epochs"),
+    ("--train-samples", int, 100_000, "images the autoencoder learns from"),
+    ("--threshold", float, 2.0, "a code unit's bit is 1 above this x its mean activation"),
+    ("--seed", int, 0, "the training's seed"),
+    ("--shard-size", int, 0, "samples per written shard; 0: the input's largest shard"),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"pack": pack_command, "inspect": inspect_command, "plan": plan_command}[args.command]
+    command = {"pack": pack_command, "inspect": inspect_command, "plan": plan_command, "dedup": dedup_command}[args.command]
     return run_cli("python -m dcgan_dist.shards", lambda: command(args), (s3.StorageError, manifest.ManifestError, FileNotFoundError, ValueError))
 
 
@@ -89,6 +104,18 @@ def plan_command(args: argparse.Namespace) -> int:
         sys.stdout.write("".join(f"{rank}\t{key}\n" for rank, key in chunk))
     print(f"epoch {args.epoch}: {steps} steps of {per_rank} samples on each of {args.world_size} ranks; "
           f"{shards.num_samples - steps * args.batch_size} of {shards.num_samples} samples not read this epoch", file=sys.stderr)
+    return 0
+
+
+def dedup_command(args: argparse.Namespace) -> int:
+    from dcgan_dist.data import dedup  # torch: only needed here
+
+    if args.epochs < 1 or args.train_samples < 2 or args.shard_size < 0:
+        raise ValueError("--epochs must be >= 1, --train-samples >= 2 and --shard-size >= 0")
+    fields = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, *_ in DEDUP_FLAGS}
+    report = dedup.dedup(args.url, args.out, dedup.DedupSettings(**fields))
+    print(f"{report['removed']} near-duplicates removed in {len(report['groups'])} groups, {report['kept']} of "
+          f"{report['samples']} images kept: {redact(report['manifest'])} (groups: {dedup.REPORT_NAME})")
     return 0
 
 

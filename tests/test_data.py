@@ -4,6 +4,7 @@ server), skipping and counting bad data, equal steps per rank, and the preflight
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import boto3
 import lmdb
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from mlflow import MlflowClient
 from PIL import Image
@@ -23,6 +25,7 @@ from dcgan_dist import checkpoint, config
 from dcgan_dist.config import ConfigError
 from dcgan_dist.data import manifest, pack, s3, stream
 from dcgan_dist.data.preview import inspect_manifest as inspect
+from dcgan_dist.data.sources import lsun
 from dcgan_dist.train import main, preflight
 from tests.conftest import train_args
 
@@ -145,6 +148,52 @@ def test_pack_lsun_from_lmdb_centre_crops(tmp_path):
     assert image.shape == (3, 32, 32)
     # only the red centre survives the crop (JPEG blurs the edges a little)
     assert image[0].mean() > 0.9 and image[1].mean() < -0.8
+
+
+def write_lmdb(path: Path, values: dict[bytes, bytes]) -> None:
+    env = lmdb.open(str(path), map_size=2**27)
+    with env.begin(write=True) as txn:
+        for key, value in values.items():
+            txn.put(key, value)
+    env.close()
+
+
+def test_lsun_listing_reads_keys_only(tmp_path, monkeypatch):
+    # small values sit beside their keys in the leaf pages, large ones on overflow pages of their own
+    rng = np.random.default_rng(0)
+    values = {f"{i * 7919 % 5000:040x}".encode(): rng.bytes(64 * 2**10 if i % 60 == 0 else 100) for i in range(3000)}
+    write_lmdb(tmp_path / "lmdb", values)
+    env = lmdb.open(str(tmp_path / "lmdb"), readonly=True, lock=False)
+    with env.begin() as txn:
+        tree = txn.stat()
+    env.close()
+    assert tree["depth"] >= 2 and tree["overflow_pages"] >= 50 * 16
+    reads = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, size, offset: reads.append(offset) or real_pread(fd, size, offset))
+    assert lsun.list_keys(str(tmp_path / "lmdb")) == sorted(values)  # the cursor's order
+    pages_read = {offset // 4096 for offset in reads}
+    assert len(pages_read) == 2 + tree["branch_pages"] + tree["leaf_pages"]  # the two meta pages, no value's page
+
+
+def test_pack_lsun_writes_each_key_once_in_order_across_shards(tmp_path):
+    colours = [(i * 20, 255 - i * 20, 100) for i in range(11)]
+    values = {f"{i:040x}".encode(): jpeg((48, 36), colour) for i, colour in enumerate(colours)}
+    values[f"{5:040x}".encode()] = b"not an image"  # skipped and reported, the rest keep their places
+    write_lmdb(tmp_path / "lmdb", values)
+    report = pack.pack("lsun", str(tmp_path / "lmdb"), str(tmp_path / "out"), 32, shard_size=4, progress=False)
+    assert (report["shards"], report["samples"]) == (3, 10)
+    assert len(report["skipped"]) == 1 and f"{5:040x}" in report["skipped"][0]
+    shards = manifest.read(report["manifest"])
+    assert [shard["num_samples"] for shard in shards.shards] == [4, 3, 3]
+    read = {}
+    for url in shards.shard_urls:
+        with tarfile.open(url) as shard:
+            read |= {Path(m.name).stem: stream.decode(shard.extractfile(m).read(), 32) for m in shard.getmembers()}
+    assert sorted(read) == [f"{i:09d}" for i in range(11) if i != 5]
+    for key, image in read.items():  # sample i is the lmdb's i-th key, its colour
+        expected = torch.tensor(colours[int(key)], dtype=torch.float32) / 127.5 - 1
+        assert torch.allclose(image.mean(dim=(1, 2)), expected, atol=0.05), key
 
 
 def test_pack_imagenet_folder_and_any_folder_skip_unreadable_images(tmp_path):

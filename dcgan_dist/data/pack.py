@@ -71,29 +71,41 @@ def write_shard(index: int) -> dict:
     first = index * settings.shard_size
     items = source.items[first:first + settings.shard_size]
     extension = FORMATS[settings.image_format][0]
-    local_dir = out if not s3.is_s3(out) else None
-    fd, tmp = tempfile.mkstemp(suffix=".tar", dir=local_dir)
-    os.close(fd)
-    os.chmod(tmp, 0o644)
+    tmp = new_shard_file(out)
     written, skipped = 0, []
     try:
-        with wds.TarWriter(tmp) as sink:
+        with source.reader() as load, wds.TarWriter(tmp) as sink:
             for offset, item in enumerate(items):
                 try:
-                    with source.load(item) as image:
+                    with load(item) as image:
                         data = encode(preprocess(image, settings.image_size), settings.image_format)
                 except Exception as e:  # noqa: BLE001 - an unreadable image is skipped and reported
                     skipped.append(f"{item!r}: {e}")
                     continue
                 sink.write({"__key__": f"{first + offset:09d}", extension: data})
                 written += 1
-        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-        size = Path(tmp).stat().st_size
-        s3.upload_file(Path(tmp), s3.join(out, shard_name(index)))
+        placed = place_shard(tmp, s3.join(out, shard_name(index)))
     finally:
         if Path(tmp).exists():
             Path(tmp).unlink()
-    return {"url": shard_name(index), "num_samples": written, "bytes": size, "sha256": digest, "skipped": skipped}
+    return {"url": shard_name(index), "num_samples": written, **placed, "skipped": skipped}
+
+
+def new_shard_file(out: str) -> str:
+    """A temporary file for a shard being written: beside its place on local disk (a rename moves it)."""
+    fd, tmp = tempfile.mkstemp(suffix=".tar", dir=None if s3.is_s3(out) else out)
+    os.close(fd)
+    os.chmod(tmp, 0o644)
+    return tmp
+
+
+def place_shard(tmp: str, url: str) -> dict:
+    """Move a finished shard file to `url`; its manifest facts {"bytes", "sha256"}."""
+    with open(tmp, "rb") as written_tar:  # hashed in chunks: a shard is never held in memory
+        digest = hashlib.file_digest(written_tar, "sha256").hexdigest()
+    size = Path(tmp).stat().st_size
+    s3.upload_file(Path(tmp), url)
+    return {"bytes": size, "sha256": digest}
 
 
 def read_state(out: str, settings: PackSettings) -> dict[int, dict]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dcgan_dist.data.sources import Source
+from dcgan_dist.data.sources import Source, plain
 
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCH = "test_batch"
@@ -93,4 +93,4 @@ def open_source(path: str | None) -> Source:
         pixels, _ = read_split(Path(path), "train", require_all=False)  # packs the batches there are
     except CifarError as e:
         raise FileNotFoundError(str(e)) from None
-    return Source("cifar10", list(range(len(pixels))), partial(_load, pixels))
+    return Source("cifar10", list(range(len(pixels))), plain(partial(_load, pixels)))

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from dcgan_dist.data.sources import Source
+from dcgan_dist.data.sources import Source, plain
 
 
 def _load(pixels: np.ndarray, index: int) -> Image.Image:
@@ -17,4 +17,4 @@ def _load(pixels: np.ndarray, index: int) -> Image.Image:
 
 def open_source(path: str | None) -> Source:
     pixels = load_digits().images  # (1797, 8, 8) in 0..16
-    return Source("digits", list(range(len(pixels))), partial(_load, pixels))
+    return Source("digits", list(range(len(pixels))), plain(partial(_load, pixels)))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from dcgan_dist.data.sources import Source
+from dcgan_dist.data.sources import Source, plain
 from dcgan_dist.data.sources.folder import image_paths
 
 SYNSET = re.compile(r"n\d{8}")
@@ -21,4 +21,4 @@ def open_source(path: str | None) -> Source:
     if not synsets:
         raise FileNotFoundError(f"--in {path}: no ILSVRC synset folders (train/n01440764/...)")
     paths = [p for synset in synsets for p in image_paths(synset)]
-    return Source("imagenet", paths, Image.open)
+    return Source("imagenet", paths, plain(Image.open))
