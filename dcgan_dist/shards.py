@@ -4,6 +4,7 @@ print an epoch's split.
     python -m dcgan_dist.shards pack --source lsun --in bedroom_train_lmdb --out s3://bucket/lsun64 --image-size 64
     python -m dcgan_dist.shards inspect s3://bucket/lsun64/manifest.json --preview lsun64.png
     python -m dcgan_dist.shards plan s3://bucket/lsun64/manifest.json --world-size 8 --loader-workers 4 --epoch 0
+    python -m dcgan_dist.shards bench s3://bucket/lsun64/manifest.json --loader-workers 4 --step-img-s 40000
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from dcgan_dist.config import IMAGE_SIZES, OneLineErrorParser
 from dcgan_dist.data import manifest, pack, s3
 from dcgan_dist.data.sources import NAMES
+from dcgan_dist.data.split import SAMPLINGS
 from dcgan_dist.util import redact, run_cli
 
 
@@ -41,12 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch", type=int, default=0, help="which epoch, from 0 (default: 0)")
     p.add_argument("--batch-size", type=int, default=128, help="GLOBAL batch, as training's --batch-size (default: 128)")
     p.add_argument("--shuffle-buffer", type=int, default=1000, help="training's --shuffle-buffer (default: 1000)")
+    b = commands.add_parser("bench", help="time training's reader on a manifest: img/s delivered, per loader process, processes a step needs")
+    b.add_argument("url", help="PATH/manifest.json or s3://bucket/prefix/manifest.json")
+    b.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes, as training's --loader-workers (default: 2)")
+    b.add_argument("--batch-size", type=int, default=128, help="batch, as training's --batch-size on one worker (default: 128)")
+    b.add_argument("--seconds", type=float, default=10.0, help="how long to read, after the first batch (default: 10)")
+    b.add_argument("--step-img-s", type=float, help="a training step's rate in img/s: print how many loader processes feed it")
+    b.add_argument("--sampling", default="epochs", choices=SAMPLINGS, help="training's --sampling (default: epochs)")
+    b.add_argument("--shuffle-buffer", type=int, default=1000, help="training's --shuffle-buffer (default: 1000)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"pack": pack_command, "inspect": inspect_command, "plan": plan_command}[args.command]
+    command = {"pack": pack_command, "inspect": inspect_command, "plan": plan_command, "bench": bench_command}[args.command]
     return run_cli("python -m dcgan_dist.shards", lambda: command(args), (s3.StorageError, manifest.ManifestError, FileNotFoundError, ValueError))
 
 
@@ -89,6 +99,25 @@ def plan_command(args: argparse.Namespace) -> int:
         sys.stdout.write("".join(f"{rank}\t{key}\n" for rank, key in chunk))
     print(f"epoch {args.epoch}: {steps} steps of {per_rank} samples on each of {args.world_size} ranks; "
           f"{shards.num_samples - steps * args.batch_size} of {shards.num_samples} samples not read this epoch", file=sys.stderr)
+    return 0
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from dcgan_dist.data import throughput
+
+    if args.loader_workers < 0 or args.batch_size < 1 or args.shuffle_buffer < 0:
+        raise ValueError("--loader-workers and --shuffle-buffer must be >= 0, --batch-size >= 1")
+    if not args.seconds > 0 or (args.step_img_s is not None and not args.step_img_s > 0):
+        raise ValueError("--seconds and --step-img-s must be > 0")
+    shards = manifest.read(args.url)
+    if args.sampling == "epochs":  # the split's own check, before any process starts
+        from dcgan_dist.data import split
+
+        split.check([shard["num_samples"] for shard in shards.shards], 1, max(args.loader_workers, 1), args.batch_size)
+    print(f"{redact(args.url)}: {shards.num_samples} {shards.image_size} px {shards.image_format} images in {len(shards.shards)} shards")
+    cfg = throughput.reader_config(args.url, args.loader_workers, args.batch_size, args.sampling, args.shuffle_buffer, shards.image_size)
+    result = throughput.measure(cfg, args.seconds)
+    print("\n".join(throughput.report_lines(result, args.loader_workers, args.step_img_s)))
     return 0
 
 
