@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR_OR_S3_PREFIX")
     p.add_argument("--image-size", type=int, required=True, choices=IMAGE_SIZES)
     p.add_argument("--format", dest="image_format", default="jpeg", choices=tuple(pack.FORMATS))
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default: 1000)")
+    p.add_argument("--group-size", type=int, help=f"--format raw: images per tar member (default: {pack.RAW_GROUP_SIZE})")
     p.add_argument("--workers", type=int, default=1, help="processes building shards (default: 1)")
     p.add_argument("--no-progress", action="store_true")
     i = commands.add_parser("inspect", help="read every shard back: counts, sizes, sha256, a preview grid")
@@ -64,7 +65,7 @@ def pack_command(args: argparse.Namespace) -> int:
     if args.shard_size < 1 or args.workers < 1:
         raise ValueError("--shard-size and --workers must be >= 1")
     report = pack.pack(args.source, args.source_path, args.out, args.image_size, args.image_format,
-                       args.shard_size, args.workers, progress=not args.no_progress)
+                       args.shard_size, args.workers, progress=not args.no_progress, group_size=args.group_size)
     for line in report["skipped"]:
         print(f"skipped: {line}", file=sys.stderr)
     print(f"{report['samples']} images in {report['shards']} shards ({report['packed_now']} packed now, "

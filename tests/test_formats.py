@@ -4,18 +4,26 @@ are decoded (`--decode`)."""
 
 from __future__ import annotations
 
+import io
 import re
+import tarfile
+from collections import Counter
 
+import numpy as np
 import pytest
 
-from dcgan_dist import shards
+from dcgan_dist import shards as shards_cli
+from dcgan_dist.data import epochs, manifest, pack, stream
+from dcgan_dist.data.preview import inspect_manifest
+from dcgan_dist.data.sources import open_source
 from tests.test_data import write_shards
+from tests.test_epochs import resumed_equals_uninterrupted
 
 
 @pytest.mark.slow  # DataLoader processes
 def test_shards_bench_times_the_training_reader(tmp_path, capsys):
     url = write_shards(str(tmp_path), [40, 25], image_size=8)
-    assert shards.main(["bench", url, "--loader-workers", "1", "--batch-size", "16", "--seconds", "0.3",
+    assert shards_cli.main(["bench", url, "--loader-workers", "1", "--batch-size", "16", "--seconds", "0.3",
                         "--step-img-s", "1e9"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("65 8 px jpeg images in 2 shards")
@@ -32,8 +40,53 @@ def test_shards_bench_rejects_bad_input_with_one_line(tmp_path, capsys):
     for bad, named in ((["--loader-workers", "-1"], "--loader-workers"), (["--seconds", "0"], "--seconds"),
                        (["--batch-size", "0"], "--batch-size"), (["--step-img-s", "-5"], "--step-img-s"),
                        (["--batch-size", "100"], "larger than a rank's share")):
-        assert shards.main(["bench", url, *bad]) == 2
+        assert shards_cli.main(["bench", url, *bad]) == 2
         out, err = capsys.readouterr()
         assert out == "" and len(err.strip().splitlines()) == 1 and named in err
-    assert shards.main(["bench", str(tmp_path / "none" / "manifest.json")]) == 2
+    assert shards_cli.main(["bench", str(tmp_path / "none" / "manifest.json")]) == 2
     assert "none/manifest.json" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- --format raw
+
+
+def source_pixels(image_size: int) -> list[np.ndarray]:
+    """The bundled digits as the packer sees them: cropped, resized, RGB, 3 x H x W uint8."""
+    source = open_source("digits", None)
+    return [np.asarray(pack.preprocess(source.load(item), image_size).convert("RGB")).transpose(2, 0, 1) for item in source.items]
+
+
+def test_raw_pack_reads_back_the_source_pixels_in_groups(tmp_path):
+    report = pack.pack("digits", None, str(tmp_path), 32, "raw", shard_size=500, progress=False, group_size=64)
+    shards = manifest.read(report["manifest"])
+    assert shards.image_format == "raw" and [s["num_samples"] for s in shards.shards] == [500, 500, 500, 297]
+    with tarfile.open(shards.shard_urls[0]) as tar:  # 7 groups of 64 and one of 52, two members each
+        names = tar.getnames()
+        assert len(names) == 16 and set(names[:2]) == {"000000000.u8.npy", "000000000.keys.npy"}
+        assert np.load(io.BytesIO(tar.extractfile("000000448.u8.npy").read()), allow_pickle=False).shape == (52, 3, 32, 32)
+    counters = stream.Counters()
+    samples = list(stream.read_shards(({"url": u} for u in shards.shard_urls), counters, shards.expected_samples(), retries=0))
+    assert [sample["__key__"] for sample in samples] == [f"{i:09d}" for i in range(1797)]  # the jpeg pack's keys
+    images = list(stream.decode_samples(iter(samples), counters, 32))
+    assert counters.samples == 1797 and counters.corrupt_samples == counters.bad_shards == 0
+    assert all(np.array_equal(image.numpy(), expected) for image, expected in zip(images, source_pixels(32), strict=True))
+    assert inspect_manifest(report["manifest"], str(tmp_path / "grid.png"))["problems"] == []
+    with pytest.raises(ValueError, match="--group-size must be >= 1, and is for --format raw only"):
+        pack.pack("digits", None, str(tmp_path / "jpeg"), 32, "jpeg", progress=False, group_size=8)
+
+
+def test_the_epoch_plan_counts_raw_images_not_groups_and_resumes_exactly(tmp_path, capsys):
+    # uneven shards of uneven groups: 1797 = 4 x 450 - 3; 450 = 64 x 7 + 2
+    url = pack.pack("digits", None, str(tmp_path), 8, "raw", shard_size=450, progress=False, group_size=64)["manifest"]
+    shards = manifest.read(url)
+    planned = list(epochs.planned_keys(shards, 0, 0, 2, 2, 8, 16))
+    keys = [key for _, key in planned]
+    assert len(keys) == len(set(keys)) == 1797 // 16 * 16  # each image at most once; the remainder left out
+    assert Counter(rank for rank, _ in planned) == {0: 1792 // 2, 1: 1792 // 2}  # balanced by images
+    steps = 1797 // 16
+    straight = resumed_equals_uninterrupted(shards, 2, 0, steps + 2, cuts=(3, steps - 1))
+    read = [key for rank in (0, 1) for batch in straight[rank][:steps] for key in batch]
+    assert len(read) == len(set(read)) == steps * 16
+    assert shards_cli.main(["plan", url, "--world-size", "2", "--loader-workers", "2", "--batch-size", "16",
+                            "--shuffle-buffer", "16"]) == 0
+    assert [line.split("\t") for line in capsys.readouterr().out.splitlines()] == [[str(r), k] for r, k in planned]

@@ -99,7 +99,7 @@ def in_turn(order: list[int], first: int, positioned: Iterator[tuple[int, dict |
 
 
 def decode_one(sample: dict, counters: stream.Counters, image_size: int) -> torch.Tensor | None:
-    """The sample's image, or None when it is corrupt (counted and logged by the reader's decoder)."""
+    """The sample's uint8 image, or None when it is corrupt (counted and logged by the reader's decoder)."""
     return next(stream.decode_samples(iter([sample]), counters, image_size), None)
 
 
@@ -119,7 +119,7 @@ def fill_batches(decoded: Iterator[tuple[str | None, torch.Tensor | None]], batc
             ready.append(last_good)
         while last_good is not None and len(ready) >= batch:
             chunk, ready = ready[:batch], ready[batch:]
-            yield torch.stack([image for _, image in chunk]), [key for key, _ in chunk]
+            yield stream.collate([image for _, image in chunk]), [key for key, _ in chunk]
     if ready:
         raise stream.DataError(f"no readable image among the {plan.num_samples} samples that rank {plan.rank} reads "
                                f"in stream {plan.index} of epoch {plan.epoch}; check the shards with `shards inspect`")

@@ -10,9 +10,9 @@ endless stream with replacement below; per rank, and per DataLoader worker insid
                         the samples already read; then skip and count it; a truncated tar is
                         counted as a bad shard; S3 retries are counted)
       -> shuffle       (a sample buffer of --shuffle-buffer)
-      -> decode        (torchvision.io.decode_image on the raw bytes; corrupt or missing
-                        images are skipped and counted)
-      -> batched       (full batches only) -> with_epoch(...)
+      -> decode        (torchvision.io.decode_image on the encoded bytes to uint8; a raw
+                        image is already uint8; corrupt or missing images are skipped and counted)
+      -> batched       (full batches only, scaled to [-1, 1] a batch at a time) -> with_epoch(...)
 
 Shards are resampled, so the stream never ends and every rank takes exactly the steps the loop
 asks for, however uneven the shards are: DDP cannot hang on a rank that ran dry. Nominal epochs
@@ -22,6 +22,7 @@ order is statistically the same, not the exact continuation (the bundled digits 
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import random
@@ -29,6 +30,7 @@ import time
 from collections.abc import Iterator
 from functools import partial
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
@@ -38,13 +40,14 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from webdataset.utils import make_seed
 
 from dcgan_dist.data import s3
-from dcgan_dist.data.manifest import Manifest
+from dcgan_dist.data.manifest import RAW_KEYS, RAW_PIXELS, Manifest
 from dcgan_dist.data.split import Position
 from dcgan_dist.util import redact
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+PIXELS = "pixels"  # a raw image: a 3 x H x W uint8 tensor, one of its group's (tar_samples unpacks groups)
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", PIXELS)
 COUNT_NAMES = ("corrupt_samples", "bad_shards", "samples", "s3_retries", "repeated_samples")
 SAMPLE_SHUFFLE = 1  # seed salt (an int: make_seed hashes, and str hashes differ per process)
 MAX_CORRUPT_IN_A_ROW = 1000  # nothing but corrupt images: stop rather than spin
@@ -75,8 +78,26 @@ def _seed(seed: int, rank: int, start_step: int, *more) -> int:
 
 
 def tar_samples(fileobj, url: str) -> Iterator[dict]:
-    """The samples of one tar stream, grouped by key ({"__key__", "__url__", "jpg", ...})."""
-    return group_by_keys(dict(member, __url__=url) for member in tar_file_iterator(fileobj))
+    """The samples of one tar stream, grouped by key ({"__key__", "__url__", "jpg", ...}); a raw
+    group is handed out as its images ({"__key__", "__url__", "pixels"}), one sample each."""
+    for sample in group_by_keys(dict(member, __url__=url) for member in tar_file_iterator(fileobj)):
+        if RAW_PIXELS in sample:
+            yield from raw_images(sample)
+        else:
+            yield sample
+
+
+def raw_images(group: dict) -> Iterator[dict]:
+    """The images of a raw group. One that does not parse ends its shard's read, as a truncated
+    tar does (its images cannot be counted, so none after it could be placed)."""
+    pixels = np.load(io.BytesIO(group[RAW_PIXELS]), allow_pickle=False)
+    keys = np.load(io.BytesIO(group[RAW_KEYS]), allow_pickle=False) if RAW_KEYS in group else np.array([])
+    if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1] != 3 or keys.shape != pixels.shape[:1]:
+        raise ValueError(f"raw group {group['__key__']}: {pixels.dtype} pixels {pixels.shape} and {keys.shape} keys "
+                         "are not N x 3 x H x W uint8 with N keys")
+    url = group["__url__"]
+    for key, image in zip(keys.tolist(), torch.from_numpy(pixels.copy())):  # np.load of bytes is read-only
+        yield {"__key__": key, "__url__": url, PIXELS: image}
 
 
 def read_shard(url: str, counters: Counters, retries: int) -> Iterator[dict]:
@@ -142,22 +163,41 @@ def shuffle_samples(samples: Iterator[dict], bufsize: int, seed: int, rank: int,
     yield from wds.shuffle(bufsize, initial=bufsize, rng=rng)(samples)
 
 
-def decode(data: bytes, image_size: int) -> torch.Tensor:
-    """Encoded image bytes -> 3 x H x W float in [-1, 1] (grey becomes 3 channels)."""
-    image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+def decode_pixels(data: bytes | torch.Tensor, image_size: int) -> torch.Tensor:
+    """Encoded image bytes (or a raw image's pixels) -> 3 x H x W uint8 (grey becomes 3 channels)."""
+    if isinstance(data, torch.Tensor):
+        image = data
+    else:
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     if image.shape[-2:] != (image_size, image_size):
         raise ValueError(f"image is {tuple(image.shape[-2:])}, not {image_size}x{image_size}")
-    return image.float().div_(127.5).sub_(1.0)
+    return image
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float in [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def decode(data: bytes | torch.Tensor, image_size: int) -> torch.Tensor:
+    """One image -> 3 x H x W float in [-1, 1]."""
+    return to_unit_range(decode_pixels(data, image_size))
+
+
+def collate(images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 images -> one float batch in [-1, 1] (scaled once per batch, not per image)."""
+    return to_unit_range(torch.stack(images))
 
 
 def decode_samples(samples: Iterator[dict], counters: Counters, image_size: int) -> Iterator[torch.Tensor]:
+    """uint8 3 x H x W images; corrupt ones and samples without an image skipped and counted."""
     corrupt_in_a_row = 0
     for sample in samples:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         try:
             if key is None:
                 raise KeyError(f"no image ({'/'.join(IMAGE_KEYS)}) among {sorted(sample)}")
-            image = decode(sample[key], image_size)
+            image = decode_pixels(sample[key], image_size)
         except Exception as e:  # noqa: BLE001 - a corrupt image or a missing key
             counters.corrupt_samples += 1
             corrupt_in_a_row += 1
@@ -189,7 +229,7 @@ def pipeline(manifest: Manifest, per_worker_batch: int, rank: int, seed: int, st
         partial(read_shards, counters=counters, expected=manifest.expected_samples(), retries=shard_retries),
         partial(shuffle_samples, bufsize=shuffle_buffer, seed=seed, rank=rank, start_step=start_step),
         partial(decode_samples, counters=counters, image_size=manifest.image_size),
-        wds.batched(per_worker_batch, collation_fn=torch.stack, partial=False),
+        wds.batched(per_worker_batch, collation_fn=collate, partial=False),
         partial(with_counts, counters=counters),
     ).with_epoch(batches_per_epoch)
 
