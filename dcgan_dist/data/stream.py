@@ -36,10 +36,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 from webdataset.utils import make_seed
 
-from dcgan_dist.data import s3
+from dcgan_dist.data import s3, tar
 from dcgan_dist.data.manifest import RAW_KEYS, RAW_PIXELS, Manifest
 from dcgan_dist.data.split import Position
 from dcgan_dist.util import redact
@@ -80,7 +79,7 @@ def _seed(seed: int, rank: int, start_step: int, *more) -> int:
 def tar_samples(fileobj, url: str) -> Iterator[dict]:
     """The samples of one tar stream, grouped by key ({"__key__", "__url__", "jpg", ...}); a raw
     group is handed out as its images ({"__key__", "__url__", "pixels"}), one sample each."""
-    for sample in group_by_keys(dict(member, __url__=url) for member in tar_file_iterator(fileobj)):
+    for sample in tar.samples(fileobj, url):
         if RAW_PIXELS in sample:
             yield from raw_images(sample)
         else:
