@@ -22,6 +22,7 @@ from PIL import Image
 from dcgan_dist import checkpoint, config
 from dcgan_dist.config import ConfigError
 from dcgan_dist.data import manifest, pack, s3, stream
+from dcgan_dist.data.decode import decode
 from dcgan_dist.data.preview import inspect_manifest as inspect
 from dcgan_dist.train import main, preflight
 from tests.conftest import train_args
@@ -141,7 +142,7 @@ def test_pack_lsun_from_lmdb_centre_crops(tmp_path):
     assert report["samples"] == 5
     shards = manifest.read(report["manifest"])
     with tarfile.open(shards.shard_urls[0]) as shard:
-        image = stream.decode(shard.extractfile("000000000.jpg").read(), 32)
+        image = decode(shard.extractfile("000000000.jpg").read(), 32)
     assert image.shape == (3, 32, 32)
     # only the red centre survives the crop (JPEG blurs the edges a little)
     assert image[0].mean() > 0.9 and image[1].mean() < -0.8

@@ -4,13 +4,14 @@ epoch after epoch, and hands out exactly the batches the plan gives it.
 Per stream: open only the shards that still hold samples to hand out (through stream.read_shards:
 retries, bad and truncated shards counted), pass over the tar members before a piece's start
 without decoding them, keep each sample's bytes until its turn in the planned reading order (at
-most --shuffle-buffer of them), decode it then (stream.decode_samples: corrupt images counted),
-and batch. A sample that cannot be had (a corrupt image, an unreadable or short shard) keeps its
-place: the last good image of the stream fills it (the first good one, at a stream's start),
-counted in `repeated_samples`. So every stream gives exactly its planned number of batches, every
-rank the same number of steps (DDP never waits on a rank that ran dry), and batch k of a stream
-is always made of the same planned positions: a reader started at step t of an epoch (a resumed
-run) hands out what an uninterrupted one would from there on, without decoding what came before.
+most --shuffle-buffer of them), decode a batch's samples together when their turn comes
+(stream.decode_batch: the JPEGs in one call; corrupt images counted), and batch. A sample that
+cannot be had (a corrupt image, an unreadable or short shard) keeps its place: the last good image
+of the stream fills it (the first good one, at a stream's start), counted in `repeated_samples`. So
+every stream gives exactly its planned number of batches, every rank the same number of steps (DDP
+never waits on a rank that ran dry), and batch k of a stream is always made of the same planned
+positions: a reader started at step t of an epoch (a resumed run) hands out what an uninterrupted
+one would from there on, without decoding what came before.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ class EpochBatches(IterableDataset):
         for position in order[first:]:
             wanted[position] = 1
         samples = in_turn(order, first, read_positions(plan, wanted, self.urls, self.expected, counters, self.shard_retries))
-        decoded = ((sample["__key__"], decode_one(sample, counters, self.image_size)) if sample is not None else (None, None)
-                   for sample in samples)
+        chunks = iter(lambda: list(itertools.islice(samples, self.batch)), [])  # a batch's samples decoded together
+        decoded = ((sample and sample["__key__"], image) for chunk in chunks
+                   for sample, image in zip(chunk, stream.decode_batch(chunk, counters, self.image_size)))
         yield from fill_batches(decoded, self.batch, counters, plan)
 
 
@@ -98,11 +100,6 @@ def in_turn(order: list[int], first: int, positioned: Iterator[tuple[int, dict |
             turn += 1
 
 
-def decode_one(sample: dict, counters: stream.Counters, image_size: int) -> torch.Tensor | None:
-    """The sample's uint8 image, or None when it is corrupt (counted and logged by the reader's decoder)."""
-    return next(stream.decode_samples(iter([sample]), counters, image_size), None)
-
-
 def fill_batches(decoded: Iterator[tuple[str | None, torch.Tensor | None]], batch: int, counters: stream.Counters,
                  plan: split.Stream) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Full batches, a missing image's place taken by the last good one (the first, before any)."""
@@ -119,7 +116,7 @@ def fill_batches(decoded: Iterator[tuple[str | None, torch.Tensor | None]], batc
             ready.append(last_good)
         while last_good is not None and len(ready) >= batch:
             chunk, ready = ready[:batch], ready[batch:]
-            yield stream.collate([image for _, image in chunk]), [key for key, _ in chunk]
+            yield torch.stack([image for _, image in chunk]), [key for key, _ in chunk]
     if ready:
         raise stream.DataError(f"no readable image among the {plan.num_samples} samples that rank {plan.rank} reads "
                                f"in stream {plan.index} of epoch {plan.epoch}; check the shards with `shards inspect`")

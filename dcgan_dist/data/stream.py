@@ -12,7 +12,8 @@ endless stream with replacement below; per rank, and per DataLoader worker insid
       -> shuffle       (a sample buffer of --shuffle-buffer)
       -> decode        (torchvision.io.decode_image on the encoded bytes to uint8; a raw
                         image is already uint8; corrupt or missing images are skipped and counted)
-      -> batched       (full batches only, scaled to [-1, 1] a batch at a time) -> with_epoch(...)
+      -> batched       (full uint8 batches only) -> with_epoch(...)
+    and the training process scales each batch to [-1, 1] on its device (ShardBatches).
 
 Shards are resampled, so the stream never ends and every rank takes exactly the steps the loop
 asks for, however uneven the shards are: DDP cannot hang on a rank that ran dry. Nominal epochs
@@ -34,19 +35,17 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
 from webdataset.gopen import gopen
 from webdataset.utils import make_seed
 
 from dcgan_dist.data import s3, tar
+from dcgan_dist.data.decode import IMAGE_KEYS, PIXELS, decode_jpegs, decode_pixels, image_key, to_unit_range
 from dcgan_dist.data.manifest import RAW_KEYS, RAW_PIXELS, Manifest
 from dcgan_dist.data.split import Position
 from dcgan_dist.util import redact
 
 log = logging.getLogger(__name__)
 
-PIXELS = "pixels"  # a raw image: a 3 x H x W uint8 tensor, one of its group's (tar_samples unpacks groups)
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", PIXELS)
 COUNT_NAMES = ("corrupt_samples", "bad_shards", "samples", "s3_retries", "repeated_samples")
 SAMPLE_SHUFFLE = 1  # seed salt (an int: make_seed hashes, and str hashes differ per process)
 MAX_CORRUPT_IN_A_ROW = 1000  # nothing but corrupt images: stop rather than spin
@@ -162,50 +161,41 @@ def shuffle_samples(samples: Iterator[dict], bufsize: int, seed: int, rank: int,
     yield from wds.shuffle(bufsize, initial=bufsize, rng=rng)(samples)
 
 
-def decode_pixels(data: bytes | torch.Tensor, image_size: int) -> torch.Tensor:
-    """Encoded image bytes (or a raw image's pixels) -> 3 x H x W uint8 (grey becomes 3 channels)."""
-    if isinstance(data, torch.Tensor):
-        image = data
-    else:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    if image.shape[-2:] != (image_size, image_size):
-        raise ValueError(f"image is {tuple(image.shape[-2:])}, not {image_size}x{image_size}")
+def decode_sample(sample: dict, counters: Counters, image_size: int) -> torch.Tensor | None:
+    """The sample's uint8 image; None (counted and logged) when it is corrupt or has none."""
+    key = image_key(sample)
+    try:
+        if key is None:
+            raise KeyError(f"no image ({'/'.join(IMAGE_KEYS)}) among {sorted(sample)}")
+        image = decode_pixels(sample[key], image_size)
+    except Exception as e:  # noqa: BLE001 - a corrupt image or a missing key
+        counters.corrupt_samples += 1
+        log.warning("skipping sample %s of %s: %s", sample.get("__key__"), redact(sample.get("__url__", "?")), e)
+        return None
+    counters.samples += 1
     return image
 
 
-def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float in [-1, 1]."""
-    return images.float().div_(127.5).sub_(1.0)
-
-
-def decode(data: bytes | torch.Tensor, image_size: int) -> torch.Tensor:
-    """One image -> 3 x H x W float in [-1, 1]."""
-    return to_unit_range(decode_pixels(data, image_size))
-
-
-def collate(images: list[torch.Tensor]) -> torch.Tensor:
-    """uint8 images -> one float batch in [-1, 1] (scaled once per batch, not per image)."""
-    return to_unit_range(torch.stack(images))
+def decode_batch(samples: list[dict | None], counters: Counters, image_size: int) -> list[torch.Tensor | None]:
+    """decode_sample() of each sample (None stays None), the JPEGs first tried all in one call."""
+    images = decode_jpegs(samples, image_size)
+    counters.samples += sum(image is not None for image in images)
+    return [image if image is not None or sample is None else decode_sample(sample, counters, image_size)
+            for sample, image in zip(samples, images)]
 
 
 def decode_samples(samples: Iterator[dict], counters: Counters, image_size: int) -> Iterator[torch.Tensor]:
     """uint8 3 x H x W images; corrupt ones and samples without an image skipped and counted."""
     corrupt_in_a_row = 0
     for sample in samples:
-        key = next((k for k in IMAGE_KEYS if k in sample), None)
-        try:
-            if key is None:
-                raise KeyError(f"no image ({'/'.join(IMAGE_KEYS)}) among {sorted(sample)}")
-            image = decode_pixels(sample[key], image_size)
-        except Exception as e:  # noqa: BLE001 - a corrupt image or a missing key
-            counters.corrupt_samples += 1
+        image = decode_sample(sample, counters, image_size)
+        if image is None:
             corrupt_in_a_row += 1
-            log.warning("skipping sample %s of %s: %s", sample.get("__key__"), redact(sample.get("__url__", "?")), e)
             if corrupt_in_a_row >= MAX_CORRUPT_IN_A_ROW:
-                raise DataError(f"{corrupt_in_a_row} corrupt images in a row; last: {e}") from None
+                raise DataError(f"{corrupt_in_a_row} corrupt images in a row; last: sample {sample.get('__key__')} of "
+                                f"{redact(sample.get('__url__', '?'))} (its error is in the log)")
             continue
         corrupt_in_a_row = 0
-        counters.samples += 1
         yield image
 
 
@@ -228,7 +218,7 @@ def pipeline(manifest: Manifest, per_worker_batch: int, rank: int, seed: int, st
         partial(read_shards, counters=counters, expected=manifest.expected_samples(), retries=shard_retries),
         partial(shuffle_samples, bufsize=shuffle_buffer, seed=seed, rank=rank, start_step=start_step),
         partial(decode_samples, counters=counters, image_size=manifest.image_size),
-        wds.batched(per_worker_batch, collation_fn=collate, partial=False),
+        wds.batched(per_worker_batch, collation_fn=torch.stack, partial=False),
         partial(with_counts, counters=counters),
     ).with_epoch(batches_per_epoch)
 
@@ -240,7 +230,7 @@ class ShardBatches:
 
     def __init__(self, manifest: Manifest, per_worker_batch: int, rank: int, world_size: int, seed: int,
                  start_step: int = 0, loader_workers: int = 2, shuffle_buffer: int = 1000, shard_retries: int = 3,
-                 pin_memory: bool = False, epochs=None):
+                 pin_memory: bool = False, epochs=None, device: str | torch.device = "cpu"):
         steps_per_epoch = max(1, manifest.num_samples // (per_worker_batch * world_size))
         if epochs is None:
             dataset = pipeline(manifest, per_worker_batch, rank, seed, start_step, shuffle_buffer, shard_retries,
@@ -255,6 +245,7 @@ class ShardBatches:
         self.steps_per_epoch = steps_per_epoch
         self._state = ("resampled" if epochs is None else "epochs", world_size, max(loader_workers, 1), per_worker_batch)
         self.keys: list[str] = []  # the sample keys of the last batch (--sampling epochs)
+        self.device = device  # where uint8 batches become [-1, 1] floats: 4x fewer bytes to copy there
         self._batches = iter(self.loader)
         self._counts: dict[int, torch.Tensor] = {}
 
@@ -273,7 +264,7 @@ class ShardBatches:
         self._counts[int(counts[0])] = counts[1:]
         self.keys = keys[0] if keys else []
         self.position = self.position.next()
-        return images
+        return to_unit_range(images.to(self.device, non_blocking=True))
 
     def counts(self) -> dict[str, int]:
         """{"corrupt_samples", "bad_shards", "samples", "s3_retries", "repeated_samples"}: this rank's totals so far."""

@@ -22,14 +22,38 @@ class TarError(ValueError):
     """The stream is not a readable tar (truncated, or a broken header)."""
 
 
-def read_exactly(fileobj, size: int) -> bytes:
-    data = fileobj.read(size)
-    while len(data) < size:  # a raw or network stream may return less than asked
-        more = fileobj.read(size - len(data))
-        if not more:
+class Blocks:
+    """A tar stream read in chunks of `CHUNK` bytes: a member costs slices of a buffer, not
+    read() calls (four per member otherwise: header, pax record, header, data)."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, fileobj):
+        self.fileobj, self.buffer, self.at = fileobj, b"", 0
+
+    def take(self, size: int, allow_short: bool = False) -> bytes:
+        end = self.at + size
+        if end <= len(self.buffer):
+            data, self.at = self.buffer[self.at:end], end
+            return data
+        rest = self.buffer[self.at:]
+        if size - len(rest) > self.CHUNK // 8:  # a large member: read straight, not copied through the buffer
+            data, self.buffer, self.at = rest + self.read(size - len(rest)), b"", 0
+        else:
+            self.buffer = rest + self.read(self.CHUNK)
+            data = self.buffer[:size]
+            self.at = len(data)
+        if len(data) < size and not allow_short:
             raise TarError(f"the tar stream ends {size - len(data)} bytes short of a member")
-        data += more
-    return data
+        return data
+
+    def read(self, size: int) -> bytes:
+        """Up to `size` bytes, fewer only at the end of the stream (a network stream may return less)."""
+        pieces, have = [], 0
+        while have < size and (more := self.fileobj.read(size - have)):
+            pieces.append(more)
+            have += len(more)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 def header_number(field: bytes) -> int:
@@ -56,8 +80,9 @@ def tar_members(fileobj) -> Iterator[tuple[str, bytes]]:
     """(name, data) of every regular file in the tar stream, in order."""
     pax: dict[str, str] = {}
     long_name = None
+    blocks = Blocks(fileobj)
     while True:
-        header = fileobj.read(BLOCK)
+        header = blocks.take(BLOCK, allow_short=True)
         if len(header) < BLOCK or header.count(0) == BLOCK:  # the end (two zero blocks), or a stream cut at a block
             if header and header.count(0) != len(header):
                 raise TarError("the tar stream ends inside a header")
@@ -66,7 +91,7 @@ def tar_members(fileobj) -> Iterator[tuple[str, bytes]]:
             raise TarError("a tar header without the ustar magic: not a tar, or misaligned")
         kind, size = header[156:157], header_number(header[124:136])
         size = int(pax.get("size", size))
-        data = read_exactly(fileobj, -(-size // BLOCK) * BLOCK)[:size]
+        data = blocks.take(-(-size // BLOCK) * BLOCK)[:size]
         if kind in (b"x", b"g"):  # pax: this (x) or every (g, ignored) following member's fields
             if kind == b"x":
                 pax = pax_records(data)

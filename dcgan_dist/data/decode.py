@@ -1,0 +1,71 @@
+"""A sample's image as pixels: JPEG/PNG/WebP bytes (torchvision) or a raw image -> 3 x H x W
+uint8, one at a time, or a batch's JPEGs in one `decode_jpeg` call (the wrapper's checks and its
+deprecation warning are paid once per batch, not per image); scaling to [-1, 1] once per batch,
+on the training process's device (loader processes hand over uint8: a quarter of the bytes).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+PIXELS = "pixels"  # a raw image: a 3 x H x W uint8 tensor, one of its group's (stream.tar_samples unpacks groups)
+JPEG_KEYS = ("jpg", "jpeg")
+IMAGE_KEYS = (*JPEG_KEYS, "png", "webp", PIXELS)
+
+
+def image_key(sample: dict) -> str | None:
+    return next((key for key in IMAGE_KEYS if key in sample), None)
+
+
+def as_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a copy: torch wants a writable buffer
+
+
+def check_size(image: torch.Tensor, image_size: int) -> torch.Tensor:
+    if image.shape[-2:] != (image_size, image_size):
+        raise ValueError(f"image is {tuple(image.shape[-2:])}, not {image_size}x{image_size}")
+    return image
+
+
+def decode_pixels(data: bytes | torch.Tensor, image_size: int) -> torch.Tensor:
+    """Encoded image bytes (or a raw image's pixels) -> 3 x H x W uint8 (grey becomes 3 channels)."""
+    if isinstance(data, torch.Tensor):
+        return check_size(data, image_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
+        return check_size(decode_image(as_tensor(data), mode=ImageReadMode.RGB), image_size)
+
+
+def decode_jpegs(samples: list[dict | None], image_size: int, device: str = "cpu") -> list[torch.Tensor | None]:
+    """The JPEGs among `samples` decoded by one `decode_jpeg(list, device=...)` call, as uint8 on
+    `device`; None for every other sample, and for all of them when the call fails (a corrupt
+    JPEG fails the whole list) or an image has the wrong size: the caller decodes those one by one."""
+    at = [i for i, sample in enumerate(samples) if sample is not None and image_key(sample) in JPEG_KEYS]
+    images: list[torch.Tensor | None] = [None] * len(samples)
+    if not at:
+        return images
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            decoded = decode_jpeg([as_tensor(samples[i][image_key(samples[i])]) for i in at], mode=ImageReadMode.RGB,
+                                  device=device)
+    except RuntimeError:
+        return images
+    if any(image.shape[-2:] != (image_size, image_size) for image in decoded):
+        return images
+    for i, image in zip(at, decoded):
+        images[i] = image
+    return images
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float in [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def decode(data: bytes | torch.Tensor, image_size: int) -> torch.Tensor:
+    """One image -> 3 x H x W float in [-1, 1]."""
+    return to_unit_range(decode_pixels(data, image_size))
