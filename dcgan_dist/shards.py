@@ -15,6 +15,7 @@ import sys
 
 from dcgan_dist.config import IMAGE_SIZES, OneLineErrorParser
 from dcgan_dist.data import manifest, pack, s3
+from dcgan_dist.data.decode import DECODERS
 from dcgan_dist.data.sources import NAMES
 from dcgan_dist.data.split import SAMPLINGS
 from dcgan_dist.util import redact, run_cli
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--step-img-s", type=float, help="a training step's rate in img/s: print how many loader processes feed it")
     b.add_argument("--sampling", default="epochs", choices=SAMPLINGS, help="training's --sampling (default: epochs)")
     b.add_argument("--shuffle-buffer", type=int, default=1000, help="training's --shuffle-buffer (default: 1000)")
+    b.add_argument("--decode", default="cpu", choices=DECODERS, help="training's --decode; gpu needs CUDA here (default: cpu)")
     return parser
 
 
@@ -111,12 +113,20 @@ def bench_command(args: argparse.Namespace) -> int:
     if not args.seconds > 0 or (args.step_img_s is not None and not args.step_img_s > 0):
         raise ValueError("--seconds and --step-img-s must be > 0")
     shards = manifest.read(args.url)
+    if args.decode == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--decode gpu decodes on a CUDA device, and this machine has none")
+        if shards.image_format != "jpeg":
+            raise ValueError(f"--decode gpu decodes JPEG shards; {redact(args.url)} holds {shards.image_format}")
     if args.sampling == "epochs":  # the split's own check, before any process starts
         from dcgan_dist.data import split
 
         split.check([shard["num_samples"] for shard in shards.shards], 1, max(args.loader_workers, 1), args.batch_size)
     print(f"{redact(args.url)}: {shards.num_samples} {shards.image_size} px {shards.image_format} images in {len(shards.shards)} shards")
-    cfg = throughput.reader_config(args.url, args.loader_workers, args.batch_size, args.sampling, args.shuffle_buffer, shards.image_size)
+    cfg = throughput.reader_config(args.url, args.loader_workers, args.batch_size, args.sampling, args.shuffle_buffer, shards.image_size,
+                                   args.decode)
     result = throughput.measure(cfg, args.seconds)
     print("\n".join(throughput.report_lines(result, args.loader_workers, args.step_img_s)))
     return 0

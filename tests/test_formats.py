@@ -11,12 +11,17 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
+from dcgan_dist import config
 from dcgan_dist import shards as shards_cli
-from dcgan_dist.data import epochs, manifest, pack, stream
+from dcgan_dist.config import ConfigError
+from dcgan_dist.data import epochs, manifest, pack, stream, tar
+from dcgan_dist.data.decode import as_tensor, decode, decode_on_device
 from dcgan_dist.data.preview import inspect_manifest
 from dcgan_dist.data.sources import open_source
-from tests.test_data import write_shards
+from dcgan_dist.train import preflight
+from tests.test_data import jpeg, write_shards
 from tests.test_epochs import resumed_equals_uninterrupted
 
 
@@ -90,3 +95,49 @@ def test_the_epoch_plan_counts_raw_images_not_groups_and_resumes_exactly(tmp_pat
     assert shards_cli.main(["plan", url, "--world-size", "2", "--loader-workers", "2", "--batch-size", "16",
                             "--shuffle-buffer", "16"]) == 0
     assert [line.split("\t") for line in capsys.readouterr().out.splitlines()] == [[str(r), k] for r, k in planned]
+
+
+# ---------------------------------------------------------------- where JPEGs are decoded
+
+
+def test_decode_gpu_without_cuda_workers_or_jpeg_shards_is_a_preflight_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        config.parse(["--decode", "gpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--decode: gpu decodes on the training workers' CUDA devices: it needs --use-gpu" in err
+    assert config.parse(["--decode", "gpu", "--use-gpu"]).data.decode == "gpu" and config.parse([]).data.decode == "cpu"
+    raw = pack.pack("digits", None, str(tmp_path), 32, "raw", shard_size=1000, progress=False)["manifest"]
+    with pytest.raises(ConfigError, match=r"--decode: gpu decodes JPEG shards; manifest .*manifest.json holds raw"):
+        preflight(config.from_flat({"data": raw, "image_size": 32, "decode": "gpu", "use_gpu": True}))
+    with pytest.raises(ConfigError, match="--decode: gpu decodes JPEG shards; --data digits is a bundled set of pixels"):
+        preflight(config.from_flat({"data": "digits", "decode": "gpu", "use_gpu": True}))
+
+
+def test_cpu_decode_gives_each_images_pixels_scaled_and_the_gpu_path_the_same_batches(tmp_path):
+    url = write_shards(str(tmp_path), [20, 13, 7], image_size=8)
+    shards = manifest.read(url)
+    jpegs = {sample["__key__"]: sample["jpg"] for shard_url in shards.shard_urls for sample in tar.samples(open(shard_url, "rb"), shard_url)}
+
+    def first_batches(decode: str):
+        reader = epochs.EpochBatches(shards, 8, 0, 1, 0, 0, 0, 0, 16, 0, decode=decode)
+        batches = stream.ShardBatches(shards, 8, 0, 1, 0, loader_workers=0, epochs=reader, decode=decode)
+        return [(next(batches), batches.keys) for _ in range(4)], batches.counts()
+
+    on_cpu, counts = first_batches("cpu")
+    for images, keys in on_cpu:  # what the reader always gave: each image decoded and scaled on its own
+        assert images.dtype == torch.float32 and torch.equal(images, torch.stack([decode(jpegs[key], 8) for key in keys]))
+    # --decode gpu's path, with the CPU as its device: the loader hands JPEGs, the training process decodes
+    encoded, encoded_counts = first_batches("gpu")
+    assert all(torch.equal(a, b) and ka == kb for (a, ka), (b, kb) in zip(on_cpu, encoded))
+    assert encoded_counts == counts and counts["samples"] == 32
+
+
+def test_device_decode_fills_a_corrupt_jpegs_place_and_counts_it():
+    good = [as_tensor(jpeg((8, 8), (40 * i, 90, 40))) for i in range(3)]
+    batch, corrupt = decode_on_device(good, 8, "cpu")
+    assert corrupt == 0 and batch.shape == (3, 3, 8, 8) and batch.dtype == torch.uint8
+    filled, corrupt = decode_on_device([as_tensor(b"\xff\xd8 broken"), good[0], as_tensor(b"nope"), good[2]], 8, "cpu")
+    assert corrupt == 2 and [torch.equal(filled[i], batch[j]) for i, j in ((0, 0), (1, 0), (2, 0), (3, 2))] == [True] * 4
+    with pytest.raises(ValueError, match="none of the 1 JPEGs of a batch decodes on cpu"):
+        decode_on_device([as_tensor(b"nope")], 8, "cpu")

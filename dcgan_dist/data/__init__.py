@@ -104,9 +104,11 @@ def open_batches(cfg, rank: int, world_size: int, start_step: int = 0, data_posi
             log.warning("resuming at epoch %d step %d, but %s: this epoch's split differs from the interrupted one's "
                         "(some of its samples may be read twice or not at all)", position.epoch, position.step, changed)
         epoch_batches = epochs.EpochBatches(shards, cfg.per_worker_batch, rank, world_size, cfg.loop.seed, position.epoch,
-                                            position.step, cfg.data.loader_workers, cfg.data.shuffle_buffer, cfg.data.shard_retries)
+                                            position.step, cfg.data.loader_workers, cfg.data.shuffle_buffer, cfg.data.shard_retries,
+                                            cfg.data.decode)
     return stream.ShardBatches(
         shards, cfg.per_worker_batch, rank, world_size, cfg.loop.seed, start_step,
         loader_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer,
         shard_retries=cfg.data.shard_retries, pin_memory=pin_memory, epochs=epoch_batches, device=device,
+        decode=cfg.data.decode,
     )

@@ -31,14 +31,14 @@ class EpochBatches(IterableDataset):
 
     def __init__(self, manifest: Manifest, per_rank_batch: int, rank: int, world_size: int, seed: int,
                  start_epoch: int = 0, start_step: int = 0, loader_workers: int = 2, shuffle_buffer: int = 1000,
-                 shard_retries: int = 3):
+                 shard_retries: int = 3, decode: str = "cpu"):
         self.urls, self.expected = manifest.shard_urls, manifest.expected_samples()
         self.counts = [shard["num_samples"] for shard in manifest.shards]
         self.image_size, self.batch, self.rank, self.world_size, self.seed = manifest.image_size, per_rank_batch, rank, world_size, seed
         self.loader_streams = max(loader_workers, 1)
         self.steps = split.check(self.counts, world_size, self.loader_streams, per_rank_batch)
         self.start_epoch, self.start_step = start_epoch, start_step
-        self.shuffle_buffer, self.shard_retries = shuffle_buffer, shard_retries
+        self.shuffle_buffer, self.shard_retries, self.decode = shuffle_buffer, shard_retries, decode
 
     def plan(self, epoch: int, index: int) -> split.Stream:
         return split.stream(self.counts, self.seed, epoch, self.world_size, self.loader_streams, self.batch, self.rank, index)
@@ -60,9 +60,14 @@ class EpochBatches(IterableDataset):
             wanted[position] = 1
         samples = in_turn(order, first, read_positions(plan, wanted, self.urls, self.expected, counters, self.shard_retries))
         chunks = iter(lambda: list(itertools.islice(samples, self.batch)), [])  # a batch's samples decoded together
-        decoded = ((sample and sample["__key__"], image) for chunk in chunks
-                   for sample, image in zip(chunk, stream.decode_batch(chunk, counters, self.image_size)))
-        yield from fill_batches(decoded, self.batch, counters, plan)
+        if self.decode == "cpu":
+            decoded = ((sample and sample["__key__"], image) for chunk in chunks
+                       for sample, image in zip(chunk, stream.decode_batch(chunk, counters, self.image_size)))
+            yield from fill_batches(decoded, self.batch, counters, plan)
+        else:  # --decode gpu: the JPEGs go out encoded, the training process decodes them
+            encoded = ((sample and sample["__key__"], sample and stream.encoded_jpeg(sample, counters))
+                       for chunk in chunks for sample in chunk)
+            yield from fill_batches(encoded, self.batch, counters, plan, collate=list)
 
 
 def read_positions(plan: split.Stream, wanted: bytearray, urls: list[str], expected: dict[str, int],
@@ -101,7 +106,7 @@ def in_turn(order: list[int], first: int, positioned: Iterator[tuple[int, dict |
 
 
 def fill_batches(decoded: Iterator[tuple[str | None, torch.Tensor | None]], batch: int, counters: stream.Counters,
-                 plan: split.Stream) -> Iterator[tuple[torch.Tensor, list[str]]]:
+                 plan: split.Stream, collate=torch.stack) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Full batches, a missing image's place taken by the last good one (the first, before any)."""
     ready: list[tuple[str, torch.Tensor] | None] = []
     last_good = None
@@ -116,7 +121,7 @@ def fill_batches(decoded: Iterator[tuple[str | None, torch.Tensor | None]], batc
             ready.append(last_good)
         while last_good is not None and len(ready) >= batch:
             chunk, ready = ready[:batch], ready[batch:]
-            yield torch.stack([image for _, image in chunk]), [key for key, _ in chunk]
+            yield collate([image for _, image in chunk]), [key for key, _ in chunk]
     if ready:
         raise stream.DataError(f"no readable image among the {plan.num_samples} samples that rank {plan.rank} reads "
                                f"in stream {plan.index} of epoch {plan.epoch}; check the shards with `shards inspect`")

@@ -39,7 +39,7 @@ from webdataset.gopen import gopen
 from webdataset.utils import make_seed
 
 from dcgan_dist.data import s3, tar
-from dcgan_dist.data.decode import IMAGE_KEYS, PIXELS, decode_jpegs, decode_pixels, image_key, to_unit_range
+from dcgan_dist.data.decode import IMAGE_KEYS, JPEG_KEYS, PIXELS, as_tensor, decode_jpegs, decode_on_device, decode_pixels, image_key, to_unit_range
 from dcgan_dist.data.manifest import RAW_KEYS, RAW_PIXELS, Manifest
 from dcgan_dist.data.split import Position
 from dcgan_dist.util import redact
@@ -184,6 +184,25 @@ def decode_batch(samples: list[dict | None], counters: Counters, image_size: int
             for sample, image in zip(samples, images)]
 
 
+def encoded_jpeg(sample: dict, counters: Counters) -> torch.Tensor | None:
+    """--decode gpu: the sample's JPEG as a uint8 tensor of its bytes, for the training process to
+    decode on its GPU; None (counted and logged) when it holds no JPEG."""
+    key = image_key(sample)
+    if key not in JPEG_KEYS:
+        counters.corrupt_samples += 1
+        log.warning("skipping sample %s of %s: no JPEG (%s) among %s", sample.get("__key__"),
+                    redact(sample.get("__url__", "?")), "/".join(JPEG_KEYS), sorted(sample))
+        return None
+    counters.samples += 1
+    return as_tensor(sample[key])
+
+
+def encoded_samples(samples: Iterator[dict], counters: Counters) -> Iterator[torch.Tensor]:
+    for sample in samples:
+        if (jpeg := encoded_jpeg(sample, counters)) is not None:
+            yield jpeg
+
+
 def decode_samples(samples: Iterator[dict], counters: Counters, image_size: int) -> Iterator[torch.Tensor]:
     """uint8 3 x H x W images; corrupt ones and samples without an image skipped and counted."""
     corrupt_in_a_row = 0
@@ -210,15 +229,17 @@ def counts_row(counters: Counters) -> torch.Tensor:
 
 
 def pipeline(manifest: Manifest, per_worker_batch: int, rank: int, seed: int, start_step: int,
-             shuffle_buffer: int, shard_retries: int, batches_per_epoch: int) -> wds.DataPipeline:
+             shuffle_buffer: int, shard_retries: int, batches_per_epoch: int, decode: str = "cpu") -> wds.DataPipeline:
     counters = Counters()
+    decoded = partial(decode_samples, counters=counters, image_size=manifest.image_size) if decode == "cpu" else \
+        partial(encoded_samples, counters=counters)
     return wds.DataPipeline(
         wds.ResampledShards(manifest.shard_urls, seed=seed, deterministic=True,
                             worker_seed=partial(_seed, seed, rank, start_step)),
         partial(read_shards, counters=counters, expected=manifest.expected_samples(), retries=shard_retries),
         partial(shuffle_samples, bufsize=shuffle_buffer, seed=seed, rank=rank, start_step=start_step),
-        partial(decode_samples, counters=counters, image_size=manifest.image_size),
-        wds.batched(per_worker_batch, collation_fn=torch.stack, partial=False),
+        decoded,
+        wds.batched(per_worker_batch, collation_fn=torch.stack if decode == "cpu" else list, partial=False),
         partial(with_counts, counters=counters),
     ).with_epoch(batches_per_epoch)
 
@@ -226,15 +247,16 @@ def pipeline(manifest: Manifest, per_worker_batch: int, rank: int, seed: int, st
 class ShardBatches:
     """Endless batches for one rank, the counts of what was skipped on the way, and where in the
     epochs the rank is. `epochs`: an epochs.EpochBatches to load (--sampling epochs); without
-    it, the resampled pipeline above."""
+    it, the resampled pipeline above. Batches come out on `device`, as floats in [-1, 1];
+    `decode="gpu"`: the loader processes hand over each batch's JPEGs encoded, decoded here."""
 
     def __init__(self, manifest: Manifest, per_worker_batch: int, rank: int, world_size: int, seed: int,
                  start_step: int = 0, loader_workers: int = 2, shuffle_buffer: int = 1000, shard_retries: int = 3,
-                 pin_memory: bool = False, epochs=None, device: str | torch.device = "cpu"):
+                 pin_memory: bool = False, epochs=None, device: str | torch.device = "cpu", decode: str = "cpu"):
         steps_per_epoch = max(1, manifest.num_samples // (per_worker_batch * world_size))
         if epochs is None:
             dataset = pipeline(manifest, per_worker_batch, rank, seed, start_step, shuffle_buffer, shard_retries,
-                               batches_per_epoch=math.ceil(steps_per_epoch / max(loader_workers, 1)))
+                               batches_per_epoch=math.ceil(steps_per_epoch / max(loader_workers, 1)), decode=decode)
             self.position = Position(*divmod(start_step, steps_per_epoch), steps_per_epoch)
         else:  # one endless pass: worker w gives this rank's batches w, w+L, ... across epochs
             dataset, self.position = epochs, Position(epochs.start_epoch, epochs.start_step, steps_per_epoch)
@@ -246,6 +268,8 @@ class ShardBatches:
         self._state = ("resampled" if epochs is None else "epochs", world_size, max(loader_workers, 1), per_worker_batch)
         self.keys: list[str] = []  # the sample keys of the last batch (--sampling epochs)
         self.device = device  # where uint8 batches become [-1, 1] floats: 4x fewer bytes to copy there
+        self.decode, self.image_size = decode, manifest.image_size
+        self._found_corrupt_here = 0  # --decode gpu: JPEGs that failed on the device, their places filled
         self._batches = iter(self.loader)
         self._counts: dict[int, torch.Tensor] = {}
 
@@ -264,12 +288,18 @@ class ShardBatches:
         self._counts[int(counts[0])] = counts[1:]
         self.keys = keys[0] if keys else []
         self.position = self.position.next()
+        if self.decode == "gpu":  # a list of encoded JPEGs
+            images, corrupt = decode_on_device(images, self.image_size, self.device)
+            self._found_corrupt_here += corrupt
         return to_unit_range(images.to(self.device, non_blocking=True))
 
     def counts(self) -> dict[str, int]:
         """{"corrupt_samples", "bad_shards", "samples", "s3_retries", "repeated_samples"}: this rank's totals so far."""
         total = sum(self._counts.values(), torch.zeros(len(COUNT_NAMES), dtype=torch.float64))
-        return dict(zip(COUNT_NAMES, (int(v) for v in total.tolist())))
+        counts = dict(zip(COUNT_NAMES, (int(v) for v in total.tolist())))
+        for name, change in (("corrupt_samples", 1), ("repeated_samples", 1), ("samples", -1)):
+            counts[name] += change * self._found_corrupt_here
+        return counts
 
     def data_position(self) -> dict:
         """The checkpoint's entry: Position.state() of the next batch."""

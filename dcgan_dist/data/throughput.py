@@ -14,24 +14,36 @@ import time
 from dcgan_dist.config import Config
 
 
-def reader_config(url: str, loader_workers: int, batch_size: int, sampling: str, shuffle_buffer: int, image_size: int) -> Config:
-    """The config of a one-rank run reading `url` with these reader settings."""
+def reader_config(url: str, loader_workers: int, batch_size: int, sampling: str, shuffle_buffer: int, image_size: int,
+                  decode: str = "cpu") -> Config:
+    """The config of a one-rank run reading `url` with these reader settings (a GPU run with
+    --decode gpu: batches are pinned and go to the GPU, decoded there)."""
     cfg = Config()
     cfg.data.data, cfg.data.loader_workers, cfg.data.sampling, cfg.data.shuffle_buffer = url, loader_workers, sampling, shuffle_buffer
-    cfg.loop.batch_size, cfg.model.image_size = batch_size, image_size
+    cfg.loop.batch_size, cfg.model.image_size, cfg.data.decode = batch_size, image_size, decode
+    cfg.cluster.use_gpu = decode == "gpu"
     return cfg
 
 
 def measure(cfg: Config, seconds: float) -> dict:
     """Images per second delivered to the training process over `seconds`, after the first batch
     (which pays for starting the loader processes and opening the first shards)."""
-    from dcgan_dist.data import open_batches  # torch: only needed here
+    import torch  # only needed here
 
-    batches = open_batches(cfg, rank=0, world_size=1)
+    from dcgan_dist.data import open_batches
+
+    device = torch.device("cuda" if cfg.cluster.use_gpu else "cpu")  # where training would want its batches
+    # This process only scales batches (or, --loader-workers 0, reads them too); one thread, as a
+    # DataLoader process has: a thread pool on busy cores waits more than it works (10x slower, measured).
+    torch.set_num_threads(1)
+    batches = open_batches(cfg, rank=0, world_size=1, device=device)
     next(batches)
     images, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds:
         images += len(next(batches))
+    if device.type == "cuda":  # the last batches' decode and scaling are queued on the GPU
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
     counts = batches.counts()
     del batches  # stops the loader processes
     return {"images": images, "seconds": elapsed, "img_s": images / elapsed, "counts": counts}
