@@ -14,11 +14,14 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 DECODERS = ("cpu", "gpu")  # --decode: JPEGs in the loader processes, or a batch at a time on the training worker's GPU
 PIXELS = "pixels"  # a raw image: a 3 x H x W uint8 tensor, one of its group's (stream.tar_samples unpacks groups)
 JPEG_KEYS = ("jpg", "jpeg")
-IMAGE_KEYS = (*JPEG_KEYS, "png", "webp", PIXELS)
+IMAGE_KEYS = (PIXELS, *JPEG_KEYS, "png", "webp")
 
 
 def image_key(sample: dict) -> str | None:
-    return next((key for key in IMAGE_KEYS if key in sample), None)
+    for key in IMAGE_KEYS:  # a loop, not next(genexpr): this runs for every sample
+        if key in sample:
+            return key
+    return None
 
 
 def as_tensor(data: bytes) -> torch.Tensor:

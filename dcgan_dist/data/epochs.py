@@ -49,7 +49,7 @@ class EpochBatches(IterableDataset):
             index = split.stream_of_worker(worker, epoch, self.steps, self.loader_streams, self.start_epoch, self.start_step)
             skip = split.batches_before(index, self.loader_streams, self.start_step) if epoch == self.start_epoch else 0
             for images, keys in self.stream_batches(self.plan(epoch, index), skip, counters):
-                yield images, stream.counts_row(counters), keys
+                yield images, stream.counts_row(counters), "\n".join(keys)  # one string: the DataLoader converts each item
 
     def stream_batches(self, plan: split.Stream, skip: int, counters: stream.Counters) -> Iterator[tuple[torch.Tensor, list[str]]]:
         """The stream's batches from batch `skip` on."""

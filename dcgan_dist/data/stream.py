@@ -88,13 +88,21 @@ def tar_samples(fileobj, url: str) -> Iterator[dict]:
 def raw_images(group: dict) -> Iterator[dict]:
     """The images of a raw group. One that does not parse ends its shard's read, as a truncated
     tar does (its images cannot be counted, so none after it could be placed)."""
-    pixels = np.load(io.BytesIO(group[RAW_PIXELS]), allow_pickle=False)
+    data = group[RAW_PIXELS]
+    header = io.BytesIO(bytes(data[:4096]))  # .npy: magic, version, then the header (numpy's own parser, no pickle)
+    version = np.lib.format.read_magic(header)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(header)
     keys = np.load(io.BytesIO(group[RAW_KEYS]), allow_pickle=False) if RAW_KEYS in group else np.array([])
-    if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1] != 3 or keys.shape != pixels.shape[:1]:
-        raise ValueError(f"raw group {group['__key__']}: {pixels.dtype} pixels {pixels.shape} and {keys.shape} keys "
+    if dtype != np.uint8 or fortran_order or len(shape) != 4 or shape[1] != 3 or keys.shape != shape[:1] \
+            or len(data) != header.tell() + math.prod(shape):
+        raise ValueError(f"raw group {group['__key__']}: {dtype} pixels {shape} ({len(data)} bytes) and {keys.shape} keys "
                          "are not N x 3 x H x W uint8 with N keys")
+    if isinstance(data, bytes):
+        data = bytearray(data)  # torch wraps only writable buffers
+    pixels = torch.frombuffer(data, dtype=torch.uint8, offset=header.tell()).view(shape)  # no copy
     url = group["__url__"]
-    for key, image in zip(keys.tolist(), torch.from_numpy(pixels.copy())):  # np.load of bytes is read-only
+    for key, image in zip(keys.tolist(), pixels):
         yield {"__key__": key, "__url__": url, PIXELS: image}
 
 
@@ -286,7 +294,7 @@ class ShardBatches:
         else:
             raise DataError("the shard stream gave no batch in a whole epoch")
         self._counts[int(counts[0])] = counts[1:]
-        self.keys = keys[0] if keys else []
+        self.keys = keys[0].split("\n") if keys else []
         self.position = self.position.next()
         if self.decode == "gpu":  # a list of encoded JPEGs
             images, corrupt = decode_on_device(images, self.image_size, self.device)

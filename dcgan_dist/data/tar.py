@@ -37,14 +37,26 @@ class Blocks:
             data, self.at = self.buffer[self.at:end], end
             return data
         rest = self.buffer[self.at:]
-        if size - len(rest) > self.CHUNK // 8:  # a large member: read straight, not copied through the buffer
-            data, self.buffer, self.at = rest + self.read(size - len(rest)), b"", 0
+        if size - len(rest) > self.CHUNK // 8:  # a large member (a raw group): read straight into its own buffer
+            data, self.buffer, self.at = self.read_into(rest, size), b"", 0
         else:
             self.buffer = rest + self.read(self.CHUNK)
             data = self.buffer[:size]
             self.at = len(data)
         if len(data) < size and not allow_short:
             raise TarError(f"the tar stream ends {size - len(data)} bytes short of a member")
+        return data
+
+    def read_into(self, start: bytes, size: int) -> bytearray:
+        """`start` and then what follows in the stream, `size` bytes in all (fewer at its end), in
+        one writable buffer: readers may wrap it in a tensor without copying it again."""
+        data = bytearray(size)
+        data[:len(start)] = start
+        view, have = memoryview(data), len(start)
+        while have < size and (got := self.fileobj.readinto(view[have:])):
+            have += got
+        view.release()
+        del data[have:]
         return data
 
     def read(self, size: int) -> bytes:
@@ -91,7 +103,12 @@ def tar_members(fileobj) -> Iterator[tuple[str, bytes]]:
             raise TarError("a tar header without the ustar magic: not a tar, or misaligned")
         kind, size = header[156:157], header_number(header[124:136])
         size = int(pax.get("size", size))
-        data = blocks.take(-(-size // BLOCK) * BLOCK)[:size]
+        data = blocks.take(-(-size // BLOCK) * BLOCK)
+        if len(data) > size:
+            if isinstance(data, bytearray):
+                del data[size:]  # in place: no copy of a large member
+            else:
+                data = data[:size]
         if kind in (b"x", b"g"):  # pax: this (x) or every (g, ignored) following member's fields
             if kind == b"x":
                 pax = pax_records(data)
