@@ -141,3 +141,34 @@ def test_device_decode_fills_a_corrupt_jpegs_place_and_counts_it():
     assert corrupt == 2 and [torch.equal(filled[i], batch[j]) for i, j in ((0, 0), (1, 0), (2, 0), (3, 2))] == [True] * 4
     with pytest.raises(ValueError, match="none of the 1 JPEGs of a batch decodes on cpu"):
         decode_on_device([as_tensor(b"nope")], 8, "cpu")
+
+
+# ---------------------------------------------------------------- tar members from their headers
+
+
+def test_tar_samples_equal_webdatasets_for_pax_gnu_and_ustar_tars_and_a_cut_tar_raises(tmp_path):
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    long_dir = "d" * 120  # longer than a ustar name field: a pax path record, or a GNU long name
+    members = [(f"{long_dir}/000001.jpg", jpeg()), (f"{long_dir}/000001.cls", b"7"), ("000002.jpg", b"x" * 513),
+               ("000002.json", b"{}"), ("000003.u8.npy", bytes(1 << 18))]
+    for tar_format in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tar_format) as archive:
+            archive.addfile(tarfile.TarInfo("a-folder/"))  # not a file: passed over
+            for name, data in members:
+                if tar_format == tarfile.USTAR_FORMAT:
+                    name = name.replace(long_dir, "d" * 90)  # ustar's prefix field holds the folder
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(data), 1.5  # a float mtime: a pax record per member, as TarWriter's
+                archive.addfile(info, io.BytesIO(data))
+        raw = buffer.getvalue()
+        ours = list(tar.samples(io.BytesIO(raw), "u"))
+        assert ours == list(group_by_keys(dict(member, __url__="u") for member in tar_file_iterator(io.BytesIO(raw))))
+        folder = long_dir if tar_format != tarfile.USTAR_FORMAT else "d" * 90
+        assert [sample["__key__"] for sample in ours] == [f"{folder}/000001", "000002", "000003"]
+        assert ours[0]["cls"] == b"7" and ours[1]["jpg"] == b"x" * 513 and len(ours[2]["u8.npy"]) == 1 << 18
+        with pytest.raises(tar.TarError, match="ends .* short"):
+            list(tar.samples(io.BytesIO(raw[:len(raw) - 1024 - (1 << 17)]), "u"))  # cut inside the last member
+    with pytest.raises(tar.TarError, match="ustar magic"):
+        list(tar.samples(io.BytesIO(b"not a tar" * 100), "u"))
