@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -99,7 +100,8 @@ def write_shard(index: int) -> dict:
     written, skipped = 0, []
     group_keys, group_images = [], []
     try:
-        with wds.TarWriter(tmp) as sink:
+        # An int mtime: a float one (TarWriter's default, time.time()) costs every member a pax header, which readers parse
+        with wds.TarWriter(tmp, mtime=int(time.time())) as sink:
             for offset, item in enumerate(items):
                 key = f"{first + offset:09d}"
                 try:

@@ -110,7 +110,7 @@ def tar_members(fileobj) -> Iterator[tuple[str, bytes]]:
             else:
                 data = data[:size]
         if kind in (b"x", b"g"):  # pax: this (x) or every (g, ignored) following member's fields
-            if kind == b"x":
+            if kind == b"x" and (b"path=" in data or b"size=" in data):  # others (mtime, ...) change nothing here
                 pax = pax_records(data)
             continue
         if kind == b"L":  # GNU long name of the next member
