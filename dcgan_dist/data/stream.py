@@ -232,8 +232,9 @@ def with_counts(batches: Iterator[torch.Tensor], counters: Counters) -> Iterator
         yield images, counts_row(counters)
 
 
-def counts_row(counters: Counters) -> torch.Tensor:
-    return torch.tensor([_worker_id()] + [getattr(counters, name) for name in COUNT_NAMES], dtype=torch.float64)
+def counts_row(counters: Counters) -> tuple[int, ...]:
+    """(worker id, *counts): plain ints, pickled with the batch (a tensor would cost a shared-memory segment per batch)."""
+    return (_worker_id(), *(getattr(counters, name) for name in COUNT_NAMES))
 
 
 def pipeline(manifest: Manifest, per_worker_batch: int, rank: int, seed: int, start_step: int,
@@ -293,7 +294,7 @@ class ShardBatches:
                 self._batches = iter(self.loader)
         else:
             raise DataError("the shard stream gave no batch in a whole epoch")
-        self._counts[int(counts[0])] = counts[1:]
+        self._counts[int(counts[0])] = torch.tensor(counts[1:], dtype=torch.float64)
         self.keys = keys[0].split("\n") if keys else []
         self.position = self.position.next()
         if self.decode == "gpu":  # a list of encoded JPEGs
