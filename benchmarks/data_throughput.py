@@ -29,6 +29,7 @@ import webdataset as wds
 from PIL import Image
 
 from dcgan_dist.data import manifest, pack, s3, stream
+from dcgan_dist.data.decode import decode
 from dcgan_dist.models import build_models, sample_latent
 from dcgan_dist.step import gan_step, make_optimizers
 
@@ -112,7 +113,7 @@ def main() -> None:
     torch.set_num_threads(1)  # per core
 
     images = synthetic_jpegs(args.images, args.image_size)
-    rows = [("decode+scale, torchvision decode_image, 1 thread", f"{rate(lambda d: stream.decode(d, args.image_size), images):,.0f} img/s/core"),
+    rows = [("decode+scale, torchvision decode_image, 1 thread", f"{rate(lambda d: decode(d, args.image_size), images):,.0f} img/s/core"),
             ("decode+scale, PIL Image.open+convert, 1 thread", f"{rate(pil_decode, images):,.0f} img/s/core")]
 
     with socket.socket() as probe:

@@ -23,6 +23,7 @@ import yaml
 
 # Each choice list lives in the module that owns the choices.
 from dcgan_dist import models, step
+from dcgan_dist.data.decode import DECODERS
 from dcgan_dist.data.split import SAMPLINGS
 from dcgan_dist.evaluate.backbones import BACKBONES, NEEDS_WEIGHTS
 
@@ -61,6 +62,7 @@ class DataConfig:
                                        "consecutive blocks of this many (shards are also shuffled)")
     sampling: str = option("epochs", "shard manifests: epochs = every sample once per epoch, split across ranks and loader "
                                      "workers, exact resume; resampled = shards drawn with replacement, an endless stream", SAMPLINGS)
+    decode: str = option("cpu", "where JPEGs are decoded: cpu = loader processes; gpu = the training worker's GPU, a batch a call (needs --use-gpu)", DECODERS)
     shard_retries: int = option(3, "retries for a shard that fails to open before it is skipped and counted")
     max_corrupt_fraction: float = option(0.01, "stop the run when more than this share of images read were corrupt")
 
@@ -182,12 +184,8 @@ def coerce(path: str, value: Any) -> Any:
     name = path.rsplit(".", 1)[1]
     try:
         if tp is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
             if not isinstance(value, bool):
                 raise ValueError
             return value
@@ -294,6 +292,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(name, f"must be >= 0 (got {getattr(getattr(cfg, section), name)})")
     if not 0.0 <= cfg.data.max_corrupt_fraction <= 1.0:
         raise ConfigError("max_corrupt_fraction", f"must be in [0, 1] (got {cfg.data.max_corrupt_fraction})")
+    if cfg.data.decode == "gpu" and not cfg.cluster.use_gpu:
+        raise ConfigError("decode", "gpu decodes on the training workers' CUDA devices: it needs --use-gpu")
     if cfg.cluster.max_failures < -1:
         raise ConfigError("max_failures", f"must be >= -1 (got {cfg.cluster.max_failures})")
     if cfg.cluster.cpus_per_worker < 0:

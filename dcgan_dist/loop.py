@@ -170,7 +170,8 @@ def setup(cfg: Config, launch: dict[str, Any]) -> Worker:
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
 
-    batches = data.open_batches(cfg, rank, world_size, start_step, state.get("data_position") if state is not None else None)
+    batches = data.open_batches(cfg, rank, world_size, start_step, state.get("data_position") if state is not None else None,
+                                device=device)
     z_fixed = sample_latent(SAMPLE_GRID_SIZE, cfg.model.preset, rng=torch.Generator().manual_seed(cfg.loop.seed))
 
     node_of_rank = nodes_of_ranks(world_size)

@@ -1,10 +1,11 @@
-"""`python -m dcgan_dist.shards`: pack images into WebDataset shards, inspect a manifest, and
-print an epoch's split.
+"""`python -m dcgan_dist.shards`: pack images into WebDataset shards, inspect a manifest, print an
+epoch's split, remove near-duplicates, and time training's reader on a manifest.
 
     python -m dcgan_dist.shards pack --source lsun --in bedroom_train_lmdb --out s3://bucket/lsun64 --image-size 64
     python -m dcgan_dist.shards inspect s3://bucket/lsun64/manifest.json --preview lsun64.png
     python -m dcgan_dist.shards plan s3://bucket/lsun64/manifest.json --world-size 8 --loader-workers 4 --epoch 0
     python -m dcgan_dist.shards dedup s3://bucket/lsun64/manifest.json --out s3://bucket/lsun64-dedup
+    python -m dcgan_dist.shards bench s3://bucket/lsun64/manifest.json --loader-workers 4 --step-img-s 40000
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import sys
 
 from dcgan_dist.config import IMAGE_SIZES, OneLineErrorParser
 from dcgan_dist.data import manifest, pack, s3
+from dcgan_dist.data.decode import DECODERS
 from dcgan_dist.data.sources import NAMES
+from dcgan_dist.data.split import SAMPLINGS
 from dcgan_dist.util import redact, run_cli
 
 
@@ -28,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR_OR_S3_PREFIX")
     p.add_argument("--image-size", type=int, required=True, choices=IMAGE_SIZES)
     p.add_argument("--format", dest="image_format", default="jpeg", choices=tuple(pack.FORMATS))
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default: 1000)")
+    p.add_argument("--group-size", type=int, help=f"--format raw: images per tar member (default: {pack.RAW_GROUP_SIZE})")
     p.add_argument("--workers", type=int, default=1, help="processes building shards (default: 1)")
     p.add_argument("--no-progress", action="store_true")
     i = commands.add_parser("inspect", help="read every shard back: counts, sizes, sha256, a preview grid")
@@ -47,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR_OR_S3_PREFIX")
     for flag, kind, default, text in DEDUP_FLAGS:
         p.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
+    b = commands.add_parser("bench", help="time training's reader on a manifest: img/s delivered, per loader process, processes a step needs")
+    b.add_argument("url", help="PATH/manifest.json or s3://bucket/prefix/manifest.json")
+    b.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes, as training's --loader-workers (default: 2)")
+    b.add_argument("--batch-size", type=int, default=128, help="batch, as training's --batch-size on one worker (default: 128)")
+    b.add_argument("--seconds", type=float, default=10.0, help="how long to read, after the first batch (default: 10)")
+    b.add_argument("--step-img-s", type=float, help="a training step's rate in img/s: print how many loader processes feed it")
+    b.add_argument("--sampling", default="epochs", choices=SAMPLINGS, help="training's --sampling (default: epochs)")
+    b.add_argument("--shuffle-buffer", type=int, default=1000, help="training's --shuffle-buffer (default: 1000)")
+    b.add_argument("--decode", default="cpu", choices=DECODERS, help="training's --decode; gpu needs CUDA here (default: cpu)")
     return parser
 
 
@@ -61,7 +74,8 @@ DEDUP_FLAGS = (  # flag, type, default, help; each is a field of dedup.DedupSett
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"pack": pack_command, "inspect": inspect_command, "plan": plan_command, "dedup": dedup_command}[args.command]
+    command = {"pack": pack_command, "inspect": inspect_command, "plan": plan_command, "bench": bench_command,
+               "dedup": dedup_command}[args.command]
     return run_cli("python -m dcgan_dist.shards", lambda: command(args), (s3.StorageError, manifest.ManifestError, FileNotFoundError, ValueError))
 
 
@@ -69,7 +83,7 @@ def pack_command(args: argparse.Namespace) -> int:
     if args.shard_size < 1 or args.workers < 1:
         raise ValueError("--shard-size and --workers must be >= 1")
     report = pack.pack(args.source, args.source_path, args.out, args.image_size, args.image_format,
-                       args.shard_size, args.workers, progress=not args.no_progress)
+                       args.shard_size, args.workers, progress=not args.no_progress, group_size=args.group_size)
     for line in report["skipped"]:
         print(f"skipped: {line}", file=sys.stderr)
     print(f"{report['samples']} images in {report['shards']} shards ({report['packed_now']} packed now, "
@@ -116,6 +130,33 @@ def dedup_command(args: argparse.Namespace) -> int:
     report = dedup.dedup(args.url, args.out, dedup.DedupSettings(**fields))
     print(f"{report['removed']} near-duplicates removed in {len(report['groups'])} groups, {report['kept']} of "
           f"{report['samples']} images kept: {redact(report['manifest'])} (groups: {dedup.REPORT_NAME})")
+    return 0
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from dcgan_dist.data import throughput
+
+    if args.loader_workers < 0 or args.batch_size < 1 or args.shuffle_buffer < 0:
+        raise ValueError("--loader-workers and --shuffle-buffer must be >= 0, --batch-size >= 1")
+    if not args.seconds > 0 or (args.step_img_s is not None and not args.step_img_s > 0):
+        raise ValueError("--seconds and --step-img-s must be > 0")
+    shards = manifest.read(args.url)
+    if args.decode == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--decode gpu decodes on a CUDA device, and this machine has none")
+        if shards.image_format != "jpeg":
+            raise ValueError(f"--decode gpu decodes JPEG shards; {redact(args.url)} holds {shards.image_format}")
+    if args.sampling == "epochs":  # the split's own check, before any process starts
+        from dcgan_dist.data import split
+
+        split.check([shard["num_samples"] for shard in shards.shards], 1, max(args.loader_workers, 1), args.batch_size)
+    print(f"{redact(args.url)}: {shards.num_samples} {shards.image_size} px {shards.image_format} images in {len(shards.shards)} shards")
+    cfg = throughput.reader_config(args.url, args.loader_workers, args.batch_size, args.sampling, args.shuffle_buffer, shards.image_size,
+                                   args.decode)
+    result = throughput.measure(cfg, args.seconds)
+    print("\n".join(throughput.report_lines(result, args.loader_workers, args.step_img_s)))
     return 0
 
 

@@ -51,6 +51,8 @@ def preflight(cfg: Config) -> Config:
     option at fault. Raises ConfigError or TrackingError."""
     check_ray_address(cfg.cluster.ray_address)
     if cfg.data.data in data.SOURCES:
+        if cfg.data.decode == "gpu":
+            raise ConfigError("decode", f"gpu decodes JPEG shards; --data {cfg.data.data} is a bundled set of pixels")
         num_images = len(data.open_dataset(cfg.data.data, cfg.model.image_size))
     elif manifest.is_manifest_url(cfg.data.data):
         num_images = check_manifest(cfg)
@@ -154,6 +156,8 @@ def check_manifest(cfg: Config) -> int:
     if shards.image_size != cfg.model.image_size:
         raise ConfigError("image_size", f"{cfg.model.image_size} disagrees with field 'image_size' = {shards.image_size} "
                                         f"of manifest {redact(cfg.data.data)}")
+    if cfg.data.decode == "gpu" and shards.image_format != "jpeg":
+        raise ConfigError("decode", f"gpu decodes JPEG shards; manifest {redact(cfg.data.data)} holds {shards.image_format}")
     return shards.num_samples
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 from dcgan_dist import checkpoint, config
 from dcgan_dist.config import ConfigError
 from dcgan_dist.data import manifest, pack, s3, stream
+from dcgan_dist.data.decode import decode
 from dcgan_dist.data.preview import inspect_manifest as inspect
 from dcgan_dist.data.sources import lsun
 from dcgan_dist.train import main, preflight
@@ -144,7 +145,7 @@ def test_pack_lsun_from_lmdb_centre_crops(tmp_path):
     assert report["samples"] == 5
     shards = manifest.read(report["manifest"])
     with tarfile.open(shards.shard_urls[0]) as shard:
-        image = stream.decode(shard.extractfile("000000000.jpg").read(), 32)
+        image = decode(shard.extractfile("000000000.jpg").read(), 32)
     assert image.shape == (3, 32, 32)
     # only the red centre survives the crop (JPEG blurs the edges a little)
     assert image[0].mean() > 0.9 and image[1].mean() < -0.8
@@ -189,7 +190,7 @@ def test_pack_lsun_writes_each_key_once_in_order_across_shards(tmp_path):
     read = {}
     for url in shards.shard_urls:
         with tarfile.open(url) as shard:
-            read |= {Path(m.name).stem: stream.decode(shard.extractfile(m).read(), 32) for m in shard.getmembers()}
+            read |= {Path(m.name).stem: decode(shard.extractfile(m).read(), 32) for m in shard.getmembers()}
     assert sorted(read) == [f"{i:09d}" for i in range(11) if i != 5]
     for key, image in read.items():  # sample i is the lmdb's i-th key, its colour
         expected = torch.tensor(colours[int(key)], dtype=torch.float32) / 127.5 - 1

@@ -13,7 +13,7 @@
 #      benchmarks/gpu/verify_run.py checks metrics, registered models, system/gpu_* metrics, img/s
 #   c  --bn-sync on the GPU (SyncBatchNorm over NCCL, 1 worker) and the RNG resume: an interrupted
 #      and resumed run against an uninterrupted one (and a second one, the run-to-run noise), on digits
-#   d  benchmarks/gpu/decode.py: JPEG decode on the GPU (batched) against the CPU cores
+#   d  benchmarks/gpu/decode.py: JPEG decode on the GPU (batched) against the CPU cores; shards bench --decode cpu|gpu
 # It ends with one table (part | status | key figures), also written to OUT/summary.md.
 #
 # Options: --out DIR (default ./gpu-results), --only a,b,c,d, --dry-run, --wheels DIR (default
@@ -61,14 +61,14 @@ started=$(date +%s)
 # Sizes and time budgets (seconds). The GPU run's parts add up to the 6 minutes it may take.
 if [ "$dry" = 1 ]; then
   total_budget=570
-  declare -A budget=([a]=100 [b]=180 [c]=240 [d]=40)
+  declare -A budget=([a]=100 [b]=180 [c]=220 [d]=60)
   device=cpu px=32 batch=16 precision=fp32 use_gpu=""
   bench_runs="8:35 16:35"; bench_opts="--steps 1 --repeats 2 --warmup 1 --variant-budget-s 20"  # BATCH:TOTAL_BUDGET_S
   b_steps=12 b_more=8 b_log=4 b_eval=12 eval_samples=200
   c_steps=6 c_log=3 c_control=0 loaders=1 decode_images=256
 else
   total_budget=360
-  declare -A budget=([a]=150 [b]=100 [c]=75 [d]=20)
+  declare -A budget=([a]=140 [b]=100 [c]=75 [d]=30)
   device=cuda px=64 batch=128 precision=bf16 use_gpu="--use-gpu"
   # each bench run is time-boxed as a whole and per variant (a cold torch.compile takes tens of seconds)
   bench_runs="128:80 2048:55"; bench_opts="--variant-budget-s 35"
@@ -202,6 +202,20 @@ try:
 except (OSError, ValueError):
     print(0)' "$(bench_json "$batch")")
   "$PY" benchmarks/gpu/decode.py --device "$device" --image-size 64 --images "$decode_images" --target-img-per-s "$target"
+  # training's own reader on JPEG shards, decoding in the loader processes and (on a GPU) on the GPU
+  pack_shards || return 1
+  local decoders="cpu" rates="" line step=()
+  [ "$device" = cuda ] && decoders="cpu gpu"
+  awk -v t="$target" 'BEGIN { exit !(t > 0) }' && step=(--step-img-s "$target")
+  for decoder in $decoders; do
+    echo "== python -m dcgan_dist.shards bench --decode $decoder --loader-workers $loaders"
+    "$PY" -m dcgan_dist.shards bench "$scratch/shards/manifest.json" --decode "$decoder" --loader-workers "$loaders" \
+      --batch-size "$batch" --seconds 3 "${step[@]}" >"$scratch/reader-$decoder.txt" || { cat "$scratch/reader-$decoder.txt"; return 1; }
+    cat "$scratch/reader-$decoder.txt"
+    line=$(tail -1 "$scratch/reader-$decoder.txt")
+    rates="${rates:+$rates, }--decode $decoder ${line#shards bench: }"
+  done
+  echo "figures reader: $rates"
 }
 
 # One Ray instance for every training run of parts b and c (benchmarks/gpu/ray_head.py), started

@@ -92,12 +92,14 @@ class InMemoryBatches:
         return self.position.state(*self._state)
 
 
-def open_batches(cfg, rank: int, world_size: int, start_step: int = 0, data_position: dict | None = None):
+def open_batches(cfg, rank: int, world_size: int, start_step: int = 0, data_position: dict | None = None,
+                 device: str | torch.device = "cpu"):
     """The batch iterator the training loop uses for `cfg.data.data`: an iterator of NCHW
     batches with `counts()` ({"corrupt_samples", "bad_shards", "samples", "repeated_samples"}
     so far), `position` (a split.Position: epoch and step of the next batch) and
     `data_position()` (the checkpoint's entry). A resumed run passes its checkpoint's
-    `data_position` (shard manifests continue from it) and its step."""
+    `data_position` (shard manifests continue from it) and its step. Shard batches arrive on
+    `device` (scaled there from uint8)."""
     # Pinned host memory lets the loop's .to(device, non_blocking=True) copy without a host sync.
     pin_memory = cfg.cluster.use_gpu
     if cfg.data.data in SOURCES:
@@ -117,9 +119,11 @@ def open_batches(cfg, rank: int, world_size: int, start_step: int = 0, data_posi
             log.warning("resuming at epoch %d step %d, but %s: this epoch's split differs from the interrupted one's "
                         "(some of its samples may be read twice or not at all)", position.epoch, position.step, changed)
         epoch_batches = epochs.EpochBatches(shards, cfg.per_worker_batch, rank, world_size, cfg.loop.seed, position.epoch,
-                                            position.step, cfg.data.loader_workers, cfg.data.shuffle_buffer, cfg.data.shard_retries)
+                                            position.step, cfg.data.loader_workers, cfg.data.shuffle_buffer, cfg.data.shard_retries,
+                                            cfg.data.decode)
     return stream.ShardBatches(
         shards, cfg.per_worker_batch, rank, world_size, cfg.loop.seed, start_step,
         loader_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-        shard_retries=cfg.data.shard_retries, pin_memory=pin_memory, epochs=epoch_batches,
+        shard_retries=cfg.data.shard_retries, pin_memory=pin_memory, epochs=epoch_batches, device=device,
+        decode=cfg.data.decode,
     )

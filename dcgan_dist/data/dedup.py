@@ -24,7 +24,7 @@ import webdataset as wds
 from torch import nn
 from torch.nn import functional as F
 
-from dcgan_dist.data import manifest, s3, stream
+from dcgan_dist.data import decode, manifest, s3, stream
 from dcgan_dist.data.pack import TOOL_VERSION, new_shard_file, place_shard, shard_name
 
 SIDE, CODE_BITS = 32, 128
@@ -74,9 +74,9 @@ def samples(shards: manifest.Manifest, order: list[int] | None = None) -> Iterat
 
 def thumbnail(sample: dict, image_size: int) -> torch.Tensor | None:
     """The sample's image at 32x32, flattened, 0..1; None when it does not decode."""
-    data = next((sample[key] for key in stream.IMAGE_KEYS if key in sample), None)
+    key = decode.image_key(sample)
     try:
-        image = (stream.decode(data, image_size) + 1) / 2
+        image = (decode.decode(sample[key], image_size) + 1) / 2
     except Exception:  # noqa: BLE001 - a corrupt image is kept and counted, never grouped
         return None
     if image_size != SIDE:
@@ -181,6 +181,9 @@ def write_kept(shards: manifest.Manifest, removed: set[int], named: set[int], ou
 def dedup(url: str, out: str, settings: DedupSettings = DedupSettings()) -> dict:
     """De-duplicate the manifest at `url` into shards + manifest.json + dedup-report.json under `out`."""
     shards = manifest.read(url)
+    if shards.image_format == "raw":  # the kept samples are copied as they are, one tar member each
+        raise ValueError(f"{url}: shards dedup copies JPEG or PNG shards; this manifest holds raw pixel groups "
+                         "(de-duplicate the JPEG or PNG shards, then pack raw ones from the source)")
     if not s3.is_s3(out):
         out = str(Path(out).resolve())
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -234,7 +237,7 @@ def planted_digits(out: str, originals: int = 100, seed: int = 0, shard_size: in
         images = [pack.encode(pack.preprocess(load(item), SIDE), "jpeg") for item in source.items]
     entries = [(f"{i:06d}", data, f"{i:06d}") for i, data in enumerate(images)]
     for i in rng.choice(len(images), originals, replace=False):
-        pixels = stream.decode(images[i], SIDE).add(1).mul(127.5).round().byte().permute(1, 2, 0).numpy()
+        pixels = decode.decode(images[i], SIDE).add(1).mul(127.5).round().byte().permute(1, 2, 0).numpy()
         entries += [(f"{i:06d}-{kind}", data, f"{i:06d}") for kind, data in near_copies(pixels, rng).items()]
     rng.shuffle(entries)
     truth = {key: original for key, _, original in entries if key != original}

@@ -4,13 +4,14 @@ epoch after epoch, and hands out exactly the batches the plan gives it.
 Per stream: open only the shards that still hold samples to hand out (through stream.read_shards:
 retries, bad and truncated shards counted), pass over the tar members before a piece's start
 without decoding them, keep each sample's bytes until its turn in the planned reading order (at
-most --shuffle-buffer of them), decode it then (stream.decode_samples: corrupt images counted),
-and batch. A sample that cannot be had (a corrupt image, an unreadable or short shard) keeps its
-place: the last good image of the stream fills it (the first good one, at a stream's start),
-counted in `repeated_samples`. So every stream gives exactly its planned number of batches, every
-rank the same number of steps (DDP never waits on a rank that ran dry), and batch k of a stream
-is always made of the same planned positions: a reader started at step t of an epoch (a resumed
-run) hands out what an uninterrupted one would from there on, without decoding what came before.
+most --shuffle-buffer of them), decode a batch's samples together when their turn comes
+(stream.decode_batch: the JPEGs in one call; corrupt images counted), and batch. A sample that
+cannot be had (a corrupt image, an unreadable or short shard) keeps its place: the last good image
+of the stream fills it (the first good one, at a stream's start), counted in `repeated_samples`. So
+every stream gives exactly its planned number of batches, every rank the same number of steps (DDP
+never waits on a rank that ran dry), and batch k of a stream is always made of the same planned
+positions: a reader started at step t of an epoch (a resumed run) hands out what an uninterrupted
+one would from there on, without decoding what came before.
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ class EpochBatches(IterableDataset):
 
     def __init__(self, manifest: Manifest, per_rank_batch: int, rank: int, world_size: int, seed: int,
                  start_epoch: int = 0, start_step: int = 0, loader_workers: int = 2, shuffle_buffer: int = 1000,
-                 shard_retries: int = 3):
+                 shard_retries: int = 3, decode: str = "cpu"):
         self.urls, self.expected = manifest.shard_urls, manifest.expected_samples()
         self.counts = [shard["num_samples"] for shard in manifest.shards]
         self.image_size, self.batch, self.rank, self.world_size, self.seed = manifest.image_size, per_rank_batch, rank, world_size, seed
         self.loader_streams = max(loader_workers, 1)
         self.steps = split.check(self.counts, world_size, self.loader_streams, per_rank_batch)
         self.start_epoch, self.start_step = start_epoch, start_step
-        self.shuffle_buffer, self.shard_retries = shuffle_buffer, shard_retries
+        self.shuffle_buffer, self.shard_retries, self.decode = shuffle_buffer, shard_retries, decode
 
     def plan(self, epoch: int, index: int) -> split.Stream:
         return split.stream(self.counts, self.seed, epoch, self.world_size, self.loader_streams, self.batch, self.rank, index)
@@ -48,7 +49,7 @@ class EpochBatches(IterableDataset):
             index = split.stream_of_worker(worker, epoch, self.steps, self.loader_streams, self.start_epoch, self.start_step)
             skip = split.batches_before(index, self.loader_streams, self.start_step) if epoch == self.start_epoch else 0
             for images, keys in self.stream_batches(self.plan(epoch, index), skip, counters):
-                yield images, stream.counts_row(counters), keys
+                yield images, stream.counts_row(counters), "\n".join(keys)  # one string: the DataLoader converts each item
 
     def stream_batches(self, plan: split.Stream, skip: int, counters: stream.Counters) -> Iterator[tuple[torch.Tensor, list[str]]]:
         """The stream's batches from batch `skip` on."""
@@ -58,9 +59,15 @@ class EpochBatches(IterableDataset):
         for position in order[first:]:
             wanted[position] = 1
         samples = in_turn(order, first, read_positions(plan, wanted, self.urls, self.expected, counters, self.shard_retries))
-        decoded = ((sample["__key__"], decode_one(sample, counters, self.image_size)) if sample is not None else (None, None)
-                   for sample in samples)
-        yield from fill_batches(decoded, self.batch, counters, plan)
+        chunks = iter(lambda: list(itertools.islice(samples, self.batch)), [])  # a batch's samples decoded together
+        if self.decode == "cpu":
+            decoded = ((sample and sample["__key__"], image) for chunk in chunks
+                       for sample, image in zip(chunk, stream.decode_batch(chunk, counters, self.image_size)))
+            yield from fill_batches(decoded, self.batch, counters, plan)
+        else:  # --decode gpu: the JPEGs go out encoded, the training process decodes them
+            encoded = ((sample and sample["__key__"], sample and stream.encoded_jpeg(sample, counters))
+                       for chunk in chunks for sample in chunk)
+            yield from fill_batches(encoded, self.batch, counters, plan, collate=list)
 
 
 def read_positions(plan: split.Stream, wanted: bytearray, urls: list[str], expected: dict[str, int],
@@ -98,13 +105,8 @@ def in_turn(order: list[int], first: int, positioned: Iterator[tuple[int, dict |
             turn += 1
 
 
-def decode_one(sample: dict, counters: stream.Counters, image_size: int) -> torch.Tensor | None:
-    """The sample's image, or None when it is corrupt (counted and logged by the reader's decoder)."""
-    return next(stream.decode_samples(iter([sample]), counters, image_size), None)
-
-
 def fill_batches(decoded: Iterator[tuple[str | None, torch.Tensor | None]], batch: int, counters: stream.Counters,
-                 plan: split.Stream) -> Iterator[tuple[torch.Tensor, list[str]]]:
+                 plan: split.Stream, collate=torch.stack) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Full batches, a missing image's place taken by the last good one (the first, before any)."""
     ready: list[tuple[str, torch.Tensor] | None] = []
     last_good = None
@@ -119,7 +121,7 @@ def fill_batches(decoded: Iterator[tuple[str | None, torch.Tensor | None]], batc
             ready.append(last_good)
         while last_good is not None and len(ready) >= batch:
             chunk, ready = ready[:batch], ready[batch:]
-            yield torch.stack([image for _, image in chunk]), [key for key, _ in chunk]
+            yield collate([image for _, image in chunk]), [key for key, _ in chunk]
     if ready:
         raise stream.DataError(f"no readable image among the {plan.num_samples} samples that rank {plan.rank} reads "
                                f"in stream {plan.index} of epoch {plan.epoch}; check the shards with `shards inspect`")

@@ -18,6 +18,9 @@ from dcgan_dist.data import s3
 from dcgan_dist.util import redact
 
 FORMAT = "dcgan-dist-shards/1"
+# image_format "raw" (see pack.py): a tar member holds a group of images, KEY.u8.npy (N x 3 x H x W
+# uint8) beside KEY.keys.npy (their N keys); counts, the plan and keys are per image, never per member
+RAW_PIXELS, RAW_KEYS = "u8.npy", "keys.npy"
 
 
 class ManifestError(ValueError):

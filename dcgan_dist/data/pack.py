@@ -1,5 +1,12 @@
-"""The shard packer: images from a source -> centre-crop -> resize -> JPEG/PNG -> WebDataset
-tar shards of `shard_size` samples + manifest.json, on local disk or under an s3:// prefix.
+"""The shard packer: images from a source -> centre-crop -> resize -> JPEG/PNG (one image per tar
+member) or raw pixels (`raw`: groups of `group_size` images per member) -> WebDataset tar shards
+of `shard_size` images + manifest.json, on local disk or under an s3:// prefix.
+
+A raw group is two members under the key of its first image: `KEY.u8.npy`, the uint8 pixels as
+an N x 3 x H x W array (grey images made RGB), and `KEY.keys.npy`, the N image keys (a unicode
+array); both are read with `numpy.load(allow_pickle=False)` and need no image decoder. The reader
+(stream.tar_samples) hands a group out as its N images, so every count (the manifest's
+`num_samples`, the epoch plan, `shards plan` and `inspect`) is in images, whatever the format.
 
 Shards are built by a pool of processes, each writing a whole shard to a local temporary file
 and then moving it into place (a rename, or a multipart upload to S3), so a shard is either
@@ -16,9 +23,11 @@ import json
 import multiprocessing
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
@@ -27,7 +36,8 @@ from dcgan_dist.data import manifest, s3
 from dcgan_dist.data.sources import Source, open_source
 
 TOOL_VERSION = "0.1.0"
-FORMATS = {"jpeg": ("jpg", {"quality": 95}), "png": ("png", {"compress_level": 6})}
+FORMATS = {"jpeg": ("jpg", {"quality": 95}), "png": ("png", {"compress_level": 6}), "raw": (manifest.RAW_PIXELS, {})}
+RAW_GROUP_SIZE = 64  # images per raw member unless --group-size says otherwise
 STATE_NAME = "pack-state.json"
 
 
@@ -38,6 +48,7 @@ class PackSettings:
     image_format: str
     shard_size: int
     num_items: int
+    group_size: int = 1  # images per tar member (raw only)
 
 
 def preprocess(image: Image.Image, image_size: int) -> Image.Image:
@@ -57,6 +68,17 @@ def encode(image: Image.Image, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def raw_group(keys: list[str], images: list[np.ndarray]) -> dict:
+    """The tar members of one raw group: its N 3 x H x W uint8 images as one array, and their keys."""
+    return {"__key__": keys[0], FORMATS["raw"][0]: npy_bytes(np.stack(images)), manifest.RAW_KEYS: npy_bytes(np.array(keys))}
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
@@ -73,17 +95,33 @@ def write_shard(index: int) -> dict:
     extension = FORMATS[settings.image_format][0]
     tmp = new_shard_file(out)
     written, skipped = 0, []
+    group_keys, group_images = [], []
     try:
-        with source.reader() as load, wds.TarWriter(tmp) as sink:
+        # An int mtime: a float one (TarWriter's default, time.time()) costs every member a pax header, which readers parse
+        with source.reader() as load, wds.TarWriter(tmp, mtime=int(time.time())) as sink:
             for offset, item in enumerate(items):
+                key = f"{first + offset:09d}"
                 try:
                     with load(item) as image:
-                        data = encode(preprocess(image, settings.image_size), settings.image_format)
+                        image = preprocess(image, settings.image_size)
+                        if settings.image_format == "raw":
+                            data, pixels = None, np.asarray(image.convert("RGB")).transpose(2, 0, 1)
+                        else:
+                            data = encode(image, settings.image_format)
                 except Exception as e:  # noqa: BLE001 - an unreadable image is skipped and reported
                     skipped.append(f"{item!r}: {e}")
                     continue
-                sink.write({"__key__": f"{first + offset:09d}", extension: data})
                 written += 1
+                if data is not None:
+                    sink.write({"__key__": key, extension: data})
+                    continue
+                group_keys.append(key)
+                group_images.append(pixels)
+                if len(group_keys) == settings.group_size:
+                    sink.write(raw_group(group_keys, group_images))
+                    group_keys, group_images = [], []
+            if group_keys:  # a shard's last group may be short
+                sink.write(raw_group(group_keys, group_images))
         placed = place_shard(tmp, s3.join(out, shard_name(index)))
     finally:
         if Path(tmp).exists():
@@ -114,7 +152,7 @@ def read_state(out: str, settings: PackSettings) -> dict[int, dict]:
     if not s3.exists(state_url):
         return {}
     state = json.loads(s3.read_bytes(state_url))
-    if state["settings"] != asdict(settings):
+    if dict({"group_size": 1}, **state["settings"]) != asdict(settings):  # packs from before group_size had 1
         raise ValueError(f"{state_url}: {out} holds a pack with other settings {state['settings']}; "
                          "use another --out or delete it")
     return {int(index): record for index, record in state["shards"].items()
@@ -122,14 +160,18 @@ def read_state(out: str, settings: PackSettings) -> dict[int, dict]:
 
 
 def pack(source_name: str, source_path: str | None, out: str, image_size: int, image_format: str = "jpeg",
-         shard_size: int = 1000, workers: int = 1, progress: bool = True) -> dict:
-    """Pack a source into shards + manifest.json under `out`; returns a short report."""
+         shard_size: int = 1000, workers: int = 1, progress: bool = True, group_size: int | None = None) -> dict:
+    """Pack a source into shards + manifest.json under `out`; returns a short report.
+    `group_size`: images per tar member, raw only (default RAW_GROUP_SIZE)."""
     global _job
+    if group_size is not None and (group_size < 1 or (image_format != "raw" and group_size != 1)):
+        raise ValueError(f"--group-size must be >= 1, and is for --format raw only (got {group_size} with {image_format})")
+    group_size = group_size or (RAW_GROUP_SIZE if image_format == "raw" else 1)
     source = open_source(source_name, source_path)
     if not s3.is_s3(out):
         out = str(Path(out).resolve())
         Path(out).mkdir(parents=True, exist_ok=True)
-    settings = PackSettings(source_name, image_size, image_format, shard_size, len(source.items))
+    settings = PackSettings(source_name, image_size, image_format, shard_size, len(source.items), group_size)
     num_shards = -(-len(source.items) // shard_size)
     done = read_state(out, settings)
     todo = [index for index in range(num_shards) if index not in done]

@@ -9,7 +9,8 @@ import torch
 from torchvision.utils import save_image
 
 from dcgan_dist.data import manifest, s3
-from dcgan_dist.data.stream import IMAGE_KEYS, decode, tar_samples
+from dcgan_dist.data.decode import IMAGE_KEYS, decode
+from dcgan_dist.data.stream import tar_samples
 
 
 def inspect_manifest(url: str, preview_path: str | None = None, preview_count: int = 64) -> dict:

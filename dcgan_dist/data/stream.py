@@ -10,9 +10,10 @@ endless stream with replacement below; per rank, and per DataLoader worker insid
                         the samples already read; then skip and count it; a truncated tar is
                         counted as a bad shard; S3 retries are counted)
       -> shuffle       (a sample buffer of --shuffle-buffer)
-      -> decode        (torchvision.io.decode_image on the raw bytes; corrupt or missing
-                        images are skipped and counted)
-      -> batched       (full batches only) -> with_epoch(...)
+      -> decode        (torchvision.io.decode_image on the encoded bytes to uint8; a raw
+                        image is already uint8; corrupt or missing images are skipped and counted)
+      -> batched       (full uint8 batches only) -> with_epoch(...)
+    and the training process scales each batch to [-1, 1] on its device (ShardBatches).
 
 Shards are resampled, so the stream never ends and every rank takes exactly the steps the loop
 asks for, however uneven the shards are: DDP cannot hang on a rank that ran dry. Nominal epochs
@@ -22,6 +23,7 @@ order is statistically the same, not the exact continuation (the bundled digits 
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import random
@@ -29,22 +31,21 @@ import time
 from collections.abc import Iterator
 from functools import partial
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 from webdataset.utils import make_seed
 
-from dcgan_dist.data import s3
-from dcgan_dist.data.manifest import Manifest
+from dcgan_dist.data import s3, tar
+from dcgan_dist.data.decode import IMAGE_KEYS, JPEG_KEYS, PIXELS, as_tensor, decode_jpegs, decode_on_device, decode_pixels, image_key, to_unit_range
+from dcgan_dist.data.manifest import RAW_KEYS, RAW_PIXELS, Manifest
 from dcgan_dist.data.split import Position
 from dcgan_dist.util import redact
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 COUNT_NAMES = ("corrupt_samples", "bad_shards", "samples", "s3_retries", "repeated_samples")
 SAMPLE_SHUFFLE = 1  # seed salt (an int: make_seed hashes, and str hashes differ per process)
 MAX_CORRUPT_IN_A_ROW = 1000  # nothing but corrupt images: stop rather than spin
@@ -75,8 +76,34 @@ def _seed(seed: int, rank: int, start_step: int, *more) -> int:
 
 
 def tar_samples(fileobj, url: str) -> Iterator[dict]:
-    """The samples of one tar stream, grouped by key ({"__key__", "__url__", "jpg", ...})."""
-    return group_by_keys(dict(member, __url__=url) for member in tar_file_iterator(fileobj))
+    """The samples of one tar stream, grouped by key ({"__key__", "__url__", "jpg", ...}); a raw
+    group is handed out as its images ({"__key__", "__url__", "pixels"}), one sample each."""
+    for sample in tar.samples(fileobj, url):
+        if RAW_PIXELS in sample:
+            yield from raw_images(sample)
+        else:
+            yield sample
+
+
+def raw_images(group: dict) -> Iterator[dict]:
+    """The images of a raw group. One that does not parse ends its shard's read, as a truncated
+    tar does (its images cannot be counted, so none after it could be placed)."""
+    data = group[RAW_PIXELS]
+    header = io.BytesIO(bytes(data[:4096]))  # .npy: magic, version, then the header (numpy's own parser, no pickle)
+    version = np.lib.format.read_magic(header)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(header)
+    keys = np.load(io.BytesIO(group[RAW_KEYS]), allow_pickle=False) if RAW_KEYS in group else np.array([])
+    if dtype != np.uint8 or fortran_order or len(shape) != 4 or shape[1] != 3 or keys.shape != shape[:1] \
+            or len(data) != header.tell() + math.prod(shape):
+        raise ValueError(f"raw group {group['__key__']}: {dtype} pixels {shape} ({len(data)} bytes) and {keys.shape} keys "
+                         "are not N x 3 x H x W uint8 with N keys")
+    if isinstance(data, bytes):
+        data = bytearray(data)  # torch wraps only writable buffers
+    pixels = torch.frombuffer(data, dtype=torch.uint8, offset=header.tell()).view(shape)  # no copy
+    url = group["__url__"]
+    for key, image in zip(keys.tolist(), pixels):
+        yield {"__key__": key, "__url__": url, PIXELS: image}
 
 
 def read_shard(url: str, counters: Counters, retries: int) -> Iterator[dict]:
@@ -142,31 +169,60 @@ def shuffle_samples(samples: Iterator[dict], bufsize: int, seed: int, rank: int,
     yield from wds.shuffle(bufsize, initial=bufsize, rng=rng)(samples)
 
 
-def decode(data: bytes, image_size: int) -> torch.Tensor:
-    """Encoded image bytes -> 3 x H x W float in [-1, 1] (grey becomes 3 channels)."""
-    image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    if image.shape[-2:] != (image_size, image_size):
-        raise ValueError(f"image is {tuple(image.shape[-2:])}, not {image_size}x{image_size}")
-    return image.float().div_(127.5).sub_(1.0)
+def decode_sample(sample: dict, counters: Counters, image_size: int) -> torch.Tensor | None:
+    """The sample's uint8 image; None (counted and logged) when it is corrupt or has none."""
+    key = image_key(sample)
+    try:
+        if key is None:
+            raise KeyError(f"no image ({'/'.join(IMAGE_KEYS)}) among {sorted(sample)}")
+        image = decode_pixels(sample[key], image_size)
+    except Exception as e:  # noqa: BLE001 - a corrupt image or a missing key
+        counters.corrupt_samples += 1
+        log.warning("skipping sample %s of %s: %s", sample.get("__key__"), redact(sample.get("__url__", "?")), e)
+        return None
+    counters.samples += 1
+    return image
+
+
+def decode_batch(samples: list[dict | None], counters: Counters, image_size: int) -> list[torch.Tensor | None]:
+    """decode_sample() of each sample (None stays None), the JPEGs first tried all in one call."""
+    images = decode_jpegs(samples, image_size)
+    counters.samples += sum(image is not None for image in images)
+    return [image if image is not None or sample is None else decode_sample(sample, counters, image_size)
+            for sample, image in zip(samples, images)]
+
+
+def encoded_jpeg(sample: dict, counters: Counters) -> torch.Tensor | None:
+    """--decode gpu: the sample's JPEG as a uint8 tensor of its bytes, for the training process to
+    decode on its GPU; None (counted and logged) when it holds no JPEG."""
+    key = image_key(sample)
+    if key not in JPEG_KEYS:
+        counters.corrupt_samples += 1
+        log.warning("skipping sample %s of %s: no JPEG (%s) among %s", sample.get("__key__"),
+                    redact(sample.get("__url__", "?")), "/".join(JPEG_KEYS), sorted(sample))
+        return None
+    counters.samples += 1
+    return as_tensor(sample[key])
+
+
+def encoded_samples(samples: Iterator[dict], counters: Counters) -> Iterator[torch.Tensor]:
+    for sample in samples:
+        if (jpeg := encoded_jpeg(sample, counters)) is not None:
+            yield jpeg
 
 
 def decode_samples(samples: Iterator[dict], counters: Counters, image_size: int) -> Iterator[torch.Tensor]:
+    """uint8 3 x H x W images; corrupt ones and samples without an image skipped and counted."""
     corrupt_in_a_row = 0
     for sample in samples:
-        key = next((k for k in IMAGE_KEYS if k in sample), None)
-        try:
-            if key is None:
-                raise KeyError(f"no image ({'/'.join(IMAGE_KEYS)}) among {sorted(sample)}")
-            image = decode(sample[key], image_size)
-        except Exception as e:  # noqa: BLE001 - a corrupt image or a missing key
-            counters.corrupt_samples += 1
+        image = decode_sample(sample, counters, image_size)
+        if image is None:
             corrupt_in_a_row += 1
-            log.warning("skipping sample %s of %s: %s", sample.get("__key__"), redact(sample.get("__url__", "?")), e)
             if corrupt_in_a_row >= MAX_CORRUPT_IN_A_ROW:
-                raise DataError(f"{corrupt_in_a_row} corrupt images in a row; last: {e}") from None
+                raise DataError(f"{corrupt_in_a_row} corrupt images in a row; last: sample {sample.get('__key__')} of "
+                                f"{redact(sample.get('__url__', '?'))} (its error is in the log)")
             continue
         corrupt_in_a_row = 0
-        counters.samples += 1
         yield image
 
 
@@ -176,20 +232,23 @@ def with_counts(batches: Iterator[torch.Tensor], counters: Counters) -> Iterator
         yield images, counts_row(counters)
 
 
-def counts_row(counters: Counters) -> torch.Tensor:
-    return torch.tensor([_worker_id()] + [getattr(counters, name) for name in COUNT_NAMES], dtype=torch.float64)
+def counts_row(counters: Counters) -> tuple[int, ...]:
+    """(worker id, *counts): plain ints, pickled with the batch (a tensor would cost a shared-memory segment per batch)."""
+    return (_worker_id(), *(getattr(counters, name) for name in COUNT_NAMES))
 
 
 def pipeline(manifest: Manifest, per_worker_batch: int, rank: int, seed: int, start_step: int,
-             shuffle_buffer: int, shard_retries: int, batches_per_epoch: int) -> wds.DataPipeline:
+             shuffle_buffer: int, shard_retries: int, batches_per_epoch: int, decode: str = "cpu") -> wds.DataPipeline:
     counters = Counters()
+    decoded = partial(decode_samples, counters=counters, image_size=manifest.image_size) if decode == "cpu" else \
+        partial(encoded_samples, counters=counters)
     return wds.DataPipeline(
         wds.ResampledShards(manifest.shard_urls, seed=seed, deterministic=True,
                             worker_seed=partial(_seed, seed, rank, start_step)),
         partial(read_shards, counters=counters, expected=manifest.expected_samples(), retries=shard_retries),
         partial(shuffle_samples, bufsize=shuffle_buffer, seed=seed, rank=rank, start_step=start_step),
-        partial(decode_samples, counters=counters, image_size=manifest.image_size),
-        wds.batched(per_worker_batch, collation_fn=torch.stack, partial=False),
+        decoded,
+        wds.batched(per_worker_batch, collation_fn=torch.stack if decode == "cpu" else list, partial=False),
         partial(with_counts, counters=counters),
     ).with_epoch(batches_per_epoch)
 
@@ -212,15 +271,16 @@ def read_once(manifest: Manifest, batch_size: int, loader_workers: int = 0, shar
 class ShardBatches:
     """Endless batches for one rank, the counts of what was skipped on the way, and where in the
     epochs the rank is. `epochs`: an epochs.EpochBatches to load (--sampling epochs); without
-    it, the resampled pipeline above."""
+    it, the resampled pipeline above. Batches come out on `device`, as floats in [-1, 1];
+    `decode="gpu"`: the loader processes hand over each batch's JPEGs encoded, decoded here."""
 
     def __init__(self, manifest: Manifest, per_worker_batch: int, rank: int, world_size: int, seed: int,
                  start_step: int = 0, loader_workers: int = 2, shuffle_buffer: int = 1000, shard_retries: int = 3,
-                 pin_memory: bool = False, epochs=None):
+                 pin_memory: bool = False, epochs=None, device: str | torch.device = "cpu", decode: str = "cpu"):
         steps_per_epoch = max(1, manifest.num_samples // (per_worker_batch * world_size))
         if epochs is None:
             dataset = pipeline(manifest, per_worker_batch, rank, seed, start_step, shuffle_buffer, shard_retries,
-                               batches_per_epoch=math.ceil(steps_per_epoch / max(loader_workers, 1)))
+                               batches_per_epoch=math.ceil(steps_per_epoch / max(loader_workers, 1)), decode=decode)
             self.position = Position(*divmod(start_step, steps_per_epoch), steps_per_epoch)
         else:  # one endless pass: worker w gives this rank's batches w, w+L, ... across epochs
             dataset, self.position = epochs, Position(epochs.start_epoch, epochs.start_step, steps_per_epoch)
@@ -231,6 +291,9 @@ class ShardBatches:
         self.steps_per_epoch = steps_per_epoch
         self._state = ("resampled" if epochs is None else "epochs", world_size, max(loader_workers, 1), per_worker_batch)
         self.keys: list[str] = []  # the sample keys of the last batch (--sampling epochs)
+        self.device = device  # where uint8 batches become [-1, 1] floats: 4x fewer bytes to copy there
+        self.decode, self.image_size = decode, manifest.image_size
+        self._found_corrupt_here = 0  # --decode gpu: JPEGs that failed on the device, their places filled
         self._batches = iter(self.loader)
         self._counts: dict[int, torch.Tensor] = {}
 
@@ -246,15 +309,21 @@ class ShardBatches:
                 self._batches = iter(self.loader)
         else:
             raise DataError("the shard stream gave no batch in a whole epoch")
-        self._counts[int(counts[0])] = counts[1:]
-        self.keys = keys[0] if keys else []
+        self._counts[int(counts[0])] = torch.tensor(counts[1:], dtype=torch.float64)
+        self.keys = keys[0].split("\n") if keys else []
         self.position = self.position.next()
-        return images
+        if self.decode == "gpu":  # a list of encoded JPEGs
+            images, corrupt = decode_on_device(images, self.image_size, self.device)
+            self._found_corrupt_here += corrupt
+        return to_unit_range(images.to(self.device, non_blocking=True))
 
     def counts(self) -> dict[str, int]:
         """{"corrupt_samples", "bad_shards", "samples", "s3_retries", "repeated_samples"}: this rank's totals so far."""
         total = sum(self._counts.values(), torch.zeros(len(COUNT_NAMES), dtype=torch.float64))
-        return dict(zip(COUNT_NAMES, (int(v) for v in total.tolist())))
+        counts = dict(zip(COUNT_NAMES, (int(v) for v in total.tolist())))
+        for name, change in (("corrupt_samples", 1), ("repeated_samples", 1), ("samples", -1)):
+            counts[name] += change * self._found_corrupt_here
+        return counts
 
     def data_position(self) -> dict:
         """The checkpoint's entry: Position.state() of the next batch."""

@@ -1,0 +1,95 @@
+"""A sample's image as pixels: JPEG/PNG/WebP bytes (torchvision) or a raw image -> 3 x H x W
+uint8, one at a time, or a batch's JPEGs in one `decode_jpeg` call (the wrapper's checks and its
+deprecation warning are paid once per batch, not per image); scaling to [-1, 1] once per batch,
+on the training process's device (loader processes hand over uint8: a quarter of the bytes).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+DECODERS = ("cpu", "gpu")  # --decode: JPEGs in the loader processes, or a batch at a time on the training worker's GPU
+PIXELS = "pixels"  # a raw image: a 3 x H x W uint8 tensor, one of its group's (stream.tar_samples unpacks groups)
+JPEG_KEYS = ("jpg", "jpeg")
+IMAGE_KEYS = (PIXELS, *JPEG_KEYS, "png", "webp")
+
+
+def image_key(sample: dict) -> str | None:
+    for key in IMAGE_KEYS:  # a loop, not next(genexpr): this runs for every sample
+        if key in sample:
+            return key
+    return None
+
+
+def as_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a copy: torch wants a writable buffer
+
+
+def check_size(image: torch.Tensor, image_size: int) -> torch.Tensor:
+    if image.shape[-2:] != (image_size, image_size):
+        raise ValueError(f"image is {tuple(image.shape[-2:])}, not {image_size}x{image_size}")
+    return image
+
+
+def decode_pixels(data: bytes | torch.Tensor, image_size: int) -> torch.Tensor:
+    """Encoded image bytes (or a raw image's pixels) -> 3 x H x W uint8 (grey becomes 3 channels)."""
+    if isinstance(data, torch.Tensor):
+        return check_size(data, image_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
+        return check_size(decode_image(as_tensor(data), mode=ImageReadMode.RGB), image_size)
+
+
+def decode_jpeg_list(jpegs: list[torch.Tensor], image_size: int, device: str | torch.device = "cpu") -> list[torch.Tensor] | None:
+    """Encoded JPEGs (uint8 tensors) decoded by one `decode_jpeg(list, device=...)` call, as
+    uint8 on `device`; None when the call fails (one corrupt JPEG fails the whole list) or an
+    image has the wrong size: the caller then decodes them one by one."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
+            decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
+    return decoded if all(image.shape[-2:] == (image_size, image_size) for image in decoded) else None
+
+
+def decode_jpegs(samples: list[dict | None], image_size: int) -> list[torch.Tensor | None]:
+    """The JPEGs among `samples` decoded in one call (decode_jpeg_list); None for every other
+    sample, and for all of them when that call fails."""
+    at = [i for i, sample in enumerate(samples) if sample is not None and image_key(sample) in JPEG_KEYS]
+    images: list[torch.Tensor | None] = [None] * len(samples)
+    decoded = decode_jpeg_list([as_tensor(samples[i][image_key(samples[i])]) for i in at], image_size) if at else None
+    for i, image in zip(at, decoded or ()):
+        images[i] = image
+    return images
+
+
+def decode_on_device(jpegs: list[torch.Tensor], image_size: int, device: str | torch.device) -> tuple[torch.Tensor, int]:
+    """--decode gpu: a batch of encoded JPEGs -> (N x 3 x H x W uint8 on `device`, how many were
+    corrupt). A corrupt one's place takes the image before it in the batch (the first good one,
+    at the start), as the epoch reader fills places; ValueError when none decodes."""
+    images = decode_jpeg_list(jpegs, image_size, device)
+    if images is not None:
+        return torch.stack(images), 0
+    one_by_one = [decode_jpeg_list([jpeg], image_size, device) for jpeg in jpegs]
+    good = [decoded[0] for decoded in one_by_one if decoded is not None]
+    if not good:
+        raise ValueError(f"none of the {len(jpegs)} JPEGs of a batch decodes on {device}")
+    filled, last = [], good[0]
+    for decoded in one_by_one:
+        last = decoded[0] if decoded is not None else last
+        filled.append(last)
+    return torch.stack(filled), len(jpegs) - len(good)
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float in [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def decode(data: bytes | torch.Tensor, image_size: int) -> torch.Tensor:
+    """One image -> 3 x H x W float in [-1, 1]."""
+    return to_unit_range(decode_pixels(data, image_size))
