@@ -119,6 +119,9 @@ out, batches = sys.argv[1], sys.argv[2:]
 for batch in batches:
     report = json.load(open(f"{out}/bench-{batch}.json"))
     ok = [v for v in report["variants"] if v["status"] == "ok"]
+    if not ok:
+        sys.exit(f"figures batch {batch}: no variant finished a timed block: " + "; ".join(
+            f"{v['name']}: {v['why']}" for v in report["variants"]))
     best = max(ok, key=lambda v: v["img_per_s"])
     peak = report["bf16_peak_tflops"]
     share = f", {best['tflops'] / peak:.1%} of the {peak:.0f} TFLOP/s bf16 peak" if peak else ""

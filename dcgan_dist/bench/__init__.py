@@ -3,7 +3,9 @@
 It builds the pytorch/examples DCGAN step and our step in several variants, all at the same image
 size and batch, then times them interleaved: each repeat runs every variant for `--steps` steps in
 turn, so a slow spell of a shared machine hits all of them alike, and the table reports each
-variant's median over the repeats. One table, one process:
+variant's median over the repeats (the first repeat of each variant right after its build, so a
+cold torch.compile of a later variant cannot spend a total budget before the others ran). One
+table, one process:
 
     variant | img/s | vs reference | peak memory | GFLOP/step | TFLOP/s   (+ share of bf16 peak on CUDA)
 

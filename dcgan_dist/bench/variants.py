@@ -287,17 +287,19 @@ def build_variant(variant: Variant, device: torch.device, warmup: int, budget_s:
 
 def timed_block(variant: Variant, device: torch.device, steps: int, batch: int, budget_s: float, deadline: float) -> None:
     """One timed block of `steps` steps, unless the variant's budget (or the bench's) cannot hold it."""
-    left = min(budget_s - variant.spent_s, deadline - time.perf_counter())
+    own_left, total_left = budget_s - variant.spent_s, deadline - time.perf_counter()
+    left = min(own_left, total_left)
     estimate = (statistics.median(batch * steps / rate for rate in variant.img_per_s) if variant.img_per_s
                 else variant.step_s * steps)
     done = len(variant.img_per_s)
+    which = f"its {budget_s:g} s budget" if own_left <= total_left else "the bench's total budget"
 
     def stop(first_block_why: str) -> None:
-        variant.skipped = f"{done} repeats in its {budget_s:g} s budget" if done else first_block_why
+        variant.skipped = f"{done} repeats in {which}" if done else first_block_why
         variant.step = None
 
     if estimate > left:
-        stop(f"{steps} steps take ~{estimate:.1f} s, past its {budget_s:g} s budget after {variant.spent_s:.0f} s of build + warm-up")
+        stop(f"{steps} steps take ~{estimate:.1f} s, past {which} after {variant.spent_s:.0f} s of build + warm-up")
         return
     synchronize(device)
     start = time.perf_counter()
@@ -307,7 +309,7 @@ def timed_block(variant: Variant, device: torch.device, steps: int, batch: int, 
                 variant.step()
             synchronize(device)
     except BudgetExceeded:
-        stop(f"its first {steps} timed steps ran past its {budget_s:g} s budget")
+        stop(f"its first {steps} timed steps ran past {which}")
         return
     except Exception as error:
         variant.error, variant.step = _why(error), None
@@ -321,8 +323,10 @@ def timed_block(variant: Variant, device: torch.device, steps: int, batch: int, 
 def measure(table: list[Variant], device: torch.device, steps: int, repeats: int, warmup: int, batch: int,
             image_size: int, reals: list[torch.Tensor], budget_s: float = math.inf, total_budget_s: float = math.inf,
             on_progress: Callable[[], None] = lambda: None) -> None:
-    """Build every variant, then time them interleaved. A variant gets `budget_s` for its build,
-    warm-up and timed steps, and never more than is left of `total_budget_s`."""
+    """Build every variant and time its first block right away (a slow build after it, such as a
+    cold torch.compile, cannot then leave it no time), then time the other repeats interleaved. A
+    variant gets `budget_s` for its build, warm-up and timed steps, and never more than is left of
+    `total_budget_s`."""
     deadline = time.perf_counter() + total_budget_s
     # FLOPs are a property of the algorithm: count them once on each eager version.
     eager = [v for v in table if not v.skipped]
@@ -337,9 +341,12 @@ def measure(table: list[Variant], device: torch.device, steps: int, repeats: int
             variant.skipped = f"the bench's total budget ({total_budget_s:.0f} s) was spent"
             continue
         build_variant(variant, device, warmup, left)
+        if variant.step is not None and repeats > 0:
+            timed_block(variant, device, steps, batch, budget_s, deadline)
         on_progress()
+    print(f"  repeat 1/{repeats} done (each variant's right after its build)", file=sys.stderr, flush=True)
 
-    for repeat in range(repeats):
+    for repeat in range(1, repeats):
         for variant in table:
             if variant.step is not None:
                 timed_block(variant, device, steps, batch, budget_s, deadline)
