@@ -59,9 +59,10 @@ def decode_jpeg_list(jpegs: list[torch.Tensor], image_size: int, device: str | t
 def decode_jpegs(samples: list[dict | None], image_size: int) -> list[torch.Tensor | None]:
     """The JPEGs among `samples` decoded in one call (decode_jpeg_list); None for every other
     sample, and for all of them when that call fails."""
-    at = [i for i, sample in enumerate(samples) if sample is not None and image_key(sample) in JPEG_KEYS]
+    keys = [image_key(sample) if sample is not None else None for sample in samples]
+    at = [i for i, key in enumerate(keys) if key in JPEG_KEYS]
     images: list[torch.Tensor | None] = [None] * len(samples)
-    decoded = decode_jpeg_list([as_tensor(samples[i][image_key(samples[i])]) for i in at], image_size) if at else None
+    decoded = decode_jpeg_list([as_tensor(samples[i][keys[i]]) for i in at], image_size) if at else None
     for i, image in zip(at, decoded or ()):
         images[i] = image
     return images

@@ -237,7 +237,7 @@ def planted_digits(out: str, originals: int = 100, seed: int = 0, shard_size: in
         images = [pack.encode(pack.preprocess(load(item), SIDE), "jpeg") for item in source.items]
     entries = [(f"{i:06d}", data, f"{i:06d}") for i, data in enumerate(images)]
     for i in rng.choice(len(images), originals, replace=False):
-        pixels = decode.decode(images[i], SIDE).add(1).mul(127.5).round().byte().permute(1, 2, 0).numpy()
+        pixels = decode.decode_pixels(images[i], SIDE).permute(1, 2, 0).numpy()
         entries += [(f"{i:06d}-{kind}", data, f"{i:06d}") for kind, data in near_copies(pixels, rng).items()]
     rng.shuffle(entries)
     truth = {key: original for key, _, original in entries if key != original}

@@ -226,7 +226,7 @@ def decode_samples(samples: Iterator[dict], counters: Counters, image_size: int)
         yield image
 
 
-def with_counts(batches: Iterator[torch.Tensor], counters: Counters) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def with_counts(batches: Iterator[torch.Tensor], counters: Counters) -> Iterator[tuple[torch.Tensor, tuple[int, ...]]]:
     """Each batch travels with its worker's cumulative counters (workers are other processes)."""
     for images in batches:
         yield images, counts_row(counters)
@@ -295,7 +295,7 @@ class ShardBatches:
         self.decode, self.image_size = decode, manifest.image_size
         self._found_corrupt_here = 0  # --decode gpu: JPEGs that failed on the device, their places filled
         self._batches = iter(self.loader)
-        self._counts: dict[int, torch.Tensor] = {}
+        self._counts: dict[int, tuple[int, ...]] = {}
 
     def __iter__(self):
         return self
@@ -309,7 +309,7 @@ class ShardBatches:
                 self._batches = iter(self.loader)
         else:
             raise DataError("the shard stream gave no batch in a whole epoch")
-        self._counts[int(counts[0])] = torch.tensor(counts[1:], dtype=torch.float64)
+        self._counts[int(counts[0])] = tuple(int(count) for count in counts[1:])  # each loader worker's running totals
         self.keys = keys[0].split("\n") if keys else []
         self.position = self.position.next()
         if self.decode == "gpu":  # a list of encoded JPEGs
@@ -319,8 +319,8 @@ class ShardBatches:
 
     def counts(self) -> dict[str, int]:
         """{"corrupt_samples", "bad_shards", "samples", "s3_retries", "repeated_samples"}: this rank's totals so far."""
-        total = sum(self._counts.values(), torch.zeros(len(COUNT_NAMES), dtype=torch.float64))
-        counts = dict(zip(COUNT_NAMES, (int(v) for v in total.tolist())))
+        totals = [sum(column) for column in zip(*self._counts.values())] or [0] * len(COUNT_NAMES)
+        counts = dict(zip(COUNT_NAMES, totals))
         for name, change in (("corrupt_samples", 1), ("repeated_samples", 1), ("samples", -1)):
             counts[name] += change * self._found_corrupt_here
         return counts
