@@ -1,13 +1,20 @@
 """The reader against the decoder alone (issue 16): img/s of `torchvision.io.decode_jpeg` on one
-thread next to training's whole reader (`shards bench`'s measure: `open_batches` with one
-DataLoader process, `--sampling epochs`, shuffle, decode, batching, scaling) on JPEG shards and
-on raw shards of the same images. Prints the machine and one table.
+thread next to training's whole reader (`open_batches` with one DataLoader process, as `shards
+bench` times it: `--sampling epochs`, shuffle, decode, batching, the handover, scaling) on JPEG
+shards and on raw shards of the same images. Prints the machine and one table.
 
-    PYTHONPATH=$PWD python benchmarks/reader_rates.py [--images 8000] [--seconds 8] [--batch 64]
+    PYTHONPATH=$PWD python benchmarks/reader_rates.py [--images 8000] [--rounds 8] [--block 1.5] [--batch 64]
 
 The images are data_throughput.py's synthetic photo-like 64 px JPEGs, packed by the real packer
 (`folder` source, quality 95) into local shards of 1000; raw in groups of 64. A DataLoader
-process runs torch with one thread, so the decoder row is one thread too.
+process runs torch with one thread, so the decoder rows are one thread too.
+
+The two are timed in alternating blocks (decoder, reader, decoder, ...; `--rounds` of each),
+and each ratio is the reader's images per second over the decoder's across all of its blocks:
+on a shared virtual machine the speed of a core drifts by 20-30 % within a minute (measured),
+more than the differences measured here. While the decoder runs, the reader is paused (its
+loader process idles once its prefetched batches are ready); after each pause the prefetched
+batches are taken before the clock starts, so a block counts only what was read during it.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import torchvision
 from data_throughput import synthetic_jpegs  # this folder is on sys.path when run as a script
 from torchvision.io import decode_jpeg
 
-from dcgan_dist.data import manifest, pack, tar, throughput
+from dcgan_dist.data import manifest, open_batches, pack, tar, throughput
 
 
 def machine() -> list[str]:
@@ -42,19 +49,50 @@ def machine() -> list[str]:
             f"numpy {np.__version__}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"]
 
 
-def decoder_rate(jpegs: list[torch.Tensor], seconds: float) -> float:
-    """decode_jpeg alone, one thread, over the packed JPEGs (already tensors), repeated."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            for jpeg in jpegs:
-                decode_jpeg(jpeg)
-            count += len(jpegs)
-        return count / (time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
+def decode_one_by_one(jpegs: list[torch.Tensor], batch: int) -> None:
+    for jpeg in jpegs:
+        decode_jpeg(jpeg)
+
+
+def decode_in_lists(jpegs: list[torch.Tensor], batch: int) -> None:
+    """One `decode_jpeg(list)` call per batch, as the reader decodes."""
+    for i in range(0, len(jpegs), batch):
+        decode_jpeg(jpegs[i:i + batch])
+
+
+def decoder_block(decode, jpegs: list[torch.Tensor], batch: int, seconds: float) -> tuple[int, float]:
+    """(images, seconds) of the decoder alone on one thread over the packed JPEGs (already tensors), repeated."""
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        decode(jpegs, batch)
+        count += len(jpegs)
+    return count, time.perf_counter() - start
+
+
+def reader_block(batches, prefetched: int, seconds: float) -> tuple[int, float]:
+    """(images, seconds) the reader delivers in a block, after taking what it prefetched while paused."""
+    for _ in range(prefetched):
+        next(batches)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        count += len(next(batches))
+    return count, time.perf_counter() - start
+
+
+def interleaved(cfg, jpegs: list[torch.Tensor], batch: int, rounds: int, block: float) -> dict[str, float]:
+    """img/s of the reader (`cfg`) and of each way of decoding alone, timed in alternating blocks."""
+    batches = open_batches(cfg, rank=0, world_size=1, device=torch.device("cpu"))
+    next(batches)  # starts the loader process and opens the first shards
+    prefetched = 3 * max(cfg.data.loader_workers, 1)  # the DataLoader's prefetch_factor (2) and the batch in hand
+    totals = {"reader": [0, 0.0], "one by one": [0, 0.0], "in lists": [0, 0.0]}
+    for _ in range(rounds):
+        for name, result in (("one by one", decoder_block(decode_one_by_one, jpegs, batch, block / 2)),
+                             ("reader", reader_block(batches, prefetched, block)),
+                             ("in lists", decoder_block(decode_in_lists, jpegs, batch, block / 2))):
+            totals[name][0] += result[0]
+            totals[name][1] += result[1]
+    del batches  # stops the loader process
+    return {name: images / seconds for name, (images, seconds) in totals.items()}
 
 
 def packed_jpegs(url: str) -> list[torch.Tensor]:
@@ -69,10 +107,12 @@ def packed_jpegs(url: str) -> list[torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=8000)
-    parser.add_argument("--seconds", type=float, default=8.0, help="time per row")
+    parser.add_argument("--rounds", type=int, default=8, help="alternating blocks of the decoder and the reader")
+    parser.add_argument("--block", type=float, default=1.5, help="seconds of the reader per block (the decoder: as long)")
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
     print("\n".join(machine()))
+    torch.set_num_threads(1)  # as in a DataLoader process; the training process scales on one thread too (throughput.measure)
     with tempfile.TemporaryDirectory() as folder:
         for i, data in enumerate(synthetic_jpegs(args.images, 64)):
             Path(folder, "images", f"{i:06d}.jpg").parent.mkdir(exist_ok=True)
@@ -83,17 +123,15 @@ def main() -> None:
         jpegs, rows = packed_jpegs(urls["jpeg"]), []
         for image_format in ("jpeg", "raw"):
             for loader_workers in (1, 0):
-                # the decoder alone right before each reader row: on a shared machine the load moves
-                alone = decoder_rate(jpegs, args.seconds / 2)
-                rows.append(("torchvision.io.decode_jpeg alone, 1 thread", alone, "just before the next row"))
                 cfg = throughput.reader_config(urls[image_format], loader_workers, args.batch, "epochs", 1000, 64)
-                rate = throughput.measure(cfg, args.seconds)["img_s"]
+                rates = interleaved(cfg, jpegs, args.batch, args.rounds, args.block)
                 where = "1 loader process" if loader_workers else "in the training process (--loader-workers 0)"
-                rows.append((f"reader, {image_format}, {where}", rate, f"{rate / alone:.0%} of decode_jpeg alone"))
-    print(f"\n{args.images} images, 64 px, batch {args.batch}, --sampling epochs, --shuffle-buffer 1000, {args.seconds:g} s a row\n")
-    print("| measurement | img/s per loader process | note |\n|---|---:|---|")
-    for name, rate, note in rows:
-        print(f"| {name} | {rate:,.0f} | {note} |")
+                rows.append((f"reader, {image_format}, {where}", rates["reader"], rates["one by one"], rates["in lists"]))
+    print(f"\n{args.images} images, 64 px, batch {args.batch}, --sampling epochs, --shuffle-buffer 1000, "
+          f"{args.rounds} alternating blocks of {args.block:g} s\n")
+    print("| reader | img/s | decode_jpeg alone, one by one | ratio | decode_jpeg(list) alone | ratio |\n|---|---:|---:|---:|---:|---:|")
+    for name, reader, one, lists in rows:
+        print(f"| {name} | {reader:,.0f} | {one:,.0f} | {reader / one:.0%} | {lists:,.0f} | {reader / lists:.0%} |")
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from dcgan_dist.data import split, stream
+from dcgan_dist.data.decode import stack_images
 from dcgan_dist.data.manifest import Manifest
 
 
@@ -106,7 +107,7 @@ def in_turn(order: list[int], first: int, positioned: Iterator[tuple[int, dict |
 
 
 def fill_batches(decoded: Iterator[tuple[str | None, torch.Tensor | None]], batch: int, counters: stream.Counters,
-                 plan: split.Stream, collate=torch.stack) -> Iterator[tuple[torch.Tensor, list[str]]]:
+                 plan: split.Stream, collate=stack_images) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Full batches, a missing image's place taken by the last good one (the first, before any)."""
     ready: list[tuple[str, torch.Tensor] | None] = []
     last_good = None

@@ -39,7 +39,19 @@ from webdataset.gopen import gopen
 from webdataset.utils import make_seed
 
 from dcgan_dist.data import s3, tar
-from dcgan_dist.data.decode import IMAGE_KEYS, JPEG_KEYS, PIXELS, as_tensor, decode_jpegs, decode_on_device, decode_pixels, image_key, to_unit_range
+from dcgan_dist.data.decode import (
+    IMAGE_KEYS,
+    JPEG_KEYS,
+    PIXELS,
+    as_tensor,
+    decode_jpegs,
+    decode_on_device,
+    decode_pixels,
+    image_key,
+    stack_images,
+    to_unit_range,
+)
+from dcgan_dist.data.handover import BatchRing, HandedOver
 from dcgan_dist.data.manifest import RAW_KEYS, RAW_PIXELS, Manifest
 from dcgan_dist.data.split import Position
 from dcgan_dist.util import redact
@@ -248,7 +260,7 @@ def pipeline(manifest: Manifest, per_worker_batch: int, rank: int, seed: int, st
         partial(read_shards, counters=counters, expected=manifest.expected_samples(), retries=shard_retries),
         partial(shuffle_samples, bufsize=shuffle_buffer, seed=seed, rank=rank, start_step=start_step),
         decoded,
-        wds.batched(per_worker_batch, collation_fn=torch.stack if decode == "cpu" else list, partial=False),
+        wds.batched(per_worker_batch, collation_fn=stack_images if decode == "cpu" else list, partial=False),
         partial(with_counts, counters=counters),
     ).with_epoch(batches_per_epoch)
 
@@ -284,10 +296,16 @@ class ShardBatches:
             self.position = Position(*divmod(start_step, steps_per_epoch), steps_per_epoch)
         else:  # one endless pass: worker w gives this rank's batches w, w+L, ... across epochs
             dataset, self.position = epochs, Position(epochs.start_epoch, epochs.start_step, steps_per_epoch)
+        prefetch = 2
+        # Loader processes put decoded batches into shared memory allocated once (handover.py);
+        # encoded JPEGs (--decode gpu) are lists of any length and travel as tensors do.
+        self.ring = BatchRing(loader_workers, prefetch + 1, per_worker_batch, manifest.image_size) \
+            if loader_workers > 0 and decode == "cpu" else None
         # persistent workers keep each pipeline's counters and shard RNG epoch across epochs
-        self.loader = DataLoader(dataset, batch_size=None, num_workers=loader_workers,
-                                 persistent_workers=loader_workers > 0, pin_memory=pin_memory,
-                                 prefetch_factor=2 if loader_workers > 0 else None)
+        self.loader = DataLoader(HandedOver(dataset, self.ring) if self.ring else dataset, batch_size=None,
+                                 num_workers=loader_workers, persistent_workers=loader_workers > 0,
+                                 pin_memory=pin_memory and self.ring is None,
+                                 prefetch_factor=prefetch if loader_workers > 0 else None)
         self.steps_per_epoch = steps_per_epoch
         self._state = ("resampled" if epochs is None else "epochs", world_size, max(loader_workers, 1), per_worker_batch)
         self.keys: list[str] = []  # the sample keys of the last batch (--sampling epochs)
@@ -312,6 +330,8 @@ class ShardBatches:
         self._counts[int(counts[0])] = tuple(int(count) for count in counts[1:])  # each loader worker's running totals
         self.keys = keys[0].split("\n") if keys else []
         self.position = self.position.next()
+        if self.ring is not None:  # a ticket for a batch in shared memory
+            return self.ring.take(images, self.device)
         if self.decode == "gpu":  # a list of encoded JPEGs
             images, corrupt = decode_on_device(images, self.image_size, self.device)
             self._found_corrupt_here += corrupt
