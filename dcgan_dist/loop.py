@@ -35,7 +35,7 @@ from dcgan_dist.config import Config
 from dcgan_dist.data.stream import COUNT_NAMES, check_corrupt_share
 from dcgan_dist.models import build_models, sample_latent
 from dcgan_dist.restore import restore_checkpoint
-from dcgan_dist.step import compile_models, gan_step, make_optimizers
+from dcgan_dist.step import compile_models, gan_step, load_optimizer_state, make_optimizers
 from dcgan_dist.tracking import store, training_run
 from dcgan_dist.tracking.run_logger import RunLogger
 from dcgan_dist.tracking.store import TrackingError
@@ -167,8 +167,8 @@ def setup(cfg: Config, launch: dict[str, Any]) -> Worker:
     generator, discriminator, discriminator_local = compile_models(generator, discriminator, cfg.perf.compile)
     opt_g, opt_d = make_optimizers(generator, discriminator, cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
     if state is not None:
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
+        load_optimizer_state(opt_g, state["opt_g"])
+        load_optimizer_state(opt_d, state["opt_d"])
 
     batches = data.open_batches(cfg, rank, world_size, start_step, state.get("data_position") if state is not None else None,
                                 device=device)

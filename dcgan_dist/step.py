@@ -90,6 +90,22 @@ def make_optimizers(generator: nn.Module, discriminator: nn.Module, lr: float, b
     return opt_g, opt_d
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict`, then each moment tensor laid out like its parameter.
+
+    A checkpoint keeps the layout its run had: an NCHW run's Adam moments are NCHW. Resumed with
+    --channels-last (or the other way round), fused Adam would get a channels_last weight and an
+    NCHW moment: on CUDA it refuses ("must have same dtype, device, and layout"), on the CPU
+    (torch 2.14) it pairs the wrong elements and silently corrupts the update."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            moments = optimizer.state.get(param, {})
+            for name, value in moments.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    moments[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def compile_models(generator: nn.Module, discriminator: nn.Module, mode: str) -> tuple[nn.Module, nn.Module, nn.Module]:
     """--compile: (G, D, D's local module for G's pass), each through torch.compile unless off.
 
