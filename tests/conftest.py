@@ -20,6 +20,15 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The machine under the run, last: a CI log's minutes and numerical tolerances depend on it."""
+    import torch
+
+    from dcgan_dist.bench.machine import describe_machine
+
+    terminalreporter.write_line(f"machine: {os.cpu_count()} cores, {describe_machine(torch.device('cpu'))}")
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray instance with as many CPUs as CI has (2).
