@@ -98,6 +98,40 @@ def test_the_epoch_plan_counts_raw_images_not_groups_and_resumes_exactly(tmp_pat
     assert [line.split("\t") for line in capsys.readouterr().out.splitlines()] == [[str(r), k] for r, k in planned]
 
 
+def read_epoch_images(shards, batch: int, buffer: int) -> tuple[list[str], list[np.ndarray], dict]:
+    """Every (key, 3 x H x W uint8) of one rank's first epoch, in-process, and the counts."""
+    reader = epochs.EpochBatches(shards, batch, 0, 1, 0, 0, 0, 0, buffer, 0)
+    batches = stream.ShardBatches(shards, batch, 0, 1, 0, loader_workers=0, epochs=reader)
+    keys, images = [], []
+    for _ in range(reader.steps):
+        scaled = next(batches)
+        keys += batches.keys
+        images += list(((scaled + 1) * 127.5).round().to(torch.uint8).numpy())
+    return keys, images, batches.counts()
+
+
+def test_raw_batches_hold_each_planned_keys_pixels_and_a_cut_groups_places_are_filled(tmp_path):
+    url = pack.pack("digits", None, str(tmp_path), 8, "raw", shard_size=450, progress=False, group_size=64)["manifest"]
+    shards, by_key = manifest.read(url), dict(enumerate(source_pixels(8)))
+    planned = [key for _, key in epochs.planned_keys(shards, 0, 0, 1, 1, 16, 100)]
+    keys, images, counts = read_epoch_images(shards, 16, 100)
+    assert keys == planned  # the plan's order across groups, shards and shuffle blocks
+    assert all(np.array_equal(image, by_key[int(key)]) for key, image in zip(keys, images, strict=True))
+    assert counts["samples"] == len(planned) and counts["repeated_samples"] == counts["bad_shards"] == 0
+
+    # the second shard cut inside its third group: two groups (128 images) read, the rest's places filled
+    cut = shards.shard_urls[1]
+    data = open(cut, "rb").read()
+    with tarfile.open(cut) as members:
+        third = [m for m in members.getmembers() if m.name.endswith(".u8.npy")][2]
+    open(cut, "wb").write(data[:third.offset_data + 1000])
+    lost = {key for key in planned if 450 + 128 <= int(key) < 900}
+    keys, images, counts = read_epoch_images(shards, 16, 100)
+    assert len(keys) == len(planned) and set(keys) == set(planned) - lost
+    assert all(np.array_equal(image, by_key[int(key)]) for key, image in zip(keys, images))  # a filled place: the last good one
+    assert counts["bad_shards"] == 1 and counts["repeated_samples"] == len(lost) and counts["samples"] == len(planned) - len(lost)
+
+
 # ---------------------------------------------------------------- where JPEGs are decoded
 
 

@@ -27,8 +27,8 @@ def test_a_batch_comes_out_as_it_went_in_in_either_layout_and_a_reused_slot_is_a
     assert (first[2], second[2]) == (False, True)  # the layout travels with the ticket
     for ticket, images in ((first, sent[0]), (second, sent[1])):
         taken = ring.take(ticket, "cpu")
-        assert taken.is_contiguous() and taken.dtype == torch.float32
-        assert torch.equal(taken, to_unit_range(images))
+        assert taken.dtype == torch.float32 and taken.stride() == images.stride()  # floats, in the layout put in
+        assert torch.allclose(taken, images.double().div(127.5).sub(1).float(), rtol=0, atol=1e-6)
     ring.put(sent[2])  # slot 0 again, now that batch 0 was read
     with pytest.raises(HandoverError, match="batch 0 is not in its slot"):
         ring.take(first, "cpu")
@@ -39,7 +39,10 @@ def test_decoder_layout_images_stack_as_they_lie_and_scale_to_the_same_floats():
     images = [image.permute(2, 0, 1) for image in hwc]  # what torchvision's decoders return
     stacked = stack_images(images)
     assert stacked.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(to_unit_range(stacked), to_unit_range(torch.stack(images)))
+    scaled = to_unit_range(stacked)
+    assert scaled.is_contiguous(memory_format=torch.channels_last)  # the model's default layout, no transpose
+    assert torch.equal(scaled.contiguous(), to_unit_range(torch.stack(images)))
+    assert (to_unit_range(torch.tensor([0, 255], dtype=torch.uint8)) == torch.tensor([-1.0, 1.0])).all()
     contiguous = [image.contiguous() for image in images]  # raw images
     assert stack_images(contiguous).is_contiguous()
 

@@ -58,12 +58,16 @@ def decode_jpeg_list(jpegs: list[torch.Tensor], image_size: int, device: str | t
 
 def decode_jpegs(samples: list[dict | None], image_size: int) -> list[torch.Tensor | None]:
     """The JPEGs among `samples` decoded in one call (decode_jpeg_list); None for every other
-    sample, and for all of them when that call fails."""
+    sample, and for all of them when that call fails. Their bytes are copied into one buffer
+    (torch wants writable memory), not one each."""
     keys = [image_key(sample) if sample is not None else None for sample in samples]
     at = [i for i, key in enumerate(keys) if key in JPEG_KEYS]
     images: list[torch.Tensor | None] = [None] * len(samples)
-    decoded = decode_jpeg_list([as_tensor(samples[i][keys[i]]) for i in at], image_size) if at else None
-    for i, image in zip(at, decoded or ()):
+    if not at:
+        return images
+    jpegs = [samples[i][keys[i]] for i in at]
+    encoded = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8).split([len(jpeg) for jpeg in jpegs])
+    for i, image in zip(at, decode_jpeg_list(list(encoded), image_size) or ()):
         images[i] = image
     return images
 
@@ -90,16 +94,21 @@ def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
     """3 x H x W uint8 images -> one N x 3 x H x W batch, in one copy that keeps the decoder's
     layout: torchvision's decoders give each image as a view of H x W x 3 pixels, and stacking
     them as they lie is a memcpy where a contiguous NCHW stack is a transpose (a fifth of a 64 px
-    JPEG's decode time, measured). The batch is then channels-last in memory; to_unit_range, on
-    the training device, makes it contiguous. Raw images (already 3 x H x W) stack as they are."""
-    if all(image.permute(1, 2, 0).is_contiguous() for image in images):
-        return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    JPEG's decode time, measured). The batch is then channels-last in memory, the layout the
+    model wants by default (--channels-last). Raw images (already 3 x H x W) stack as they are."""
+    channels, height, width = images[0].shape
+    hwc = (1, width * channels, channels)  # the strides of a 3 x H x W view of H x W x 3 pixels
+    if all(image.stride() == hwc for image in images):
+        batch = torch.empty((len(images), height, width, channels), dtype=images[0].dtype).permute(0, 3, 1, 2)
+        return torch.stack(images, out=batch)
     return torch.stack(images)
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (in any memory layout) -> contiguous float in [-1, 1]."""
-    return torch.empty(images.shape, dtype=torch.float32, device=images.device).copy_(images).div_(127.5).sub_(1.0)
+    """uint8 pixels -> float in [-1, 1] (0 and 255 exactly -1 and 1), in the memory layout they
+    came in: the training loop puts a batch into the model's layout (channels-last by default,
+    which a decoded batch already has; forcing NCHW here cost a transpose the loop then undid)."""
+    return images.to(torch.float32).div_(127.5).sub_(1.0)
 
 
 def decode(data: bytes | torch.Tensor, image_size: int) -> torch.Tensor:

@@ -16,14 +16,16 @@ one would from there on, without decoding what came before.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from dcgan_dist.data import split, stream
-from dcgan_dist.data.decode import stack_images
+from dcgan_dist.data import raw, split, stream
+from dcgan_dist.data.decode import PIXELS, stack_images
 from dcgan_dist.data.manifest import Manifest
 
 
@@ -55,77 +57,171 @@ class EpochBatches(IterableDataset):
     def stream_batches(self, plan: split.Stream, skip: int, counters: stream.Counters) -> Iterator[tuple[torch.Tensor, list[str]]]:
         """The stream's batches from batch `skip` on."""
         order = split.reading_order(plan.num_samples, self.shuffle_buffer, self.seed, plan.epoch, plan.rank, plan.index)
-        first = skip * self.batch
         wanted = bytearray(plan.num_samples)  # positions still to hand out
-        for position in order[first:]:
+        for position in order[skip * self.batch:]:
             wanted[position] = 1
-        samples = in_turn(order, first, read_positions(plan, wanted, self.urls, self.expected, counters, self.shard_retries))
-        chunks = iter(lambda: list(itertools.islice(samples, self.batch)), [])  # a batch's samples decoded together
-        if self.decode == "cpu":
-            decoded = ((sample and sample["__key__"], image) for chunk in chunks
-                       for sample, image in zip(chunk, stream.decode_batch(chunk, counters, self.image_size)))
-            yield from fill_batches(decoded, self.batch, counters, plan)
-        else:  # --decode gpu: the JPEGs go out encoded, the training process decodes them
-            encoded = ((sample and sample["__key__"], sample and stream.encoded_jpeg(sample, counters))
-                       for chunk in chunks for sample in chunk)
-            yield from fill_batches(encoded, self.batch, counters, plan, collate=list)
+        held = Held(read_positions(plan, wanted, self.urls, self.expected, counters, self.shard_retries), wanted, self.image_size)
+        fill = Filler(self.batch, counters, plan, stack_images if self.decode == "cpu" else list)
+        for first in range(skip * self.batch, plan.num_batches * self.batch, self.batch):
+            positions = order[first:first + self.batch]
+            held.read_through(max(positions))
+            raw = held.take_raw(positions) if self.decode == "cpu" else None
+            if raw is not None:  # a raw batch: copied out of its groups, nothing to decode or check per image
+                counters.samples += len(positions)
+                yield from fill.add_batch(*raw)
+                continue
+            samples = held.take_samples(positions)
+            if self.decode == "cpu":  # a batch's JPEGs decoded in one call
+                images = stream.decode_batch(samples, counters, self.image_size)
+            else:  # --decode gpu: the JPEGs go out encoded, the training process decodes them
+                images = [sample and stream.encoded_jpeg(sample, counters) for sample in samples]
+            yield from fill.add([sample and sample["__key__"] for sample in samples], images)
+        fill.finish()
 
 
 def read_positions(plan: split.Stream, wanted: bytearray, urls: list[str], expected: dict[str, int],
-                   counters: stream.Counters, retries: int) -> Iterator[tuple[int, dict | None]]:
-    """(position, sample) for every wanted position of the stream, in position order; None for a
-    sample its shard could not give. Shards with nothing wanted are not opened."""
+                   counters: stream.Counters, retries: int) -> Iterator[tuple[int, dict | raw.RawGroup | None]]:
+    """(position, sample) for every wanted position of the stream, in position order; a raw
+    group's images in the piece that hold a wanted one come as one (first position, RawGroup);
+    None for a sample its shard could not give. Shards with nothing wanted are not opened."""
     offset = 0
     for piece in plan.pieces:
         size = piece.stop - piece.start
         if any(wanted[offset:offset + size]):
-            reached = 0  # members of the piece passed so far
-            samples = stream.read_shards(iter([{"url": urls[piece.shard]}]), counters, expected, retries)
+            reached = member = 0  # members of the piece passed so far; images of the shard passed
+            samples = stream.read_shards(iter([{"url": urls[piece.shard]}]), counters, expected, retries, groups=True)
             try:
-                for member, sample in enumerate(samples):
-                    if member >= piece.start:
-                        reached = member - piece.start + 1
-                        if wanted[offset + reached - 1]:
-                            yield offset + reached - 1, sample
-                        if reached == size:
-                            break
+                for sample in samples:
+                    count = len(sample) if type(sample) is raw.RawGroup else 1
+                    low, high = max(member, piece.start), min(member + count, piece.stop)  # its images in the piece
+                    if high > low:
+                        position, reached = offset + low - piece.start, high - piece.start
+                        if count == 1:
+                            if wanted[position]:
+                                yield position, sample
+                        elif any(wanted[position:position + high - low]):
+                            yield position, sample.part(low - member, high - member)
+                    member += count
+                    if reached == size:
+                        break
             finally:
                 samples.close()  # a piece may end before its shard does
             yield from ((position, None) for position in range(offset + reached, offset + size) if wanted[position])
         offset += size
 
 
-def in_turn(order: list[int], first: int, positioned: Iterator[tuple[int, dict | None]]) -> Iterator[dict | None]:
-    """Samples in the planned order from turn `first` on, each held from when it is read to its turn."""
-    held: dict[int, dict | None] = {}
-    turn = first
-    for position, sample in positioned:
-        held[position] = sample
-        while turn < len(order) and order[turn] in held:
-            yield held.pop(order[turn])
-            turn += 1
+class Run:
+    """A held raw group's images: its first position, the group, its images as rows of bytes, and
+    how many of them are still to hand out."""
+
+    __slots__ = ("start", "group", "rows", "left")
+
+    def __init__(self, start: int, group: raw.RawGroup, left: int):
+        self.start, self.group, self.left = start, group, left
+        self.rows = group.pixels.reshape(len(group), -1).numpy()
 
 
-def fill_batches(decoded: Iterator[tuple[str | None, torch.Tensor | None]], batch: int, counters: stream.Counters,
-                 plan: split.Stream, collate=stack_images) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Full batches, a missing image's place taken by the last good one (the first, before any)."""
-    ready: list[tuple[str, torch.Tensor] | None] = []
-    last_good = None
-    for key, image in decoded:
-        if image is None:
-            counters.repeated_samples += 1
-            ready.append(last_good)
-        else:
-            if last_good is None:
-                ready = [entry or (key, image) for entry in ready]
-            last_good = (key, image)
-            ready.append(last_good)
-        while last_good is not None and len(ready) >= batch:
-            chunk, ready = ready[:batch], ready[batch:]
-            yield collate([image for _, image in chunk]), [key for key, _ in chunk]
-    if ready:
-        raise stream.DataError(f"no readable image among the {plan.num_samples} samples that rank {plan.rank} reads "
-                               f"in stream {plan.index} of epoch {plan.epoch}; check the shards with `shards inspect`")
+class Held:
+    """What a stream has read and not yet handed out, by position: samples (None for one its
+    shard could not give) and runs of a raw group's images, each held from when it is read to
+    its turn (at most a shuffle block, a batch and a group)."""
+
+    def __init__(self, positioned: Iterator[tuple[int, dict | raw.RawGroup | None]], wanted: bytearray, image_size: int):
+        self.positioned, self.wanted, self.image_size = positioned, wanted, image_size
+        self.samples: dict[int, dict | None] = {}
+        self.runs: list[Run] = []  # in position order
+        self.run_starts: list[int] = []
+        self.read_to = 0  # every wanted position before it has been read
+
+    def read_through(self, last: int) -> None:
+        while self.read_to <= last:
+            position, item = next(self.positioned)
+            if type(item) is not raw.RawGroup:
+                self.samples[position], self.read_to = item, position + 1
+                continue
+            self.read_to = position + len(item)
+            if item.pixels.shape[-2:] != (self.image_size, self.image_size):  # one by one: counted as corrupt
+                self.samples.update((at, sample) for at, sample in enumerate(item.images(), position) if self.wanted[at])
+            else:
+                self.runs.append(Run(position, item, self.wanted[position:self.read_to].count(1)))
+                self.run_starts.append(position)
+
+    def run_of(self, position: int) -> Run:
+        return self.runs[bisect.bisect_right(self.run_starts, position) - 1]
+
+    def take_raw(self, positions: list[int]) -> tuple[torch.Tensor, list[str]] | None:
+        """The positions' images as one N x 3 x H x W batch, when every one is in a held raw run
+        (a row copy each: no tensor, dict or check per image); None otherwise."""
+        if not self.runs or self.samples and any(position in self.samples for position in positions):
+            return None
+        rows = np.empty((len(positions), 3 * self.image_size ** 2), dtype=np.uint8)
+        keys = []
+        for i, position in enumerate(positions):
+            run = self.run_of(position)
+            rows[i] = run.rows[position - run.start]
+            keys.append(run.group.keys[position - run.start])
+            run.left -= 1
+        self.release()
+        return torch.from_numpy(rows).view(len(positions), 3, self.image_size, self.image_size), keys
+
+    def take_samples(self, positions: list[int]) -> list[dict | None]:
+        """The positions' samples (a raw image as a {"__key__", "__url__", "pixels"} sample)."""
+        samples = []
+        for position in positions:
+            if position in self.samples:
+                samples.append(self.samples.pop(position))
+                continue
+            run = self.run_of(position)
+            at = position - run.start
+            samples.append({"__key__": run.group.keys[at], "__url__": run.group.url, PIXELS: run.group.pixels[at]})
+            run.left -= 1
+        self.release()
+        return samples
+
+    def release(self) -> None:
+        """Drop the runs whose images have all been handed out (positions not wanted never are:
+        a run is counted down from its wanted ones)."""
+        if any(run.left <= 0 for run in self.runs):
+            self.runs = [run for run in self.runs if run.left > 0]
+            self.run_starts = [run.start for run in self.runs]
+
+
+class Filler:
+    """Full batches, a missing image's place taken by the last good one (the first, before any),
+    across a stream's batches."""
+
+    def __init__(self, batch: int, counters: stream.Counters, plan: split.Stream, collate):
+        self.batch, self.counters, self.plan, self.collate = batch, counters, plan, collate
+        self.ready: list[tuple[str, torch.Tensor] | None] = []
+        self.last_good: tuple[str, torch.Tensor] | None = None
+
+    def add_batch(self, images: torch.Tensor, keys: list[str]) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        """A batch with every image good, as it is (unless places before it still wait)."""
+        if self.ready:
+            yield from self.add(keys, list(images))
+            return
+        self.last_good = keys[-1], images[-1]
+        yield images, keys
+
+    def add(self, keys: list[str | None], images: list[torch.Tensor | None]) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        for key, image in zip(keys, images):
+            if image is None:
+                self.counters.repeated_samples += 1
+                self.ready.append(self.last_good)
+            else:
+                if self.last_good is None:
+                    self.ready = [entry or (key, image) for entry in self.ready]
+                self.last_good = (key, image)
+                self.ready.append(self.last_good)
+        while self.last_good is not None and len(self.ready) >= self.batch:
+            chunk, self.ready = self.ready[:self.batch], self.ready[self.batch:]
+            yield self.collate([image for _, image in chunk]), [key for key, _ in chunk]
+
+    def finish(self) -> None:
+        if self.ready:
+            plan = self.plan
+            raise stream.DataError(f"no readable image among the {plan.num_samples} samples that rank {plan.rank} reads "
+                                   f"in stream {plan.index} of epoch {plan.epoch}; check the shards with `shards inspect`")
 
 
 def shard_keys(url: str, expected: dict[str, int], retries: int = 3) -> list[str]:

@@ -90,7 +90,7 @@ class BatchRing:
                 checked = time.monotonic()
 
     def take(self, ticket: tuple[int, int, bool], device: str | torch.device) -> torch.Tensor:
-        """In the training process: the ticket's batch as contiguous floats in [-1, 1] on `device`; frees its slot."""
+        """In the training process: the ticket's batch as floats in [-1, 1] on `device`, in the layout it was put in; frees its slot."""
         worker, sequence, channels_last = ticket
         slot = sequence % self.slots
         if self._written[worker, slot] != sequence:

@@ -5,7 +5,7 @@ of `shard_size` images + manifest.json, on local disk or under an s3:// prefix.
 A raw group is two members under the key of its first image: `KEY.u8.npy`, the uint8 pixels as
 an N x 3 x H x W array (grey images made RGB), and `KEY.keys.npy`, the N image keys (a unicode
 array); both are read with `numpy.load(allow_pickle=False)` and need no image decoder. The reader
-(stream.tar_samples) hands a group out as its N images, so every count (the manifest's
+(raw.py, via stream.tar_samples) hands a group out as its N images, so every count (the manifest's
 `num_samples`, the epoch plan, `shards plan` and `inspect`) is in images, whatever the format.
 
 Shards are built by a pool of processes, each writing a whole shard to a local temporary file

@@ -23,7 +23,6 @@ order is statistically the same, not the exact continuation (the bundled digits 
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import random
@@ -31,18 +30,16 @@ import time
 from collections.abc import Iterator
 from functools import partial
 
-import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.utils import make_seed
 
-from dcgan_dist.data import s3, tar
+from dcgan_dist.data import raw, s3, tar
 from dcgan_dist.data.decode import (
     IMAGE_KEYS,
     JPEG_KEYS,
-    PIXELS,
     as_tensor,
     decode_jpegs,
     decode_on_device,
@@ -52,7 +49,7 @@ from dcgan_dist.data.decode import (
     to_unit_range,
 )
 from dcgan_dist.data.handover import BatchRing, HandedOver
-from dcgan_dist.data.manifest import RAW_KEYS, RAW_PIXELS, Manifest
+from dcgan_dist.data.manifest import RAW_PIXELS, Manifest
 from dcgan_dist.data.split import Position
 from dcgan_dist.util import redact
 
@@ -87,42 +84,27 @@ def _seed(seed: int, rank: int, start_step: int, *more) -> int:
     return make_seed(seed, rank, _worker_id(), start_step, *more)
 
 
-def tar_samples(fileobj, url: str) -> Iterator[dict]:
+def tar_samples(fileobj, url: str, groups: bool = False) -> Iterator[dict | raw.RawGroup]:
     """The samples of one tar stream, grouped by key ({"__key__", "__url__", "jpg", ...}); a raw
-    group is handed out as its images ({"__key__", "__url__", "pixels"}), one sample each."""
+    group is handed out as its images ({"__key__", "__url__", "pixels"}), one sample each, or
+    with `groups` as one raw.RawGroup (the epoch reader copies its images a batch at a time)."""
     for sample in tar.samples(fileobj, url):
         if RAW_PIXELS in sample:
-            yield from raw_images(sample)
+            group = raw.read_group(sample)
+            if groups:
+                yield group
+            else:
+                yield from group.images()
         else:
             yield sample
 
 
-def raw_images(group: dict) -> Iterator[dict]:
-    """The images of a raw group. One that does not parse ends its shard's read, as a truncated
-    tar does (its images cannot be counted, so none after it could be placed)."""
-    data = group[RAW_PIXELS]
-    header = io.BytesIO(bytes(data[:4096]))  # .npy: magic, version, then the header (numpy's own parser, no pickle)
-    version = np.lib.format.read_magic(header)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran_order, dtype = read_header(header)
-    keys = np.load(io.BytesIO(group[RAW_KEYS]), allow_pickle=False) if RAW_KEYS in group else np.array([])
-    if dtype != np.uint8 or fortran_order or len(shape) != 4 or shape[1] != 3 or keys.shape != shape[:1] \
-            or len(data) != header.tell() + math.prod(shape):
-        raise ValueError(f"raw group {group['__key__']}: {dtype} pixels {shape} ({len(data)} bytes) and {keys.shape} keys "
-                         "are not N x 3 x H x W uint8 with N keys")
-    if isinstance(data, bytes):
-        data = bytearray(data)  # torch wraps only writable buffers
-    pixels = torch.frombuffer(data, dtype=torch.uint8, offset=header.tell()).view(shape)  # no copy
-    url = group["__url__"]
-    for key, image in zip(keys.tolist(), pixels):
-        yield {"__key__": key, "__url__": url, PIXELS: image}
-
-
-def read_shard(url: str, counters: Counters, retries: int) -> Iterator[dict]:
-    """One shard's samples. A failure to open, or an S3 read that fails mid-shard (s3.py has
-    already resumed the body a few times), is retried with backoff, `retries` times, going on
-    after the samples already yielded; a broken tar is not (reading it again gives the same).
-    Its return value (what `yield from` gives): (samples read, opened at all, the last error)."""
+def read_shard(url: str, counters: Counters, retries: int, groups: bool = False) -> Iterator[dict | raw.RawGroup]:
+    """One shard's samples (tar_samples; with `groups`, raw groups whole). A failure to open, or
+    an S3 read that fails mid-shard (s3.py has already resumed the body a few times), is retried
+    with backoff, `retries` times, going on after the samples already yielded; a broken tar is
+    not (reading it again gives the same). Its return value (what `yield from` gives): (images
+    read, opened at all, the last error)."""
     count, opened, error = 0, False, None
     retries_before = s3.retry_count() - counters.s3_retries  # the counter is cumulative over shards
     for attempt in range(retries + 1):
@@ -136,11 +118,12 @@ def read_shard(url: str, counters: Counters, retries: int) -> Iterator[dict]:
             continue
         opened, skip, error = True, count, None
         try:
-            for sample in tar_samples(stream, url):
+            for sample in tar_samples(stream, url, groups):
+                size = len(sample) if type(sample) is raw.RawGroup else 1  # a group is read whole or not at all
                 if skip:
-                    skip -= 1
+                    skip -= size
                     continue
-                count += 1
+                count += size
                 counters.s3_retries = s3.retry_count() - retries_before
                 yield sample
         except Exception as e:  # noqa: BLE001 - a truncated or broken tar, or S3 failing mid-shard
@@ -154,13 +137,15 @@ def read_shard(url: str, counters: Counters, retries: int) -> Iterator[dict]:
     return count, opened, error
 
 
-def read_shards(shards: Iterator[dict], counters: Counters, expected: dict[str, int], retries: int) -> Iterator[dict]:
-    """Samples ({"__key__", "jpg"/"png"...}) of each shard; failures are counted and skipped."""
+def read_shards(shards: Iterator[dict], counters: Counters, expected: dict[str, int], retries: int,
+                groups: bool = False) -> Iterator[dict | raw.RawGroup]:
+    """Samples ({"__key__", "jpg"/"png"...}; raw groups whole with `groups`) of each shard;
+    failures are counted and skipped."""
     s3.register()  # in this process (DataLoader workers may be fresh interpreters)
     failures_in_a_row = 0
     for shard in shards:
         url = shard["url"]
-        count, opened, error = yield from read_shard(url, counters, retries)
+        count, opened, error = yield from read_shard(url, counters, retries, groups)
         if not opened or count < expected.get(url, 0):
             counters.bad_shards += 1
             reason = f"read {count} of {expected.get(url, '?')} samples" if opened else "could not open"
