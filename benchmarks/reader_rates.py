@@ -1,7 +1,9 @@
 """The reader against the decoder alone (issue 16): img/s of `torchvision.io.decode_jpeg` on one
 thread next to training's whole reader (`open_batches` with one DataLoader process, as `shards
 bench` times it: `--sampling epochs`, shuffle, decode, batching, the handover, scaling) on JPEG
-shards and on raw shards of the same images. Prints the machine and one table.
+shards and on raw shards of the same images. Prints the machine and one table, with the loader
+process's images per CPU second it used and the share of the machine's CPU time the hypervisor
+took for other guests ("stolen", from /proc/stat) while each row ran.
 
     PYTHONPATH=$PWD python benchmarks/reader_rates.py [--images 8000] [--rounds 8] [--block 1.5] [--batch 64]
 
@@ -49,6 +51,12 @@ def machine() -> list[str]:
             f"numpy {np.__version__}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"]
 
 
+def steal_ticks() -> tuple[int, int]:
+    """(ticks stolen by the hypervisor, all ticks) of all cores so far, from /proc/stat."""
+    ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return ticks[7], sum(ticks[:8])
+
+
 def decode_one_by_one(jpegs: list[torch.Tensor], batch: int) -> None:
     for jpeg in jpegs:
         decode_jpeg(jpeg)
@@ -69,14 +77,15 @@ def decoder_block(decode, jpegs: list[torch.Tensor], batch: int, seconds: float)
     return count, time.perf_counter() - start
 
 
-def reader_block(batches, prefetched: int, seconds: float) -> tuple[int, float]:
-    """(images, seconds) the reader delivers in a block, after taking what it prefetched while paused."""
+def reader_block(batches, prefetched: int, seconds: float) -> tuple[int, float, float]:
+    """(images, seconds, loader CPU seconds) the reader delivers in a block, after taking what it
+    prefetched while paused."""
     for _ in range(prefetched):
         next(batches)
-    count, start = 0, time.perf_counter()
+    count, start, cpu_start = 0, time.perf_counter(), throughput.loader_cpu_seconds()
     while time.perf_counter() - start < seconds:
         count += len(next(batches))
-    return count, time.perf_counter() - start
+    return count, time.perf_counter() - start, throughput.loader_cpu_seconds() - cpu_start
 
 
 def interleaved(cfg, jpegs: list[torch.Tensor], batch: int, rounds: int, block: float) -> dict[str, float]:
@@ -85,14 +94,21 @@ def interleaved(cfg, jpegs: list[torch.Tensor], batch: int, rounds: int, block: 
     next(batches)  # starts the loader process and opens the first shards
     prefetched = 3 * max(cfg.data.loader_workers, 1)  # the DataLoader's prefetch_factor (2) and the batch in hand
     totals = {"reader": [0, 0.0], "one by one": [0, 0.0], "in lists": [0, 0.0]}
+    loader_cpu, steal_start = 0.0, steal_ticks()
     for _ in range(rounds):
         for name, result in (("one by one", decoder_block(decode_one_by_one, jpegs, batch, block / 2)),
                              ("reader", reader_block(batches, prefetched, block)),
                              ("in lists", decoder_block(decode_in_lists, jpegs, batch, block / 2))):
             totals[name][0] += result[0]
             totals[name][1] += result[1]
+            loader_cpu += result[2] if name == "reader" else 0.0
     del batches  # stops the loader process
-    return {name: images / seconds for name, (images, seconds) in totals.items()}
+    stolen, ticks = (end - start for end, start in zip(steal_ticks(), steal_start))
+    rates = {name: images / seconds for name, (images, seconds) in totals.items()}
+    # a loader process's rate per CPU second it got: what it does with a core of its own, however
+    # busy the training process or the neighbours keep the machine (none with 0 loader processes)
+    rates["per loader cpu s"] = totals["reader"][0] / loader_cpu if loader_cpu > 0 else float("nan")
+    return rates | {"steal": stolen / max(ticks, 1)}
 
 
 def packed_jpegs(url: str) -> list[torch.Tensor]:
@@ -126,12 +142,15 @@ def main() -> None:
                 cfg = throughput.reader_config(urls[image_format], loader_workers, args.batch, "epochs", 1000, 64)
                 rates = interleaved(cfg, jpegs, args.batch, args.rounds, args.block)
                 where = "1 loader process" if loader_workers else "in the training process (--loader-workers 0)"
-                rows.append((f"reader, {image_format}, {where}", rates["reader"], rates["one by one"], rates["in lists"]))
+                rows.append((f"reader, {image_format}, {where}", rates))
     print(f"\n{args.images} images, 64 px, batch {args.batch}, --sampling epochs, --shuffle-buffer 1000, "
           f"{args.rounds} alternating blocks of {args.block:g} s\n")
-    print("| reader | img/s | decode_jpeg alone, one by one | ratio | decode_jpeg(list) alone | ratio |\n|---|---:|---:|---:|---:|---:|")
-    for name, reader, one, lists in rows:
-        print(f"| {name} | {reader:,.0f} | {one:,.0f} | {reader / one:.0%} | {lists:,.0f} | {reader / lists:.0%} |")
+    print("| reader | img/s | per loader CPU second | decode_jpeg alone, one by one | ratio | decode_jpeg(list) alone | ratio "
+          "| CPU stolen |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, rates in rows:
+        reader, one, lists = rates["reader"], rates["one by one"], rates["in lists"]
+        print(f"| {name} | {reader:,.0f} | {rates['per loader cpu s']:,.0f} | {one:,.0f} | {reader / one:.0%} | {lists:,.0f} "
+              f"| {reader / lists:.0%} | {rates['steal']:.0%} |")
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

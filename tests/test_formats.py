@@ -36,6 +36,9 @@ def test_shards_bench_times_the_training_reader(tmp_path, capsys):
     assert delivered > 0
     per_process = next(line for line in lines if line.startswith("per loader process"))
     assert per_process.split()[-2].replace(",", "") == f"{delivered:,.0f}".replace(",", "")  # one process: the same
+    busy_rate = next(line for line in lines if line.startswith("per loader CPU second"))  # Linux: from /proc
+    if "resolution" not in busy_rate:  # the loader process used at least a clock tick (10 ms)
+        assert int(busy_rate.split()[4].replace(",", "")) > 0 and re.search(r"busy \d+%\)$", busy_rate)
     needed = int(re.search(r"to feed 1,000,000,000 img/s +(\d+) loader processes", "\n".join(lines)).group(1))
     assert needed == pytest.approx(1e9 / delivered, rel=1e-3)  # printed img/s is rounded
 

@@ -9,7 +9,9 @@ Nothing here reads shards itself: it builds the training config for one rank and
 from __future__ import annotations
 
 import math
+import os
 import time
+from pathlib import Path
 
 from dcgan_dist.config import Config
 
@@ -25,6 +27,20 @@ def reader_config(url: str, loader_workers: int, batch_size: int, sampling: str,
     return cfg
 
 
+def loader_cpu_seconds() -> float | None:
+    """CPU seconds used so far by this process's children (the DataLoader's loader processes),
+    from /proc; None where there is no /proc (the row is then left out)."""
+    try:
+        total = 0
+        for task in Path("/proc/self/task").iterdir():
+            for pid in (task / "children").read_text().split():
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+        return total / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return None
+
+
 def measure(cfg: Config, seconds: float) -> dict:
     """Images per second delivered to the training process over `seconds`, after the first batch
     (which pays for starting the loader processes and opening the first shards)."""
@@ -38,15 +54,17 @@ def measure(cfg: Config, seconds: float) -> dict:
     torch.set_num_threads(1)
     batches = open_batches(cfg, rank=0, world_size=1, device=device)
     next(batches)
-    images, start = 0, time.perf_counter()
+    images, start, cpu_start = 0, time.perf_counter(), loader_cpu_seconds()
     while (elapsed := time.perf_counter() - start) < seconds:
         images += len(next(batches))
     if device.type == "cuda":  # the last batches' decode and scaling are queued on the GPU
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
+    cpu_end = loader_cpu_seconds()
     counts = batches.counts()
     del batches  # stops the loader processes
-    return {"images": images, "seconds": elapsed, "img_s": images / elapsed, "counts": counts}
+    loader_cpu = cpu_end - cpu_start if cpu_start is not None and cpu_end is not None else None
+    return {"images": images, "seconds": elapsed, "img_s": images / elapsed, "counts": counts, "loader_cpu_s": loader_cpu}
 
 
 def processes_needed(step_img_s: float, img_s_per_process: float) -> int:
@@ -61,6 +79,12 @@ def report_lines(result: dict, loader_workers: int, step_img_s: float | None) ->
             ("images delivered", f"{result['images']:,} in {result['seconds']:.1f} s"),
             ("delivered", f"{result['img_s']:,.0f} img/s"),
             ("per loader process", f"{per_process:,.0f} img/s")]
+    if loader_workers > 0 and (cpu := result.get("loader_cpu_s")) is not None:
+        # What a loader process does per second of a core it gets: above the row before when the
+        # loader processes wait (on the training process, or for cores the machine shares out).
+        busy = cpu / (result["seconds"] * loader_workers)
+        rows.append(("per loader CPU second", f"{result['images'] / cpu:,.0f} img/s (loader processes busy {busy:.0%})"
+                     if cpu > 0 else "under the CPU clock's resolution"))
     skipped = {name: value for name, value in result["counts"].items() if name != "samples" and value}
     if skipped:
         rows.append(("skipped or repeated", ", ".join(f"{name} {value}" for name, value in skipped.items())))
