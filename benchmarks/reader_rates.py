@@ -92,7 +92,7 @@ def interleaved(cfg, jpegs: list[torch.Tensor], batch: int, rounds: int, block: 
     """img/s of the reader (`cfg`) and of each way of decoding alone, timed in alternating blocks."""
     batches = open_batches(cfg, rank=0, world_size=1, device=torch.device("cpu"))
     next(batches)  # starts the loader process and opens the first shards
-    prefetched = 3 * max(cfg.data.loader_workers, 1)  # the DataLoader's prefetch_factor (2) and the batch in hand
+    prefetched = (cfg.data.prefetch_batches + 1) * max(cfg.data.loader_workers, 1)  # the DataLoader's prefetch_factor and the batch in hand
     totals = {"reader": [0, 0.0], "one by one": [0, 0.0], "in lists": [0, 0.0]}
     loader_cpu, steal_start = 0.0, steal_ticks()
     for _ in range(rounds):

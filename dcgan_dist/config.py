@@ -63,6 +63,7 @@ class DataConfig:
     sampling: str = option("epochs", "shard manifests: epochs = every sample once per epoch, split across ranks and loader "
                                      "workers, exact resume; resampled = shards drawn with replacement, an endless stream", SAMPLINGS)
     decode: str = option("cpu", "where JPEGs are decoded: cpu = loader processes; gpu = the training worker's GPU, a batch a call (needs --use-gpu)", DECODERS)
+    prefetch_batches: int = option(8, "batches each loader process may have ready ahead of training (DataLoader prefetch_factor)")
     shard_retries: int = option(3, "retries for a shard that fails to open before it is skipped and counted")
     max_corrupt_fraction: float = option(0.01, "stop the run when more than this share of images read were corrupt")
 
@@ -287,6 +288,7 @@ def validate(cfg: Config) -> Config:
     if cfg.loop.keep_checkpoints < 2:  # the one before the latest is the fallback when the latest is unreadable
         raise ConfigError("keep_checkpoints", f"must be >= 2 (got {cfg.loop.keep_checkpoints})")
     positive("num_workers", cfg.cluster.num_workers)
+    positive("prefetch_batches", cfg.data.prefetch_batches)
     for section, name in (("data", "loader_workers"), ("data", "shuffle_buffer"), ("data", "shard_retries"), ("loop", "max_epochs")):
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(name, f"must be >= 0 (got {getattr(getattr(cfg, section), name)})")

@@ -62,7 +62,7 @@ class Numbered(IterableDataset):
 @pytest.mark.slow
 def test_loader_processes_hand_every_batch_over_intact_and_in_order_even_to_a_slow_reader():
     workers, batches = 2, 12
-    ring = BatchRing(workers, slots=3, batch=4, image_size=8)  # prefetch_factor 2 + 1, as ShardBatches
+    ring = BatchRing(workers, slots=3, batch=4, image_size=8)  # prefetch_factor 2 + 1, as ShardBatches gives --prefetch-batches 2
     loader = DataLoader(HandedOver(Numbered(batches), ring), batch_size=None, num_workers=workers, prefetch_factor=2)
     seen = []
     for step, (ticket, worker, number) in enumerate(loader):

@@ -125,5 +125,5 @@ def open_batches(cfg, rank: int, world_size: int, start_step: int = 0, data_posi
         shards, cfg.per_worker_batch, rank, world_size, cfg.loop.seed, start_step,
         loader_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer,
         shard_retries=cfg.data.shard_retries, pin_memory=pin_memory, epochs=epoch_batches, device=device,
-        decode=cfg.data.decode,
+        decode=cfg.data.decode, prefetch_batches=cfg.data.prefetch_batches,
     )

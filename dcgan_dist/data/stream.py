@@ -273,7 +273,8 @@ class ShardBatches:
 
     def __init__(self, manifest: Manifest, per_worker_batch: int, rank: int, world_size: int, seed: int,
                  start_step: int = 0, loader_workers: int = 2, shuffle_buffer: int = 1000, shard_retries: int = 3,
-                 pin_memory: bool = False, epochs=None, device: str | torch.device = "cpu", decode: str = "cpu"):
+                 pin_memory: bool = False, epochs=None, device: str | torch.device = "cpu", decode: str = "cpu",
+                 prefetch_batches: int = 8):
         steps_per_epoch = max(1, manifest.num_samples // (per_worker_batch * world_size))
         if epochs is None:
             dataset = pipeline(manifest, per_worker_batch, rank, seed, start_step, shuffle_buffer, shard_retries,
@@ -281,16 +282,18 @@ class ShardBatches:
             self.position = Position(*divmod(start_step, steps_per_epoch), steps_per_epoch)
         else:  # one endless pass: worker w gives this rank's batches w, w+L, ... across epochs
             dataset, self.position = epochs, Position(epochs.start_epoch, epochs.start_step, steps_per_epoch)
-        prefetch = 2
+        # The DataLoader sends a loader process a request per batch it takes: with only 2 requests
+        # out, the process waited for the next one a third to half of the time (raw shards, one
+        # process; 8 gave 1.3-1.8x the rate of 2 in alternating runs, see benchmarks/RESULTS.md).
         # Loader processes put decoded batches into shared memory allocated once (handover.py);
         # encoded JPEGs (--decode gpu) are lists of any length and travel as tensors do.
-        self.ring = BatchRing(loader_workers, prefetch + 1, per_worker_batch, manifest.image_size) \
+        self.ring = BatchRing(loader_workers, prefetch_batches + 1, per_worker_batch, manifest.image_size) \
             if loader_workers > 0 and decode == "cpu" else None
         # persistent workers keep each pipeline's counters and shard RNG epoch across epochs
         self.loader = DataLoader(HandedOver(dataset, self.ring) if self.ring else dataset, batch_size=None,
                                  num_workers=loader_workers, persistent_workers=loader_workers > 0,
                                  pin_memory=pin_memory and self.ring is None,
-                                 prefetch_factor=prefetch if loader_workers > 0 else None)
+                                 prefetch_factor=prefetch_batches if loader_workers > 0 else None)
         self.steps_per_epoch = steps_per_epoch
         self._state = ("resampled" if epochs is None else "epochs", world_size, max(loader_workers, 1), per_worker_batch)
         self.keys: list[str] = []  # the sample keys of the last batch (--sampling epochs)
