@@ -45,7 +45,7 @@ from dcgan_dist.data import manifest, open_batches, pack, tar, throughput
 def machine() -> list[str]:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = re.search(r"model name\s*:\s*(.*)", cpuinfo)
-    flags = sorted(set(re.findall(r"avx512[a-z_0-9]*|avx2|amx[a-z_]*", cpuinfo)))
+    flags = sorted(set(re.findall(r"avx512[a-z_0-9]*|avx2|amx[a-z_0-9]*", cpuinfo)))
     return [f"CPU: {model.group(1) if model else platform.processor()}, {os.cpu_count()} cores; flags: {' '.join(flags)}",
             f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
             f"numpy {np.__version__}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"]

@@ -189,7 +189,9 @@ def test_tar_samples_equal_webdatasets_for_pax_gnu_and_ustar_tars_and_a_cut_tar_
 
     long_dir = "d" * 120  # longer than a ustar name field: a pax path record, or a GNU long name
     members = [(f"{long_dir}/000001.jpg", jpeg()), (f"{long_dir}/000001.cls", b"7"), ("000002.jpg", b"x" * 513),
-               ("000002.json", b"{}"), ("000003.u8.npy", bytes(1 << 18))]
+               ("000002.json", b"{}"), ("000003.u8.npy", bytes(1 << 21)),
+               # after a large member (longer than a chunk) the reader refills in smaller chunks: a member longer than one
+               ("000004.u8.npy", bytes(range(256)) * 625), ("000004.keys.npy", b"k" * 10), ("000005.jpg", b"y" * 700)]
     for tar_format in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w", format=tar_format) as archive:
@@ -204,8 +206,9 @@ def test_tar_samples_equal_webdatasets_for_pax_gnu_and_ustar_tars_and_a_cut_tar_
         ours = list(tar.samples(io.BytesIO(raw), "u"))
         assert ours == list(group_by_keys(dict(member, __url__="u") for member in tar_file_iterator(io.BytesIO(raw))))
         folder = long_dir if tar_format != tarfile.USTAR_FORMAT else "d" * 90
-        assert [sample["__key__"] for sample in ours] == [f"{folder}/000001", "000002", "000003"]
-        assert ours[0]["cls"] == b"7" and ours[1]["jpg"] == b"x" * 513 and len(ours[2]["u8.npy"]) == 1 << 18
+        assert [sample["__key__"] for sample in ours] == [f"{folder}/000001", "000002", "000003", "000004", "000005"]
+        assert ours[0]["cls"] == b"7" and ours[1]["jpg"] == b"x" * 513 and len(ours[2]["u8.npy"]) == 1 << 21
+        assert ours[3]["u8.npy"] == bytes(range(256)) * 625 and ours[3]["keys.npy"] == b"k" * 10 and ours[4]["jpg"] == b"y" * 700
         with pytest.raises(tar.TarError, match="ends .* short"):
             list(tar.samples(io.BytesIO(raw[:len(raw) - 1024 - (1 << 17)]), "u"))  # cut inside the last member
     with pytest.raises(tar.TarError, match="ustar magic"):

@@ -27,27 +27,30 @@ class Blocks:
     read() calls (four per member otherwise: header, pax record, header, data)."""
 
     CHUNK = 1 << 20
+    CHUNK_AMONG_LARGE = 1 << 16  # after a large member: its neighbours' headers, not most of the next one
 
     def __init__(self, fileobj):
-        self.fileobj, self.buffer, self.at = fileobj, b"", 0
+        self.fileobj, self.buffer, self.at, self.chunk = fileobj, b"", 0, self.CHUNK
 
     def take(self, size: int, allow_short: bool = False) -> bytes:
         end = self.at + size
         if end <= len(self.buffer):
             data, self.at = self.buffer[self.at:end], end
             return data
-        rest = self.buffer[self.at:]
+        rest = memoryview(self.buffer)[self.at:]
         if size - len(rest) > self.CHUNK // 8:  # a large member (a raw group): read straight into its own buffer
             data, self.buffer, self.at = self.read_into(rest, size), b"", 0
+            # A 1 MiB chunk read next would hold most of the following large member, copied twice more.
+            self.chunk = self.CHUNK_AMONG_LARGE
         else:
-            self.buffer = rest + self.read(self.CHUNK)
+            self.buffer = rest.tobytes() + self.read(max(self.chunk, size - len(rest)))
             data = self.buffer[:size]
             self.at = len(data)
         if len(data) < size and not allow_short:
             raise TarError(f"the tar stream ends {size - len(data)} bytes short of a member")
         return data
 
-    def read_into(self, start: bytes, size: int) -> bytearray:
+    def read_into(self, start: bytes | memoryview, size: int) -> bytearray:
         """`start` and then what follows in the stream, `size` bytes in all (fewer at its end), in
         one writable buffer: readers may wrap it in a tensor without copying it again."""
         data = bytearray(size)
