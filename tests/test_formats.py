@@ -210,6 +210,6 @@ def test_tar_samples_equal_webdatasets_for_pax_gnu_and_ustar_tars_and_a_cut_tar_
         assert ours[0]["cls"] == b"7" and ours[1]["jpg"] == b"x" * 513 and len(ours[2]["u8.npy"]) == 1 << 21
         assert ours[3]["u8.npy"] == bytes(range(256)) * 625 and ours[3]["keys.npy"] == b"k" * 10 and ours[4]["jpg"] == b"y" * 700
         with pytest.raises(tar.TarError, match="ends .* short"):
-            list(tar.samples(io.BytesIO(raw[:len(raw) - 1024 - (1 << 17)]), "u"))  # cut inside the last member
+            list(tar.samples(io.BytesIO(raw[:len(raw) - 1024 - (1 << 17)]), "u"))  # cut inside a member (000004.u8.npy)
     with pytest.raises(tar.TarError, match="ustar magic"):
         list(tar.samples(io.BytesIO(b"not a tar" * 100), "u"))
