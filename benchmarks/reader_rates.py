@@ -28,7 +28,6 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 import argparse
 import platform
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -39,14 +38,12 @@ import torchvision
 from data_throughput import synthetic_jpegs  # this folder is on sys.path when run as a script
 from torchvision.io import decode_jpeg
 
+from dcgan_dist.bench.machine import describe_machine
 from dcgan_dist.data import manifest, open_batches, pack, tar, throughput
 
 
 def machine() -> list[str]:
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = re.search(r"model name\s*:\s*(.*)", cpuinfo)
-    flags = sorted(set(re.findall(r"avx512[a-z_0-9]*|avx2|amx[a-z_0-9]*", cpuinfo)))
-    return [f"CPU: {model.group(1) if model else platform.processor()}, {os.cpu_count()} cores; flags: {' '.join(flags)}",
+    return [f"CPU: {os.cpu_count()} cores, {describe_machine(torch.device('cpu'))}",
             f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
             f"numpy {np.__version__}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"]
 
@@ -127,8 +124,8 @@ def main() -> None:
     parser.add_argument("--block", type=float, default=1.5, help="seconds of the reader per block (the decoder: as long)")
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
-    print("\n".join(machine()))
     torch.set_num_threads(1)  # as in a DataLoader process; the training process scales on one thread too (throughput.measure)
+    print("\n".join(machine()))
     with tempfile.TemporaryDirectory() as folder:
         for i, data in enumerate(synthetic_jpegs(args.images, 64)):
             Path(folder, "images", f"{i:06d}.jpg").parent.mkdir(exist_ok=True)

@@ -65,10 +65,10 @@ class EpochBatches(IterableDataset):
         for first in range(skip * self.batch, plan.num_batches * self.batch, self.batch):
             positions = order[first:first + self.batch]
             held.read_through(max(positions))
-            raw = held.take_raw(positions) if self.decode == "cpu" else None
-            if raw is not None:  # a raw batch: copied out of its groups, nothing to decode or check per image
+            raw_batch = held.take_raw(positions) if self.decode == "cpu" else None
+            if raw_batch is not None:  # copied out of its groups, nothing to decode or check per image
                 counters.samples += len(positions)
-                yield from fill.add_batch(*raw)
+                yield from fill.add_batch(*raw_batch)
                 continue
             samples = held.take_samples(positions)
             if self.decode == "cpu":  # a batch's JPEGs decoded in one call
