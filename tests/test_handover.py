@@ -34,6 +34,18 @@ def test_a_batch_comes_out_as_it_went_in_in_either_layout_and_a_reused_slot_is_a
         ring.take(first, "cpu")
 
 
+def test_a_batch_built_in_its_claimed_slot_goes_over_in_place_in_either_layout():
+    ring = BatchRing(workers=1, slots=2, batch=4, image_size=8)
+    for number in range(4):  # twice round the ring, each slot freed by its take
+        channels_last = number % 2 == 1
+        slot = ring.claim(channels_last)
+        assert slot.shape == (4, 3, 8, 8) and slot.is_contiguous(memory_format=torch.channels_last) == channels_last
+        stack_images(list(image_batch(number, channels_last)), new_batch=ring.claim)  # as the epoch reader builds a batch
+        ticket = ring.put(slot)
+        assert ticket == (0, number, channels_last) and slot.data_ptr() == ring.slot_view(0, number % 2, channels_last).data_ptr()
+        assert torch.equal(ring.take(ticket, "cpu"), to_unit_range(image_batch(number, channels_last=False)))
+
+
 def test_decoder_layout_images_stack_as_they_lie_and_scale_to_the_same_floats():
     hwc = [torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8) for _ in range(5)]
     images = [image.permute(2, 0, 1) for image in hwc]  # what torchvision's decoders return

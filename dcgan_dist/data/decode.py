@@ -90,15 +90,20 @@ def decode_on_device(jpegs: list[torch.Tensor], image_size: int, device: str | t
     return torch.stack(filled), len(jpegs) - len(good)
 
 
-def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+def stack_images(images: list[torch.Tensor], new_batch=None) -> torch.Tensor:
     """3 x H x W uint8 images -> one N x 3 x H x W batch, in one copy that keeps the decoder's
     layout: torchvision's decoders give each image as a view of H x W x 3 pixels, and stacking
     them as they lie is a memcpy where a contiguous NCHW stack is a transpose (a fifth of a 64 px
     JPEG's decode time, measured). The batch is then channels-last in memory, the layout the
-    model wants by default (--channels-last). Raw images (already 3 x H x W) stack as they are."""
+    model wants by default (--channels-last). Raw images (already 3 x H x W) stack as they are.
+    `new_batch(channels_last)`: where to stack them (a loader worker's ring slot, handover.py);
+    by default a new tensor."""
     channels, height, width = images[0].shape
     hwc = (1, width * channels, channels)  # the strides of a 3 x H x W view of H x W x 3 pixels
-    if all(image.stride() == hwc for image in images):
+    channels_last = all(image.stride() == hwc for image in images)
+    if new_batch is not None:
+        return torch.stack(images, out=new_batch(channels_last))
+    if channels_last:
         batch = torch.empty((len(images), height, width, channels), dtype=images[0].dtype).permute(0, 3, 1, 2)
         return torch.stack(images, out=batch)
     return torch.stack(images)

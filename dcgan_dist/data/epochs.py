@@ -19,8 +19,8 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Iterator
+from functools import partial
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
@@ -42,6 +42,10 @@ class EpochBatches(IterableDataset):
         self.steps = split.check(self.counts, world_size, self.loader_streams, per_rank_batch)
         self.start_epoch, self.start_step = start_epoch, start_step
         self.shuffle_buffer, self.shard_retries, self.decode = shuffle_buffer, shard_retries, decode
+        # Where a batch is built: `batch_buffer(channels_last)` gives an N x 3 x H x W uint8 tensor
+        # (handover.HandedOver sets it to the ring's `claim`: a loader worker builds each batch in
+        # the shared-memory slot it hands over); None: a new tensor per batch.
+        self.batch_buffer = None
 
     def plan(self, epoch: int, index: int) -> split.Stream:
         return split.stream(self.counts, self.seed, epoch, self.world_size, self.loader_streams, self.batch, self.rank, index)
@@ -61,11 +65,13 @@ class EpochBatches(IterableDataset):
         for position in order[skip * self.batch:]:
             wanted[position] = 1
         held = Held(read_positions(plan, wanted, self.urls, self.expected, counters, self.shard_retries), wanted, self.image_size)
-        fill = Filler(self.batch, counters, plan, stack_images if self.decode == "cpu" else list)
+        fill = Filler(self.batch, counters, plan, partial(stack_images, new_batch=self.batch_buffer) if self.decode == "cpu" else list)
         for first in range(skip * self.batch, plan.num_batches * self.batch, self.batch):
             positions = order[first:first + self.batch]
             held.read_through(max(positions))
-            raw_batch = held.take_raw(positions) if self.decode == "cpu" else None
+            # a raw batch is built where it is handed over, unless the filler still holds places
+            # before it (it is then split into images, which must not live in the next slot)
+            raw_batch = held.take_raw(positions, self.batch_buffer if not fill.ready else None) if self.decode == "cpu" else None
             if raw_batch is not None:  # copied out of its groups, nothing to decode or check per image
                 counters.samples += len(positions)
                 yield from fill.add_batch(*raw_batch)
@@ -149,12 +155,15 @@ class Held:
     def run_of(self, position: int) -> Run:
         return self.runs[bisect.bisect_right(self.run_starts, position) - 1]
 
-    def take_raw(self, positions: list[int]) -> tuple[torch.Tensor, list[str]] | None:
+    def take_raw(self, positions: list[int], batch_buffer=None) -> tuple[torch.Tensor, list[str]] | None:
         """The positions' images as one N x 3 x H x W batch, when every one is in a held raw run
-        (a row copy each: no tensor, dict or check per image); None otherwise."""
+        (a row copy each: no tensor, dict or check per image), built in `batch_buffer(False)`
+        when given; None otherwise."""
         if not self.runs or self.samples and any(position in self.samples for position in positions):
             return None
-        rows = np.empty((len(positions), 3 * self.image_size ** 2), dtype=np.uint8)
+        batch = batch_buffer(False) if batch_buffer is not None else \
+            torch.empty((len(positions), 3, self.image_size, self.image_size), dtype=torch.uint8)
+        rows = batch.view(len(positions), -1).numpy()
         keys = []
         for i, position in enumerate(positions):
             run = self.run_of(position)
@@ -162,7 +171,7 @@ class Held:
             keys.append(run.group.keys[position - run.start])
             run.left -= 1
         self.release()
-        return torch.from_numpy(rows).view(len(positions), 3, self.image_size, self.image_size), keys
+        return batch, keys
 
     def take_samples(self, positions: list[int]) -> list[dict | None]:
         """The positions' samples (a raw image as a {"__key__", "__url__", "pixels"} sample)."""
@@ -200,7 +209,7 @@ class Filler:
         if self.ready:
             yield from self.add(keys, list(images))
             return
-        self.last_good = keys[-1], images[-1]
+        self.last_good = keys[-1], images[-1].clone()  # the batch may live in a ring slot, rewritten later
         yield images, keys
 
     def add(self, keys: list[str | None], images: list[torch.Tensor | None]) -> Iterator[tuple[torch.Tensor, list[str]]]:

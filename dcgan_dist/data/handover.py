@@ -5,9 +5,10 @@ worker allocates and fills it, its file descriptor goes over a Unix socket, the 
 maps it, reads it through fresh page faults and unmaps it. At 64 px that cost as much as a fifth
 of a JPEG batch's decode and half of a raw batch's read (benchmarks/RESULTS.md). Here each loader
 worker owns a ring of `slots` batch buffers, allocated before the workers start (inherited at
-fork, or passed once at spawn); it copies each batch into its next slot and hands the
-DataLoader only a ticket (worker, sequence number, layout). The training process copies the
-batch out of the slot (scaling it on its device) and marks the slot free.
+fork, or passed once at spawn); it builds each batch in its next slot (the epoch reader stacks
+decoded images or copies raw ones there directly) or copies it there, and hands the DataLoader
+only a ticket (worker, sequence number, layout). The training process copies the batch out of
+the slot (scaling it on its device) and marks the slot free.
 
 A worker reuses a slot only once the training process has freed the batch that was in it, and
 waits for that otherwise. The DataLoader asks a worker for at most `prefetch_factor` batches
@@ -68,15 +69,24 @@ class BatchRing:
         flat = self.pixels[worker, slot]
         return flat.view(n, h, w, c).permute(0, 3, 1, 2) if channels_last else flat.view(n, c, h, w)
 
+    def claim(self, channels_last: bool) -> torch.Tensor:
+        """In a loader worker: its next slot, once the training process has freed it, for the
+        worker to build its next batch in (`put` then hands that batch over without a copy)."""
+        worker, sequence = _worker(), self._next_sequence
+        self.wait_for_free(worker, sequence - self.slots)
+        return self.slot_view(worker, sequence % self.slots, channels_last)
+
     def put(self, images: torch.Tensor) -> tuple[int, int, bool]:
-        """In a loader worker: copy a uint8 batch into this worker's next slot; its ticket."""
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
+        """In a loader worker: hand over a uint8 batch through this worker's next slot (copied
+        into it, unless it was built there: `claim`); its ticket."""
+        worker = _worker()
         sequence, self._next_sequence = self._next_sequence, self._next_sequence + 1
         slot = sequence % self.slots
         self.wait_for_free(worker, sequence - self.slots)
         channels_last = not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last)
-        self.slot_view(worker, slot, channels_last).copy_(images)  # same layout on both sides: a memcpy
+        view = self.slot_view(worker, slot, channels_last)
+        if images.data_ptr() != view.data_ptr():
+            view.copy_(images)  # same layout on both sides: a memcpy
         self._written[worker, slot] = sequence
         return worker, sequence, channels_last
 
@@ -106,11 +116,20 @@ class BatchRing:
         return images
 
 
+def _worker() -> int:
+    info = get_worker_info()
+    return info.id if info is not None else 0
+
+
 class HandedOver(IterableDataset):
-    """`dataset`'s (uint8 images, *rest) items with the images put into `ring`: (ticket, *rest)."""
+    """`dataset`'s (uint8 images, *rest) items with the images put into `ring`: (ticket, *rest).
+    A dataset with a `batch_buffer` attribute (epochs.EpochBatches) builds its batches in the
+    ring's slots: one copy of the pixels fewer per batch."""
 
     def __init__(self, dataset: IterableDataset, ring: BatchRing):
         self.dataset, self.ring = dataset, ring
+        if hasattr(dataset, "batch_buffer"):
+            dataset.batch_buffer = ring.claim
 
     def __iter__(self) -> Iterator[tuple]:
         for images, *rest in self.dataset:
