@@ -1,22 +1,24 @@
 """The reader against the decoder alone (issue 16): img/s of `torchvision.io.decode_jpeg` on one
 thread next to training's whole reader (`open_batches` with one DataLoader process, as `shards
 bench` times it: `--sampling epochs`, shuffle, decode, batching, the handover, scaling) on JPEG
-shards and on raw shards of the same images. Prints the machine and one table, with the loader
-process's images per CPU second it used and the share of the machine's CPU time the hypervisor
-took for other guests ("stolen", from /proc/stat) while each row ran.
+shards (one JPEG per tar member, as WebDataset writes them, and grouped: `--group-size 64`) and
+on raw shards of the same images. Prints the machine and one table, with each loader process's
+images per CPU second it used and the share of the machine's CPU time the hypervisor took for
+other guests ("stolen", from /proc/stat) while the rows ran.
 
     PYTHONPATH=$PWD python benchmarks/reader_rates.py [--images 8000] [--rounds 8] [--block 1.5] [--batch 64]
 
 The images are data_throughput.py's synthetic photo-like 64 px JPEGs, packed by the real packer
-(`folder` source, quality 95) into local shards of 1000; raw in groups of 64. A DataLoader
-process runs torch with one thread, so the decoder rows are one thread too.
+(`folder` source, quality 95) into local shards of 1000; raw and grouped JPEGs in groups of 64.
+A DataLoader process runs torch with one thread, so the decoder rows are one thread too.
 
-The two are timed in alternating blocks (decoder, reader, decoder, ...; `--rounds` of each),
-and each ratio is the reader's images per second over the decoder's across all of its blocks:
-on a shared virtual machine the speed of a core drifts by 20-30 % within a minute (measured),
-more than the differences measured here. While the decoder runs, the reader is paused (its
-loader process idles once its prefetched batches are ready); after each pause the prefetched
-batches are taken before the clock starts, so a block counts only what was read during it.
+Every reader is open at once, and all are timed in the same rounds of alternating blocks (per
+round and reader: the decoder one by one, the reader, the decoder in lists), so each ratio (a
+reader's images per second over the decoder's, across all of its blocks) compares runs seconds
+apart: on a shared virtual machine the speed of a core drifts by 20-30 % within a minute
+(measured), more than the differences measured here. While the others run, a reader is paused
+(its loader process idles once its prefetched batches are ready); after each pause the
+prefetched batches are taken before the clock starts, so a block counts only what was read during it.
 """
 
 from __future__ import annotations
@@ -74,38 +76,47 @@ def decoder_block(decode, jpegs: list[torch.Tensor], batch: int, seconds: float)
     return count, time.perf_counter() - start
 
 
-def reader_block(batches, prefetched: int, seconds: float) -> tuple[int, float, float]:
-    """(images, seconds, loader CPU seconds) the reader delivers in a block, after taking what it
-    prefetched while paused."""
+def reader_block(batches, prefetched: int, seconds: float, pids: list[int]) -> tuple[int, float, float]:
+    """(images, seconds, CPU seconds of its loader processes `pids`) the reader delivers in a
+    block, after taking what it prefetched while paused."""
     for _ in range(prefetched):
         next(batches)
-    count, start, cpu_start = 0, time.perf_counter(), throughput.loader_cpu_seconds()
+    count, start, cpu_start = 0, time.perf_counter(), throughput.loader_cpu_seconds(pids)
     while time.perf_counter() - start < seconds:
         count += len(next(batches))
-    return count, time.perf_counter() - start, throughput.loader_cpu_seconds() - cpu_start
+    return count, time.perf_counter() - start, throughput.loader_cpu_seconds(pids) - cpu_start
 
 
-def interleaved(cfg, jpegs: list[torch.Tensor], batch: int, rounds: int, block: float) -> dict[str, float]:
-    """img/s of the reader (`cfg`) and of each way of decoding alone, timed in alternating blocks."""
-    batches = open_batches(cfg, rank=0, world_size=1, device=torch.device("cpu"))
-    next(batches)  # starts the loader process and opens the first shards
-    prefetched = (cfg.data.prefetch_batches + 1) * max(cfg.data.loader_workers, 1)  # the DataLoader's prefetch_factor and the batch in hand
-    totals = {"reader": [0, 0.0], "one by one": [0, 0.0], "in lists": [0, 0.0]}
-    loader_cpu, steal_start = 0.0, steal_ticks()
+def interleaved(readers: dict[str, object], jpegs: list[torch.Tensor], batch: int, rounds: int, block: float) -> dict[str, dict]:
+    """Per reader (name: its config), the img/s of the reader and of each way of decoding alone
+    timed beside it, in the same rounds of alternating blocks for all readers."""
+    opened = {}
+    for name, cfg in readers.items():
+        before = set(throughput.child_pids())
+        batches = open_batches(cfg, rank=0, world_size=1, device=torch.device("cpu"))
+        next(batches)  # starts the loader process and opens the first shards
+        prefetched = (cfg.data.prefetch_batches + 1) * max(cfg.data.loader_workers, 1)  # the DataLoader's prefetch_factor and the batch in hand
+        opened[name] = (batches, prefetched, sorted(set(throughput.child_pids()) - before))
+    totals = {name: {"reader": [0, 0.0], "one by one": [0, 0.0], "in lists": [0, 0.0], "loader cpu": 0.0} for name in readers}
+    steal_start = steal_ticks()
     for _ in range(rounds):
-        for name, result in (("one by one", decoder_block(decode_one_by_one, jpegs, batch, block / 2)),
-                             ("reader", reader_block(batches, prefetched, block)),
-                             ("in lists", decoder_block(decode_in_lists, jpegs, batch, block / 2))):
-            totals[name][0] += result[0]
-            totals[name][1] += result[1]
-            loader_cpu += result[2] if name == "reader" else 0.0
-    del batches  # stops the loader process
+        for name, (batches, prefetched, pids) in opened.items():
+            for part, result in (("one by one", decoder_block(decode_one_by_one, jpegs, batch, block / 2)),
+                                 ("reader", reader_block(batches, prefetched, block, pids)),
+                                 ("in lists", decoder_block(decode_in_lists, jpegs, batch, block / 2))):
+                totals[name][part][0] += result[0]
+                totals[name][part][1] += result[1]
+                totals[name]["loader cpu"] += result[2] if part == "reader" and pids else 0.0
     stolen, ticks = (end - start for end, start in zip(steal_ticks(), steal_start))
-    rates = {name: images / seconds for name, (images, seconds) in totals.items()}
-    # a loader process's rate per CPU second it got: what it does with a core of its own, however
-    # busy the training process or the neighbours keep the machine (none with 0 loader processes)
-    rates["per loader cpu s"] = totals["reader"][0] / loader_cpu if loader_cpu > 0 else float("nan")
-    return rates | {"steal": stolen / max(ticks, 1)}
+    opened.clear()  # stops the loader processes
+    batches = None
+    rates = {}
+    for name, parts in totals.items():
+        rates[name] = {part: images / seconds for part, (images, seconds) in ((p, parts[p]) for p in ("reader", "one by one", "in lists"))}
+        # a loader process's rate per CPU second it got: what it does with a core of its own, however
+        # busy the training process or the neighbours keep the machine (none with 0 loader processes)
+        rates[name]["per loader cpu s"] = parts["reader"][0] / parts["loader cpu"] if parts["loader cpu"] > 0 else float("nan")
+    return {"rows": rates, "steal": stolen / max(ticks, 1)}
 
 
 def packed_jpegs(url: str) -> list[torch.Tensor]:
@@ -133,21 +144,20 @@ def main() -> None:
         urls = {image_format: pack.pack("folder", f"{folder}/images", f"{folder}/{image_format}", 64, image_format,
                                         shard_size=1000, workers=2, progress=False)["manifest"]
                 for image_format in ("jpeg", "raw")}
-        jpegs, rows = packed_jpegs(urls["jpeg"]), []
-        for image_format in ("jpeg", "raw"):
-            for loader_workers in (1, 0):
-                cfg = throughput.reader_config(urls[image_format], loader_workers, args.batch, "epochs", 1000, 64)
-                rates = interleaved(cfg, jpegs, args.batch, args.rounds, args.block)
-                where = "1 loader process" if loader_workers else "in the training process (--loader-workers 0)"
-                rows.append((f"reader, {image_format}, {where}", rates))
+        urls["grouped jpeg"] = pack.pack("folder", f"{folder}/images", f"{folder}/grouped", 64, "jpeg", shard_size=1000,
+                                         workers=2, progress=False, group_size=64)["manifest"]
+        readers = {f"{image_format}, {where}": throughput.reader_config(urls[image_format], loader_workers, args.batch, "epochs", 1000, 64)
+                   for loader_workers, where in ((1, "1 loader process"), (0, "in the training process (--loader-workers 0)"))
+                   for image_format in ("jpeg", "grouped jpeg", "raw")}
+        measured = interleaved(readers, packed_jpegs(urls["jpeg"]), args.batch, args.rounds, args.block)
     print(f"\n{args.images} images, 64 px, batch {args.batch}, --sampling epochs, --shuffle-buffer 1000, "
-          f"{args.rounds} alternating blocks of {args.block:g} s\n")
-    print("| reader | img/s | per loader CPU second | decode_jpeg alone, one by one | ratio | decode_jpeg(list) alone | ratio "
-          "| CPU stolen |\n|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, rates in rows:
+          f"{args.rounds} rounds of alternating blocks of {args.block:g} s; CPU stolen by the hypervisor meanwhile: {measured['steal']:.0%}\n")
+    print("| reader | img/s | per loader CPU second | decode_jpeg alone, one by one | ratio | decode_jpeg(list) alone | ratio |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
+    for name, rates in measured["rows"].items():
         reader, one, lists = rates["reader"], rates["one by one"], rates["in lists"]
         print(f"| {name} | {reader:,.0f} | {rates['per loader cpu s']:,.0f} | {one:,.0f} | {reader / one:.0%} | {lists:,.0f} "
-              f"| {reader / lists:.0%} | {rates['steal']:.0%} |")
+              f"| {reader / lists:.0%} |")
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

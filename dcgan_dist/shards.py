@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, required=True, choices=IMAGE_SIZES)
     p.add_argument("--format", dest="image_format", default="jpeg", choices=tuple(pack.FORMATS))
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default: 1000)")
-    p.add_argument("--group-size", type=int, help=f"--format raw: images per tar member (default: {pack.RAW_GROUP_SIZE})")
+    p.add_argument("--group-size", type=int, help=f"images per tar member: --format raw (default {pack.RAW_GROUP_SIZE}) or "
+                   "jpeg (default 1, one sample per JPEG as WebDataset writes them; more: read like raw groups, see docs/data.md)")
     p.add_argument("--workers", type=int, default=1, help="processes building shards (default: 1)")
     p.add_argument("--no-progress", action="store_true")
     i = commands.add_parser("inspect", help="read every shard back: counts, sizes, sha256, a preview grid")

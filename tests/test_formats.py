@@ -16,7 +16,7 @@ import torch
 from dcgan_dist import config
 from dcgan_dist import shards as shards_cli
 from dcgan_dist.config import ConfigError
-from dcgan_dist.data import epochs, manifest, pack, stream, tar
+from dcgan_dist.data import epochs, manifest, pack, raw, stream, tar
 from dcgan_dist.data.decode import as_tensor, decode, decode_on_device
 from dcgan_dist.data.preview import inspect_manifest
 from dcgan_dist.data.sources import open_source
@@ -80,8 +80,8 @@ def test_raw_pack_reads_back_the_source_pixels_in_groups(tmp_path):
     assert counters.samples == 1797 and counters.corrupt_samples == counters.bad_shards == 0
     assert all(np.array_equal(image.numpy(), expected) for image, expected in zip(images, source_pixels(32), strict=True))
     assert inspect_manifest(report["manifest"], str(tmp_path / "grid.png"))["problems"] == []
-    with pytest.raises(ValueError, match="--group-size must be >= 1, and is for --format raw only"):
-        pack.pack("digits", None, str(tmp_path / "jpeg"), 32, "jpeg", progress=False, group_size=8)
+    with pytest.raises(ValueError, match="--group-size must be >= 1, and is for --format raw or jpeg only"):
+        pack.pack("digits", None, str(tmp_path / "png"), 32, "png", progress=False, group_size=8)
 
 
 def test_the_epoch_plan_counts_raw_images_not_groups_and_resumes_exactly(tmp_path, capsys):
@@ -101,10 +101,11 @@ def test_the_epoch_plan_counts_raw_images_not_groups_and_resumes_exactly(tmp_pat
     assert [line.split("\t") for line in capsys.readouterr().out.splitlines()] == [[str(r), k] for r, k in planned]
 
 
-def read_epoch_images(shards, batch: int, buffer: int) -> tuple[list[str], list[np.ndarray], dict]:
-    """Every (key, 3 x H x W uint8) of one rank's first epoch, in-process, and the counts."""
-    reader = epochs.EpochBatches(shards, batch, 0, 1, 0, 0, 0, 0, buffer, 0)
-    batches = stream.ShardBatches(shards, batch, 0, 1, 0, loader_workers=0, epochs=reader)
+def read_epoch_images(shards, batch: int, buffer: int, loader_workers: int = 0) -> tuple[list[str], list[np.ndarray], dict]:
+    """Every (key, 3 x H x W uint8) of one rank's first epoch (in-process, or through loader
+    processes and their shared-memory ring), and the counts."""
+    reader = epochs.EpochBatches(shards, batch, 0, 1, 0, 0, 0, loader_workers, buffer, 0)
+    batches = stream.ShardBatches(shards, batch, 0, 1, 0, loader_workers=loader_workers, epochs=reader)
     keys, images = [], []
     for _ in range(reader.steps):
         scaled = next(batches)
@@ -133,6 +134,60 @@ def test_raw_batches_hold_each_planned_keys_pixels_and_a_cut_groups_places_are_f
     assert len(keys) == len(planned) and set(keys) == set(planned) - lost
     assert all(np.array_equal(image, by_key[int(key)]) for key, image in zip(keys, images))  # a filled place: the last good one
     assert counts["bad_shards"] == 1 and counts["repeated_samples"] == len(lost) and counts["samples"] == len(planned) - len(lost)
+
+
+def single_and_grouped_jpegs(tmp_path) -> tuple[manifest.Manifest, manifest.Manifest]:
+    """The digits at 8 px as JPEG shards of 450, one image per member and in groups of 64."""
+    single = pack.pack("digits", None, str(tmp_path / "single"), 8, "jpeg", shard_size=450, progress=False)["manifest"]
+    grouped = pack.pack("digits", None, str(tmp_path / "grouped"), 8, "jpeg", shard_size=450, progress=False, group_size=64)["manifest"]
+    return manifest.read(single), manifest.read(grouped)
+
+
+def test_grouped_jpegs_read_as_one_per_member_jpegs_do_and_a_corrupt_ones_place_is_filled(tmp_path):
+    single, shards = single_and_grouped_jpegs(tmp_path)
+    with tarfile.open(shards.shard_urls[0]) as members:  # 7 groups of 64 and one of 2, three members each
+        names = members.getnames()
+        sizes = np.load(io.BytesIO(members.extractfile("000000064.sizes.npy").read()), allow_pickle=False)
+        fifth = members.getmember("000000064.jpgs").offset_data + int(sizes[:4].sum())
+    assert set(names[:3]) == {"000000000.jpgs", "000000000.sizes.npy", "000000000.keys.npy"} and len(names) == 3 * 8
+    assert shards.image_format == "jpeg" and [s["num_samples"] for s in shards.shards] == [450, 450, 450, 447]
+
+    def samples(of):  # (key, JPEG bytes) of every image, the groups handed out one image at a time
+        found = stream.read_shards(({"url": u} for u in of.shard_urls), stream.Counters(), of.expected_samples(), retries=0)
+        return [(sample["__key__"], sample["jpg"]) for sample in found]
+
+    assert samples(shards) == samples(single)  # the same JPEG files, in the same order
+    planned = [key for _, key in epochs.planned_keys(shards, 0, 0, 1, 1, 16, 100)]
+    assert planned == [key for _, key in epochs.planned_keys(single, 0, 0, 1, 1, 16, 100)]
+    keys, images, counts = read_epoch_images(single, 16, 100)
+    assert keys == planned and counts["samples"] == len(planned) and counts["corrupt_samples"] == 0
+    got_keys, got_images, got_counts = read_epoch_images(shards, 16, 100)  # decoded a batch at a time out of the groups
+    assert got_keys == keys and got_counts == counts
+    assert all(np.array_equal(a, b) for a, b in zip(got_images, images, strict=True))
+
+    # a corrupt JPEG inside a group: counted, its place filled with the image before it, the rest of its batch as decoded
+    data = bytearray(open(shards.shard_urls[0], "rb").read())
+    data[fifth:fifth + int(sizes[4])] = bytes(int(sizes[4]))
+    open(shards.shard_urls[0], "wb").write(data)
+    got_keys, got_images, got_counts = read_epoch_images(shards, 16, 100)
+    bad = planned.index("000000068")
+    assert got_keys == keys[:bad] + [keys[bad - 1]] + keys[bad + 1:]
+    assert all(np.array_equal(a, b) for a, b in zip(got_images, images[:bad] + [images[bad - 1]] + images[bad + 1:], strict=True))
+    assert got_counts["corrupt_samples"] == got_counts["repeated_samples"] == 1 and got_counts["samples"] == len(planned) - 1
+    npy = pack.npy_bytes
+    with pytest.raises(ValueError, match="are not the sum of N sizes beside N keys"):
+        raw.read_group({"__key__": "k", "__url__": "u", "jpgs": b"abc", "sizes.npy": npy(np.array([2])), "keys.npy": npy(np.array(["k"]))})
+
+
+@pytest.mark.slow  # a DataLoader process
+def test_grouped_jpeg_and_raw_batches_built_in_a_loader_processs_ring_are_the_in_process_ones(tmp_path):
+    single, grouped = single_and_grouped_jpegs(tmp_path)
+    raw_shards = manifest.read(pack.pack("digits", None, str(tmp_path / "raw"), 8, "raw", shard_size=450, progress=False)["manifest"])
+    for shards in (single, grouped, raw_shards):  # stacked, decoded or copied straight into the shared-memory slot
+        keys, images, counts = read_epoch_images(shards, 16, 100)
+        got_keys, got_images, got_counts = read_epoch_images(shards, 16, 100, loader_workers=1)
+        assert got_keys == keys and got_counts == counts and counts["samples"] == len(keys) == 1792
+        assert all(np.array_equal(a, b) for a, b in zip(got_images, images, strict=True))
 
 
 # ---------------------------------------------------------------- where JPEGs are decoded

@@ -160,24 +160,25 @@ def test_the_environment_is_set_only_inside_and_restored_as_it_was(monkeypatch):
 
 @pytest.mark.slow
 def test_grid_sweep_leaves_one_child_run_per_trial_and_the_table(ray_local, mlflow_sqlite, tmp_path):
-    args = sweep_args(tmp_path, mlflow_sqlite, "lr=2e-4,1e-3", "beta1=0.5,0.9") + ["--scheduler", "none"]
+    # two dimensions, two trials (each trial is a Ray Train run: its workers' start is most of its time)
+    args = sweep_args(tmp_path, mlflow_sqlite, "lr=2e-4,1e-3", "beta1=0.9") + ["--scheduler", "none"]
     strict_switch = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
     assert sweep.main(args) == 0
     assert os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING") == strict_switch  # set for the sweep's fit only
 
     client = MlflowClient(mlflow_sqlite)
     parents, children = runs_by_kind(client)
-    assert len(parents) == 1 and len(children) == 4
+    assert len(parents) == 1 and len(children) == 2
     parent_id = parents[0].info.run_id
     assert all(child.data.tags["mlflow.parentRunId"] == parent_id for child in children)
     pairs = {(float(c.data.params["optim.lr"]), float(c.data.params["optim.beta1"])) for c in children}
-    assert pairs == {(2e-4, 0.5), (2e-4, 0.9), (1e-3, 0.5), (1e-3, 0.9)}
+    assert pairs == {(2e-4, 0.9), (1e-3, 0.9)}  # beta1 0.9, not the default 0.5
     assert all(child.info.status == "FINISHED" for child in children)
     assert all(len(client.get_metric_history(c.info.run_id, "loss_g")) == 8 for c in children)
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"ablation.md", "ablation.csv", "ablation.png"} <= artifacts
     table = client.download_artifacts(parent_id, "ablation.csv")
-    assert len(open(table).read().strip().splitlines()) == 1 + 4
+    assert len(open(table).read().strip().splitlines()) == 1 + 2
 
     # Re-running the same sweep restores it: finished trials are not trained again.
     assert sweep.main(args) == 0

@@ -56,6 +56,27 @@ def decode_jpeg_list(jpegs: list[torch.Tensor], image_size: int, device: str | t
     return decoded if all(image.shape[-2:] == (image_size, image_size) for image in decoded) else None
 
 
+def decode_jpeg_batch(jpegs: list[torch.Tensor], image_size: int, new_batch=None) -> torch.Tensor | None:
+    """Encoded JPEGs -> one N x 3 x H x W uint8 batch, decoded by one `decode_jpeg(list)` call and
+    stacked as they lie (channels-last; in `new_batch(True)` when given, as stack_images). None
+    when one does not decode or is not image_size square: the caller decodes them one by one. The
+    sizes are checked by the stack (equal sizes) and on the first image, not image by image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
+            decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return None
+    if decoded[0].shape != (3, image_size, image_size):
+        return None
+    batch = new_batch(True) if new_batch is not None else \
+        torch.empty((len(jpegs), image_size, image_size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    try:
+        return torch.stack(decoded, out=batch)
+    except RuntimeError:  # an image of another size
+        return None
+
+
 def decode_jpegs(samples: list[dict | None], image_size: int) -> list[torch.Tensor | None]:
     """The JPEGs among `samples` decoded in one call (decode_jpeg_list); None for every other
     sample, and for all of them when that call fails. Their bytes are copied into one buffer

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from dcgan_dist.data import raw, split, stream
-from dcgan_dist.data.decode import PIXELS, stack_images
+from dcgan_dist.data.decode import PIXELS, decode_jpeg_batch, stack_images
 from dcgan_dist.data.manifest import Manifest
 
 
@@ -69,12 +69,12 @@ class EpochBatches(IterableDataset):
         for first in range(skip * self.batch, plan.num_batches * self.batch, self.batch):
             positions = order[first:first + self.batch]
             held.read_through(max(positions))
-            # a raw batch is built where it is handed over, unless the filler still holds places
-            # before it (it is then split into images, which must not live in the next slot)
-            raw_batch = held.take_raw(positions, self.batch_buffer if not fill.ready else None) if self.decode == "cpu" else None
-            if raw_batch is not None:  # copied out of its groups, nothing to decode or check per image
+            # a batch of grouped images is built where it is handed over, unless the filler still
+            # holds places before it (it is then split into images, which must not live in the next slot)
+            grouped = held.take_grouped(positions, self.batch_buffer if not fill.ready else None) if self.decode == "cpu" else None
+            if grouped is not None:  # out of its groups: nothing to read, hold or check per image
                 counters.samples += len(positions)
-                yield from fill.add_batch(*raw_batch)
+                yield from fill.add_batch(*grouped)
                 continue
             samples = held.take_samples(positions)
             if self.decode == "cpu":  # a batch's JPEGs decoded in one call
@@ -86,9 +86,9 @@ class EpochBatches(IterableDataset):
 
 
 def read_positions(plan: split.Stream, wanted: bytearray, urls: list[str], expected: dict[str, int],
-                   counters: stream.Counters, retries: int) -> Iterator[tuple[int, dict | raw.RawGroup | None]]:
+                   counters: stream.Counters, retries: int) -> Iterator[tuple[int, dict | raw.Group | None]]:
     """(position, sample) for every wanted position of the stream, in position order; a raw
-    group's images in the piece that hold a wanted one come as one (first position, RawGroup);
+    group's images in the piece that hold a wanted one come as one (first position, raw.Group);
     None for a sample its shard could not give. Shards with nothing wanted are not opened."""
     offset = 0
     for piece in plan.pieces:
@@ -98,7 +98,7 @@ def read_positions(plan: split.Stream, wanted: bytearray, urls: list[str], expec
             samples = stream.read_shards(iter([{"url": urls[piece.shard]}]), counters, expected, retries, groups=True)
             try:
                 for sample in samples:
-                    count = len(sample) if type(sample) is raw.RawGroup else 1
+                    count = len(sample) if isinstance(sample, raw.Group) else 1
                     low, high = max(member, piece.start), min(member + count, piece.stop)  # its images in the piece
                     if high > low:
                         position, reached = offset + low - piece.start, high - piece.start
@@ -117,22 +117,22 @@ def read_positions(plan: split.Stream, wanted: bytearray, urls: list[str], expec
 
 
 class Run:
-    """A held raw group's images: its first position, the group, its images as rows of bytes, and
-    how many of them are still to hand out."""
+    """A held group's images: its first position, the group, a raw group's images as rows of
+    bytes (None for JPEGs), and how many of them are still to hand out."""
 
     __slots__ = ("start", "group", "rows", "left")
 
-    def __init__(self, start: int, group: raw.RawGroup, left: int):
+    def __init__(self, start: int, group: raw.Group, left: int):
         self.start, self.group, self.left = start, group, left
-        self.rows = group.pixels.reshape(len(group), -1).numpy()
+        self.rows = group.pixels.reshape(len(group), -1).numpy() if type(group) is raw.RawGroup else None
 
 
 class Held:
     """What a stream has read and not yet handed out, by position: samples (None for one its
-    shard could not give) and runs of a raw group's images, each held from when it is read to
-    its turn (at most a shuffle block, a batch and a group)."""
+    shard could not give) and runs of a group's images, each held from when it is read to its
+    turn (at most a shuffle block, a batch and a group)."""
 
-    def __init__(self, positioned: Iterator[tuple[int, dict | raw.RawGroup | None]], wanted: bytearray, image_size: int):
+    def __init__(self, positioned: Iterator[tuple[int, dict | raw.Group | None]], wanted: bytearray, image_size: int):
         self.positioned, self.wanted, self.image_size = positioned, wanted, image_size
         self.samples: dict[int, dict | None] = {}
         self.runs: list[Run] = []  # in position order
@@ -142,11 +142,11 @@ class Held:
     def read_through(self, last: int) -> None:
         while self.read_to <= last:
             position, item = next(self.positioned)
-            if type(item) is not raw.RawGroup:
+            if not isinstance(item, raw.Group):
                 self.samples[position], self.read_to = item, position + 1
                 continue
             self.read_to = position + len(item)
-            if item.pixels.shape[-2:] != (self.image_size, self.image_size):  # one by one: counted as corrupt
+            if type(item) is raw.RawGroup and item.pixels.shape[-2:] != (self.image_size, self.image_size):  # one by one: counted as corrupt
                 self.samples.update((at, sample) for at, sample in enumerate(item.images(), position) if self.wanted[at])
             else:
                 self.runs.append(Run(position, item, self.wanted[position:self.read_to].count(1)))
@@ -155,19 +155,31 @@ class Held:
     def run_of(self, position: int) -> Run:
         return self.runs[bisect.bisect_right(self.run_starts, position) - 1]
 
-    def take_raw(self, positions: list[int], batch_buffer=None) -> tuple[torch.Tensor, list[str]] | None:
-        """The positions' images as one N x 3 x H x W batch, when every one is in a held raw run
-        (a row copy each: no tensor, dict or check per image), built in `batch_buffer(False)`
-        when given; None otherwise."""
+    def take_grouped(self, positions: list[int], batch_buffer=None) -> tuple[torch.Tensor, list[str]] | None:
+        """The positions' images as one N x 3 x H x W batch, when every one is in a held run of
+        groups of one kind, built in `batch_buffer(channels_last)` when given: raw rows copied
+        (no tensor, dict or check per image), or JPEGs decoded in one call and stacked. None
+        otherwise, and when a JPEG among them does not decode to the image size (take_samples
+        then decodes them one by one, counting it)."""
         if not self.runs or self.samples and any(position in self.samples for position in positions):
             return None
-        batch = batch_buffer(False) if batch_buffer is not None else \
-            torch.empty((len(positions), 3, self.image_size, self.image_size), dtype=torch.uint8)
-        rows = batch.view(len(positions), -1).numpy()
+        runs = [self.run_of(position) for position in positions]
+        kinds = {type(run.group) for run in runs}
+        if kinds == {raw.JpegGroup}:
+            batch = decode_jpeg_batch([run.group.jpegs[position - run.start] for run, position in zip(runs, positions)],
+                                      self.image_size, batch_buffer)
+            if batch is None:
+                return None
+        elif kinds == {raw.RawGroup}:
+            batch = batch_buffer(False) if batch_buffer is not None else \
+                torch.empty((len(positions), 3, self.image_size, self.image_size), dtype=torch.uint8)
+            rows = batch.view(len(positions), -1).numpy()
+            for i, (run, position) in enumerate(zip(runs, positions)):
+                rows[i] = run.rows[position - run.start]
+        else:
+            return None
         keys = []
-        for i, position in enumerate(positions):
-            run = self.run_of(position)
-            rows[i] = run.rows[position - run.start]
+        for run, position in zip(runs, positions):
             keys.append(run.group.keys[position - run.start])
             run.left -= 1
         self.release()
@@ -181,8 +193,9 @@ class Held:
                 samples.append(self.samples.pop(position))
                 continue
             run = self.run_of(position)
-            at = position - run.start
-            samples.append({"__key__": run.group.keys[at], "__url__": run.group.url, PIXELS: run.group.pixels[at]})
+            at, group = position - run.start, run.group
+            image = group.pixels[at] if type(group) is raw.RawGroup else group.jpegs[at].numpy().tobytes()
+            samples.append({"__key__": group.keys[at], "__url__": group.url, PIXELS if type(group) is raw.RawGroup else "jpg": image})
             run.left -= 1
         self.release()
         return samples

@@ -21,6 +21,10 @@ FORMAT = "dcgan-dist-shards/1"
 # image_format "raw" (see pack.py): a tar member holds a group of images, KEY.u8.npy (N x 3 x H x W
 # uint8) beside KEY.keys.npy (their N keys); counts, the plan and keys are per image, never per member
 RAW_PIXELS, RAW_KEYS = "u8.npy", "keys.npy"
+# image_format "jpeg" packed with --group-size N > 1: KEY.jpgs (N JPEG files one after another),
+# KEY.sizes.npy (their N byte lengths, int64) and KEY.keys.npy; with N = 1 (the default) one
+# KEY.jpg per sample, as WebDataset writes them
+JPEG_GROUP, JPEG_SIZES = "jpgs", "sizes.npy"
 
 
 class ManifestError(ValueError):

@@ -1,12 +1,16 @@
 """The shard packer: images from a source -> centre-crop -> resize -> JPEG/PNG (one image per tar
-member) or raw pixels (`raw`: groups of `group_size` images per member) -> WebDataset tar shards
-of `shard_size` images + manifest.json, on local disk or under an s3:// prefix.
+member, as WebDataset writes them) or raw pixels (`raw`: groups of `group_size` images per member;
+JPEGs too with --group-size > 1) -> WebDataset tar shards of `shard_size` images + manifest.json,
+on local disk or under an s3:// prefix.
 
 A raw group is two members under the key of its first image: `KEY.u8.npy`, the uint8 pixels as
 an N x 3 x H x W array (grey images made RGB), and `KEY.keys.npy`, the N image keys (a unicode
-array); both are read with `numpy.load(allow_pickle=False)` and need no image decoder. The reader
-(raw.py, via stream.tar_samples) hands a group out as its N images, so every count (the manifest's
-`num_samples`, the epoch plan, `shards plan` and `inspect`) is in images, whatever the format.
+array); both are read with `numpy.load(allow_pickle=False)` and need no image decoder. A JPEG
+group is `KEY.jpgs` (the N JPEG files back to back), `KEY.sizes.npy` (their lengths) and
+`KEY.keys.npy`: a quarter of raw's bytes at 64 px, with raw's per-group reading (other WebDataset
+tools read only one-image members). The reader (raw.py, via stream.tar_samples) hands a group out
+as its N images, so every count (the manifest's `num_samples`, the epoch plan, `shards plan` and
+`inspect`) is in images, whatever the format.
 
 Shards are built by a pool of processes, each writing a whole shard to a local temporary file
 and then moving it into place (a rename, or a multipart upload to S3), so a shard is either
@@ -37,7 +41,8 @@ from dcgan_dist.data.sources import Source, open_source
 
 TOOL_VERSION = "0.1.0"
 FORMATS = {"jpeg": ("jpg", {"quality": 95}), "png": ("png", {"compress_level": 6}), "raw": (manifest.RAW_PIXELS, {})}
-RAW_GROUP_SIZE = 64  # images per raw member unless --group-size says otherwise
+RAW_GROUP_SIZE = 64  # images per raw member unless --group-size says otherwise (JPEG: one per member)
+GROUPED_FORMATS = ("raw", "jpeg")
 STATE_NAME = "pack-state.json"
 
 
@@ -48,7 +53,7 @@ class PackSettings:
     image_format: str
     shard_size: int
     num_items: int
-    group_size: int = 1  # images per tar member (raw only)
+    group_size: int = 1  # images per tar member (raw, or jpeg with --group-size)
 
 
 def preprocess(image: Image.Image, image_size: int) -> Image.Image:
@@ -74,9 +79,14 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def raw_group(keys: list[str], images: list[np.ndarray]) -> dict:
-    """The tar members of one raw group: its N 3 x H x W uint8 images as one array, and their keys."""
-    return {"__key__": keys[0], FORMATS["raw"][0]: npy_bytes(np.stack(images)), manifest.RAW_KEYS: npy_bytes(np.array(keys))}
+def group_members(keys: list[str], images: list[np.ndarray] | list[bytes]) -> dict:
+    """The tar members of one group: its N 3 x H x W uint8 images as one array (raw), or its N
+    JPEG files back to back with their lengths; and their keys."""
+    if isinstance(images[0], bytes):
+        grouped = {manifest.JPEG_GROUP: b"".join(images), manifest.JPEG_SIZES: npy_bytes(np.array([len(data) for data in images], np.int64))}
+    else:
+        grouped = {manifest.RAW_PIXELS: npy_bytes(np.stack(images))}
+    return {"__key__": keys[0], **grouped, manifest.RAW_KEYS: npy_bytes(np.array(keys))}
 
 
 def shard_name(index: int) -> str:
@@ -95,7 +105,7 @@ def write_shard(index: int) -> dict:
     extension = FORMATS[settings.image_format][0]
     tmp = new_shard_file(out)
     written, skipped = 0, []
-    group_keys, group_images = [], []
+    group_keys, group_images = [], []  # with group_size > 1: pixels (raw) or JPEG bytes
     try:
         # An int mtime: a float one (TarWriter's default, time.time()) costs every member a pax header, which readers parse
         with source.reader() as load, wds.TarWriter(tmp, mtime=int(time.time())) as sink:
@@ -112,16 +122,16 @@ def write_shard(index: int) -> dict:
                     skipped.append(f"{item!r}: {e}")
                     continue
                 written += 1
-                if data is not None:
+                if data is not None and settings.group_size == 1:
                     sink.write({"__key__": key, extension: data})
                     continue
                 group_keys.append(key)
-                group_images.append(pixels)
+                group_images.append(pixels if data is None else data)
                 if len(group_keys) == settings.group_size:
-                    sink.write(raw_group(group_keys, group_images))
+                    sink.write(group_members(group_keys, group_images))
                     group_keys, group_images = [], []
             if group_keys:  # a shard's last group may be short
-                sink.write(raw_group(group_keys, group_images))
+                sink.write(group_members(group_keys, group_images))
         placed = place_shard(tmp, s3.join(out, shard_name(index)))
     finally:
         if Path(tmp).exists():
@@ -162,10 +172,10 @@ def read_state(out: str, settings: PackSettings) -> dict[int, dict]:
 def pack(source_name: str, source_path: str | None, out: str, image_size: int, image_format: str = "jpeg",
          shard_size: int = 1000, workers: int = 1, progress: bool = True, group_size: int | None = None) -> dict:
     """Pack a source into shards + manifest.json under `out`; returns a short report.
-    `group_size`: images per tar member, raw only (default RAW_GROUP_SIZE)."""
+    `group_size`: images per tar member, raw (default RAW_GROUP_SIZE) or jpeg (default 1)."""
     global _job
-    if group_size is not None and (group_size < 1 or (image_format != "raw" and group_size != 1)):
-        raise ValueError(f"--group-size must be >= 1, and is for --format raw only (got {group_size} with {image_format})")
+    if group_size is not None and (group_size < 1 or (image_format not in GROUPED_FORMATS and group_size != 1)):
+        raise ValueError(f"--group-size must be >= 1, and is for --format raw or jpeg only (got {group_size} with {image_format})")
     group_size = group_size or (RAW_GROUP_SIZE if image_format == "raw" else 1)
     source = open_source(source_name, source_path)
     if not s3.is_s3(out):

@@ -1,7 +1,10 @@
-"""The raw format's reader: a tar member pair KEY.u8.npy (N x 3 x H x W uint8 pixels) and
-KEY.keys.npy (their N keys, a unicode array), as pack.py writes it, read as one RawGroup without
-an image decoder or a copy. Both arrays are .npy files whose headers numpy's own parser reads
-(no pickle); a shard's groups share a few headers, so each is parsed once."""
+"""Grouped tar members, as pack.py writes them, each read as one group of N images without a
+copy: the raw format's KEY.u8.npy (N x 3 x H x W uint8 pixels, a RawGroup, no image decoder) and
+grouped JPEGs' KEY.jpgs (N JPEG files back to back) with KEY.sizes.npy (their lengths), a
+JpegGroup; both beside KEY.keys.npy (their N keys, a unicode array). The arrays are .npy files
+whose headers numpy's own parser reads (no pickle); a shard's groups share a few headers, so
+each is parsed once. A group's per-sample work (tar headers, a sample dict, a place in the
+reader's hold) is paid once for its N images."""
 
 from __future__ import annotations
 
@@ -14,18 +17,25 @@ import numpy as np
 import torch
 
 from dcgan_dist.data.decode import PIXELS
-from dcgan_dist.data.manifest import RAW_KEYS, RAW_PIXELS
+from dcgan_dist.data.manifest import JPEG_GROUP, JPEG_SIZES, RAW_KEYS, RAW_PIXELS
 
 
-class RawGroup:
+class Group:
+    """The N images of one grouped tar member and their sample keys."""
+
+    url: str
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class RawGroup(Group):
     """The images of one raw tar member: `pixels`, N x 3 x H x W uint8 (a view of the member's
     bytes, no copy), and their N sample keys."""
 
     def __init__(self, url: str, keys: list[str], pixels: torch.Tensor):
         self.url, self.keys, self.pixels = url, keys, pixels
-
-    def __len__(self) -> int:
-        return len(self.keys)
 
     def part(self, start: int, stop: int) -> RawGroup:
         return RawGroup(self.url, self.keys[start:stop], self.pixels[start:stop])
@@ -36,20 +46,59 @@ class RawGroup:
             yield {"__key__": key, "__url__": self.url, PIXELS: image}
 
 
-def read_group(member: dict) -> RawGroup:
-    """A raw member's images. One that does not parse ends its shard's read, as a truncated tar
-    does (its images cannot be counted, so none after it could be placed)."""
+class JpegGroup(Group):
+    """The JPEGs of one grouped tar member, each a uint8 tensor as decode_jpeg takes it (views of
+    the member's bytes, no copy, made in one call), and their N keys."""
+
+    def __init__(self, url: str, keys: list[str], jpegs: list[torch.Tensor]):
+        self.url, self.keys, self.jpegs = url, keys, jpegs
+
+    def part(self, start: int, stop: int) -> JpegGroup:
+        return JpegGroup(self.url, self.keys[start:stop], self.jpegs[start:stop])
+
+    def images(self) -> Iterator[dict]:
+        """One sample ({"__key__", "__url__", "jpg"}: its bytes) per image."""
+        for key, jpeg in zip(self.keys, self.jpegs):
+            yield {"__key__": key, "__url__": self.url, "jpg": jpeg.numpy().tobytes()}
+
+
+def read_group(member: dict) -> RawGroup | JpegGroup:
+    """A grouped member's images (a RawGroup or a JpegGroup). One that does not parse ends its
+    shard's read, as a truncated tar does (its images cannot be counted, so none after it could
+    be placed)."""
+    if JPEG_GROUP in member:
+        return read_jpeg_group(member)
     data = member[RAW_PIXELS]
     shape, fortran_order, dtype, offset = npy_header(data)
-    key_shape, key_fortran, key_dtype, key_offset = npy_header(member[RAW_KEYS]) if RAW_KEYS in member else ((), False, None, 0)
-    if dtype != np.uint8 or fortran_order or len(shape) != 4 or shape[1] != 3 or key_shape != shape[:1] or key_fortran \
-            or key_dtype.kind != "U" or len(data) != offset + math.prod(shape):
-        raise ValueError(f"raw group {member['__key__']}: {dtype} pixels {shape} ({len(data)} bytes) and {key_dtype} keys "
-                         f"{key_shape} are not N x 3 x H x W uint8 with N keys")
-    keys = np.frombuffer(member[RAW_KEYS], key_dtype, count=shape[0], offset=key_offset).tolist()
-    if isinstance(data, bytes):
-        data = bytearray(data)  # torch wraps only writable buffers
-    return RawGroup(member["__url__"], keys, torch.frombuffer(data, dtype=torch.uint8, offset=offset).view(shape))  # no copy
+    keys = read_keys(member, shape[:1])
+    if keys is None or dtype != np.uint8 or fortran_order or len(shape) != 4 or shape[1] != 3 or len(data) != offset + math.prod(shape):
+        raise ValueError(f"raw group {member['__key__']}: {dtype} pixels {shape} ({len(data)} bytes) are not N x 3 x H x W "
+                         "uint8 beside N keys")
+    return RawGroup(member["__url__"], keys, torch.frombuffer(writable(data), dtype=torch.uint8, offset=offset).view(shape))  # no copy
+
+
+def read_jpeg_group(member: dict) -> JpegGroup:
+    data, sizes = member[JPEG_GROUP], member.get(JPEG_SIZES, b"")
+    shape, fortran_order, dtype, offset = npy_header(sizes) if sizes else ((), False, np.dtype(np.float64), 0)
+    keys = read_keys(member, shape)
+    lengths = np.frombuffer(sizes, dtype, count=shape[0], offset=offset) if dtype.kind in "iu" and len(shape) == 1 and sizes else None
+    if keys is None or lengths is None or fortran_order or (lengths <= 0).any() or int(lengths.sum()) != len(data):
+        raise ValueError(f"jpeg group {member['__key__']}: {len(data)} bytes of JPEGs are not the sum of N sizes beside N keys")
+    return JpegGroup(member["__url__"], keys, list(torch.frombuffer(writable(data), dtype=torch.uint8).split(lengths.tolist())))
+
+
+def read_keys(member: dict, shape: tuple[int, ...]) -> list[str] | None:
+    """The group's keys (KEY.keys.npy), when they are N = shape[0] strings; None otherwise."""
+    if RAW_KEYS not in member or len(shape) != 1:
+        return None
+    key_shape, key_fortran, key_dtype, key_offset = npy_header(member[RAW_KEYS])
+    if key_shape != shape or key_fortran or key_dtype.kind != "U":
+        return None
+    return np.frombuffer(member[RAW_KEYS], key_dtype, count=shape[0], offset=key_offset).tolist()
+
+
+def writable(data: bytes | bytearray) -> bytearray:
+    return bytearray(data) if isinstance(data, bytes) else data  # torch wraps only writable buffers
 
 
 def npy_header(data: bytes | bytearray) -> tuple[tuple[int, ...], bool, np.dtype, int]:

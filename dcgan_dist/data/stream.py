@@ -49,7 +49,7 @@ from dcgan_dist.data.decode import (
     to_unit_range,
 )
 from dcgan_dist.data.handover import BatchRing, HandedOver
-from dcgan_dist.data.manifest import RAW_PIXELS, Manifest
+from dcgan_dist.data.manifest import JPEG_GROUP, RAW_PIXELS, Manifest
 from dcgan_dist.data.split import Position
 from dcgan_dist.util import redact
 
@@ -84,12 +84,13 @@ def _seed(seed: int, rank: int, start_step: int, *more) -> int:
     return make_seed(seed, rank, _worker_id(), start_step, *more)
 
 
-def tar_samples(fileobj, url: str, groups: bool = False) -> Iterator[dict | raw.RawGroup]:
-    """The samples of one tar stream, grouped by key ({"__key__", "__url__", "jpg", ...}); a raw
-    group is handed out as its images ({"__key__", "__url__", "pixels"}), one sample each, or
-    with `groups` as one raw.RawGroup (the epoch reader copies its images a batch at a time)."""
+def tar_samples(fileobj, url: str, groups: bool = False) -> Iterator[dict | raw.Group]:
+    """The samples of one tar stream, grouped by key ({"__key__", "__url__", "jpg", ...}); a
+    grouped member (raw pixels, or JPEGs packed with --group-size) is handed out as its images
+    ({"__key__", "__url__", "pixels" or "jpg"}), one sample each, or with `groups` as one
+    raw.Group (the epoch reader takes its images a batch at a time)."""
     for sample in tar.samples(fileobj, url):
-        if RAW_PIXELS in sample:
+        if RAW_PIXELS in sample or JPEG_GROUP in sample:
             group = raw.read_group(sample)
             if groups:
                 yield group
@@ -99,7 +100,7 @@ def tar_samples(fileobj, url: str, groups: bool = False) -> Iterator[dict | raw.
             yield sample
 
 
-def read_shard(url: str, counters: Counters, retries: int, groups: bool = False) -> Iterator[dict | raw.RawGroup]:
+def read_shard(url: str, counters: Counters, retries: int, groups: bool = False) -> Iterator[dict | raw.Group]:
     """One shard's samples (tar_samples; with `groups`, raw groups whole). A failure to open, or
     an S3 read that fails mid-shard (s3.py has already resumed the body a few times), is retried
     with backoff, `retries` times, going on after the samples already yielded; a broken tar is
@@ -119,7 +120,7 @@ def read_shard(url: str, counters: Counters, retries: int, groups: bool = False)
         opened, skip, error = True, count, None
         try:
             for sample in tar_samples(stream, url, groups):
-                size = len(sample) if type(sample) is raw.RawGroup else 1  # a group is read whole or not at all
+                size = len(sample) if isinstance(sample, raw.Group) else 1  # a group is read whole or not at all
                 if skip:
                     skip -= size
                     continue
@@ -138,7 +139,7 @@ def read_shard(url: str, counters: Counters, retries: int, groups: bool = False)
 
 
 def read_shards(shards: Iterator[dict], counters: Counters, expected: dict[str, int], retries: int,
-                groups: bool = False) -> Iterator[dict | raw.RawGroup]:
+                groups: bool = False) -> Iterator[dict | raw.Group]:
     """Samples ({"__key__", "jpg"/"png"...}; raw groups whole with `groups`) of each shard;
     failures are counted and skipped."""
     s3.register()  # in this process (DataLoader workers may be fresh interpreters)

@@ -27,15 +27,19 @@ def reader_config(url: str, loader_workers: int, batch_size: int, sampling: str,
     return cfg
 
 
-def loader_cpu_seconds() -> float | None:
-    """CPU seconds used so far by this process's children (the DataLoader's loader processes),
-    from /proc; None where there is no /proc (the row is then left out)."""
+def child_pids() -> list[int]:
+    """This process's children (the DataLoader's loader processes), from /proc (OSError without it)."""
+    return [int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()]
+
+
+def loader_cpu_seconds(pids: list[int] | None = None) -> float | None:
+    """CPU seconds used so far by `pids` (by default this process's children: the DataLoader's
+    loader processes), from /proc; None where there is no /proc (the row is then left out)."""
     try:
         total = 0
-        for task in Path("/proc/self/task").iterdir():
-            for pid in (task / "children").read_text().split():
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+        for pid in child_pids() if pids is None else pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
         return total / os.sysconf("SC_CLK_TCK")
     except OSError:
         return None
