@@ -87,8 +87,8 @@ class EpochBatches(IterableDataset):
 
 def read_positions(plan: split.Stream, wanted: bytearray, urls: list[str], expected: dict[str, int],
                    counters: stream.Counters, retries: int) -> Iterator[tuple[int, dict | raw.Group | None]]:
-    """(position, sample) for every wanted position of the stream, in position order; a raw
-    group's images in the piece that hold a wanted one come as one (first position, raw.Group);
+    """(position, sample) for every wanted position of the stream, in position order; a grouped
+    member's images in the piece that hold a wanted one come as one (first position, raw.Group);
     None for a sample its shard could not give. Shards with nothing wanted are not opened."""
     offset = 0
     for piece in plan.pieces:
