@@ -47,13 +47,18 @@ def decode_jpeg_list(jpegs: list[torch.Tensor], image_size: int, device: str | t
     """Encoded JPEGs (uint8 tensors) decoded by one `decode_jpeg(list, device=...)` call, as
     uint8 on `device`; None when the call fails (one corrupt JPEG fails the whole list) or an
     image has the wrong size: the caller then decodes them one by one."""
+    decoded = decode_jpeg_call(jpegs, device)
+    return decoded if decoded is not None and all(image.shape[-2:] == (image_size, image_size) for image in decoded) else None
+
+
+def decode_jpeg_call(jpegs: list[torch.Tensor], device: str | torch.device = "cpu") -> list[torch.Tensor] | None:
+    """One `decode_jpeg(list)` call, RGB; None when it fails (one corrupt JPEG fails the whole list)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
-            decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+            return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
         return None
-    return decoded if all(image.shape[-2:] == (image_size, image_size) for image in decoded) else None
 
 
 def decode_jpeg_batch(jpegs: list[torch.Tensor], image_size: int, new_batch=None) -> torch.Tensor | None:
@@ -61,16 +66,10 @@ def decode_jpeg_batch(jpegs: list[torch.Tensor], image_size: int, new_batch=None
     stacked as they lie (channels-last; in `new_batch(True)` when given, as stack_images). None
     when one does not decode or is not image_size square: the caller decodes them one by one. The
     sizes are checked by the stack (equal sizes) and on the first image, not image by image."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
-            decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB)
-    except RuntimeError:
+    decoded = decode_jpeg_call(jpegs)
+    if decoded is None or decoded[0].shape != (3, image_size, image_size):
         return None
-    if decoded[0].shape != (3, image_size, image_size):
-        return None
-    batch = new_batch(True) if new_batch is not None else \
-        torch.empty((len(jpegs), image_size, image_size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    batch = new_batch(True) if new_batch is not None else channels_last_batch(len(jpegs), 3, image_size, image_size)
     try:
         return torch.stack(decoded, out=batch)
     except RuntimeError:  # an image of another size
@@ -125,9 +124,13 @@ def stack_images(images: list[torch.Tensor], new_batch=None) -> torch.Tensor:
     if new_batch is not None:
         return torch.stack(images, out=new_batch(channels_last))
     if channels_last:
-        batch = torch.empty((len(images), height, width, channels), dtype=images[0].dtype).permute(0, 3, 1, 2)
-        return torch.stack(images, out=batch)
+        return torch.stack(images, out=channels_last_batch(len(images), channels, height, width))
     return torch.stack(images)
+
+
+def channels_last_batch(count: int, channels: int, height: int, width: int) -> torch.Tensor:
+    """A new uint8 N x C x H x W batch laid out as N x H x W x C in memory (the decoder's layout)."""
+    return torch.empty((count, height, width, channels), dtype=torch.uint8).permute(0, 3, 1, 2)
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from dcgan_dist.data import raw, split, stream
-from dcgan_dist.data.decode import PIXELS, decode_jpeg_batch, stack_images
+from dcgan_dist.data.decode import decode_jpeg_batch, stack_images
 from dcgan_dist.data.manifest import Manifest
 
 
@@ -186,16 +186,14 @@ class Held:
         return batch, keys
 
     def take_samples(self, positions: list[int]) -> list[dict | None]:
-        """The positions' samples (a raw image as a {"__key__", "__url__", "pixels"} sample)."""
+        """The positions' samples (a grouped image as a sample of its own: raw.Group.sample)."""
         samples = []
         for position in positions:
             if position in self.samples:
                 samples.append(self.samples.pop(position))
                 continue
             run = self.run_of(position)
-            at, group = position - run.start, run.group
-            image = group.pixels[at] if type(group) is raw.RawGroup else group.jpegs[at].numpy().tobytes()
-            samples.append({"__key__": group.keys[at], "__url__": group.url, PIXELS if type(group) is raw.RawGroup else "jpg": image})
+            samples.append(run.group.sample(position - run.start))
             run.left -= 1
         self.release()
         return samples

@@ -29,6 +29,14 @@ class Group:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def sample(self, at: int) -> dict:
+        """Image `at` as a sample of its own ({"__key__", "__url__", and its image})."""
+        raise NotImplementedError
+
+    def images(self) -> Iterator[dict]:
+        """One sample per image."""
+        return (self.sample(at) for at in range(len(self)))
+
 
 class RawGroup(Group):
     """The images of one raw tar member: `pixels`, N x 3 x H x W uint8 (a view of the member's
@@ -40,10 +48,8 @@ class RawGroup(Group):
     def part(self, start: int, stop: int) -> RawGroup:
         return RawGroup(self.url, self.keys[start:stop], self.pixels[start:stop])
 
-    def images(self) -> Iterator[dict]:
-        """One sample ({"__key__", "__url__", "pixels"}) per image."""
-        for key, image in zip(self.keys, self.pixels):
-            yield {"__key__": key, "__url__": self.url, PIXELS: image}
+    def sample(self, at: int) -> dict:
+        return {"__key__": self.keys[at], "__url__": self.url, PIXELS: self.pixels[at]}
 
 
 class JpegGroup(Group):
@@ -56,10 +62,8 @@ class JpegGroup(Group):
     def part(self, start: int, stop: int) -> JpegGroup:
         return JpegGroup(self.url, self.keys[start:stop], self.jpegs[start:stop])
 
-    def images(self) -> Iterator[dict]:
-        """One sample ({"__key__", "__url__", "jpg"}: its bytes) per image."""
-        for key, jpeg in zip(self.keys, self.jpegs):
-            yield {"__key__": key, "__url__": self.url, "jpg": jpeg.numpy().tobytes()}
+    def sample(self, at: int) -> dict:
+        return {"__key__": self.keys[at], "__url__": self.url, "jpg": self.jpegs[at].numpy().tobytes()}
 
 
 def read_group(member: dict) -> RawGroup | JpegGroup:
@@ -78,11 +82,13 @@ def read_group(member: dict) -> RawGroup | JpegGroup:
 
 
 def read_jpeg_group(member: dict) -> JpegGroup:
-    data, sizes = member[JPEG_GROUP], member.get(JPEG_SIZES, b"")
-    shape, fortran_order, dtype, offset = npy_header(sizes) if sizes else ((), False, np.dtype(np.float64), 0)
-    keys = read_keys(member, shape)
-    lengths = np.frombuffer(sizes, dtype, count=shape[0], offset=offset) if dtype.kind in "iu" and len(shape) == 1 and sizes else None
-    if keys is None or lengths is None or fortran_order or (lengths <= 0).any() or int(lengths.sum()) != len(data):
+    data, sizes, lengths, keys = member[JPEG_GROUP], member.get(JPEG_SIZES), None, None
+    if sizes:
+        shape, fortran_order, dtype, offset = npy_header(sizes)
+        if dtype.kind in "iu" and len(shape) == 1 and not fortran_order:
+            lengths = np.frombuffer(sizes, dtype, count=shape[0], offset=offset)
+            keys = read_keys(member, shape)
+    if keys is None or (lengths <= 0).any() or int(lengths.sum()) != len(data):
         raise ValueError(f"jpeg group {member['__key__']}: {len(data)} bytes of JPEGs are not the sum of N sizes beside N keys")
     return JpegGroup(member["__url__"], keys, list(torch.frombuffer(writable(data), dtype=torch.uint8).split(lengths.tolist())))
 
