@@ -156,8 +156,9 @@ def main() -> None:
           "|---|---:|---:|---:|---:|---:|---:|")
     for name, rates in measured["rows"].items():
         reader, one, lists = rates["reader"], rates["one by one"], rates["in lists"]
-        print(f"| {name} | {reader:,.0f} | {rates['per loader cpu s']:,.0f} | {one:,.0f} | {reader / one:.0%} | {lists:,.0f} "
-              f"| {reader / lists:.0%} |")
+        per_cpu = f"{rates['per loader cpu s']:,.0f}" if rates["per loader cpu s"] == rates["per loader cpu s"] else ""  # NaN: no loader process
+        decoders = f"{one:,.0f} | {reader / one:.0%} | {lists:,.0f} | {reader / lists:.0%}" if not name.startswith("raw") else " | | | "
+        print(f"| {name} | {reader:,.0f} | {per_cpu} | {decoders} |")  # raw rows: no decoder to compare with
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
