@@ -29,6 +29,7 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # benchmarks send no telemetry (Ray
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 import argparse
+import math
 import platform
 import tempfile
 import time
@@ -156,7 +157,7 @@ def main() -> None:
           "|---|---:|---:|---:|---:|---:|---:|")
     for name, rates in measured["rows"].items():
         reader, one, lists = rates["reader"], rates["one by one"], rates["in lists"]
-        per_cpu = f"{rates['per loader cpu s']:,.0f}" if rates["per loader cpu s"] == rates["per loader cpu s"] else ""  # NaN: no loader process
+        per_cpu = "" if math.isnan(rates["per loader cpu s"]) else f"{rates['per loader cpu s']:,.0f}"  # NaN: no loader process
         decoders = f"{one:,.0f} | {reader / one:.0%} | {lists:,.0f} | {reader / lists:.0%}" if not name.startswith("raw") else " | | | "
         print(f"| {name} | {reader:,.0f} | {per_cpu} | {decoders} |")  # raw rows: no decoder to compare with
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
