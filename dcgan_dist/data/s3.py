@@ -4,8 +4,9 @@ lets WebDataset read `s3://` shards (registered in `webdataset.gopen.gopen_schem
 
 Credentials and the endpoint come from boto3's usual chain: `AWS_ENDPOINT_URL` (or
 `AWS_ENDPOINT_URL_S3`), `AWS_PROFILE`, `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, config
-files, instance roles. Local paths go through the same helpers, so the packer and the reader
-treat both alike.
+files, instance roles; when none are found the error says so and lists where boto3 looked
+(credential_places()), not that the endpoint is unreachable. Local paths go through the same
+helpers, so the packer and the reader treat both alike.
 
 Faults (docs/data.md#faults): botocore's `standard` retry mode, with bounded timeouts, retries
 throttling (503 SlowDown), 5xx answers, refused or reset connections and a stall before the
