@@ -8,7 +8,9 @@ where a scheduled fault says otherwise:
                `seconds`, then send the rest
 
 A fault applies to the next `times` requests (None: every one) matching its method and path
-pattern; `injected` counts what was done. Bounded: socket timeouts, daemon threads, stalls that
+pattern; `injected` counts what was done. A cut or stall may call `then()` once its first
+`after_bytes` are sent, before it goes on (e.g. to replace the object: the client's next request
+sees the new one). Bounded: socket timeouts, daemon threads, stalls that
 end at stop(), and stop() also cuts the connections clients keep alive (an outage is an outage).
 """
 
@@ -19,6 +21,7 @@ import http.client
 import re
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -37,6 +40,7 @@ class Fault:
     path: str = ""  # a regex searched in the request's path and query; "" = any
     after_bytes: int = 0  # cut/stall: the body bytes sent first
     seconds: float = 0.0  # stall: how long
+    then: Callable[[], None] | None = None  # cut/stall: called after the first after_bytes, before the cut or the wait
 
     def matches(self, method: str, path: str) -> bool:
         return (self.times is None or self.times > 0) and self.method in ("", method) and re.search(self.path, path) is not None
@@ -160,6 +164,8 @@ class FaultProxy:
                     return
                 self.wfile.write(content[: fault.after_bytes])
                 self.wfile.flush()
+                if fault.then is not None:
+                    fault.then()
                 if fault.kind == "cut":
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)

@@ -296,6 +296,49 @@ def test_preflight_names_the_url_or_field_at_fault(s3_bucket, mlflow_sqlite, mon
     assert time.perf_counter() - started < 15
 
 
+# boto3's credential chain, beyond the files and the metadata service the test below points elsewhere
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                        "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",
+                        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+
+
+def test_preflight_without_credentials_says_none_were_found_and_where_it_looked(s3_bucket, mlflow_sqlite, tmp_path,
+                                                                                monkeypatch, capsys):
+    url = write_shards(f"s3://{s3_bucket}/nocredentials", [20])
+    for name in CREDENTIAL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    empty = tmp_path / "empty-aws-file"
+    empty.write_text("")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask 169.254.169.254
+    s3._clients.clear()
+    assert main(train_args(tmp_path, mlflow_sqlite, data=url)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "Traceback" not in error and "unreachable" not in error
+    assert f"--data: {url}: no S3 credentials found; boto3 looks in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile " \
+           f"'default' (AWS_PROFILE) in {empty} (AWS_SHARED_CREDENTIALS_FILE) and {empty} (AWS_CONFIG_FILE), " \
+           "AWS_WEB_IDENTITY_TOKEN_FILE, container credentials, the EC2 instance metadata service" in error
+
+    monkeypatch.setenv("AWS_PROFILE", "nowhere")  # a profile in neither file
+    s3._clients.clear()
+    assert main(train_args(tmp_path, mlflow_sqlite, data=url)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "unreachable" not in error
+    assert f"--data: {url}: S3 credentials: The config profile (nowhere) could not be found; boto3 looks in " \
+           "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile 'nowhere' (AWS_PROFILE)" in error
+
+    monkeypatch.delenv("AWS_PROFILE")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # half a key pair
+    s3._clients.clear()
+    assert main(train_args(tmp_path, mlflow_sqlite, data=url)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "unreachable" not in error
+    assert f"--data: {url}: S3 credentials: Partial credentials found in env, missing: AWS_SECRET_ACCESS_KEY; boto3 " \
+           "looks in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY" in error
+    s3._clients.clear()
+
+
 @pytest.mark.slow
 def test_missing_manifest_exits_2_naming_the_url(s3_bucket, tmp_path):
     missing = f"s3://{s3_bucket}/gone/manifest.json"

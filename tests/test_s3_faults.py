@@ -1,13 +1,19 @@
 """Object-store faults, through a fault-injecting proxy (tests/fault_proxy.py) in front of the
 loopback S3 endpoint: throttling (503 SlowDown), bodies cut mid-read and stalls, during the
 preflight's manifest read, shard streaming and checkpoint writes and reads (pyarrow); retried,
-counted, and an endpoint that stays down fails with one line naming it."""
+counted, and an endpoint that stays down fails with one line naming it. A shard replaced while
+it is read is never spliced."""
 
 from __future__ import annotations
 
+import io
+import logging
+import random
 import time
 
+import boto3
 import pytest
+import webdataset as wds
 from mlflow import MlflowClient
 
 from dcgan_dist.data import manifest, s3, stream
@@ -111,6 +117,84 @@ def test_shard_batches_report_the_s3_retries(fault_proxy, s3_bucket):
     batches = stream.ShardBatches(shards, 8, rank=0, world_size=1, seed=0, loader_workers=0, shuffle_buffer=1)
     assert all(next(batches).shape == (8, 3, 32, 32) for _ in range(6))
     assert batches.counts()["s3_retries"] == 2 and batches.counts()["bad_shards"] == 0
+
+
+# ---------------------------------------------------------------- a shard replaced while it is read
+
+MEMBER_BYTES = 256 * 1024  # the reader reads 1 MiB ahead: members this large are yielded before a cut at 3/4
+INVERTED = bytes(255 - value for value in range(256))
+
+
+def write_large_shard(url: str, members: int) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """A shard of `members` samples of random bytes (read, not decoded, here): its bytes and (key, bytes) samples."""
+    rng = random.Random(url)
+    samples = [(f"{index:06d}", rng.randbytes(MEMBER_BYTES)) for index in range(members)]
+    buffer = io.BytesIO()
+    with wds.TarWriter(buffer) as sink:
+        for key, data in samples:
+            sink.write({"__key__": key, "jpg": data})
+    s3.write_bytes(url, buffer.getvalue())
+    return buffer.getvalue(), samples
+
+
+def replaced(shard: bytes, samples: list[tuple[str, bytes]]) -> bytes:
+    """The same tar headers at the same offsets, every sample's bytes inverted: old bytes up to
+    any offset and new ones after it still parse, so a splice would be read, not rejected."""
+    for _, data in samples:
+        shard = shard.replace(data, data.translate(INVERTED))
+    return shard
+
+
+def put_object(endpoint: str, url: str, data: bytes):
+    """Writes `data` to `url` straight to the endpoint, not through the proxy (run by the proxy mid-answer)."""
+    bucket, key = s3.split(url)
+    return lambda: boto3.client("s3", endpoint_url=endpoint).put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def read_one_shard(url: str, counters: stream.Counters, expected: int) -> list[tuple[str, bytes]]:
+    samples = stream.read_shards(iter([{"url": url}]), counters, {url: expected}, retries=3)
+    return [(sample["__key__"], bytes(sample["jpg"])) for sample in samples]
+
+
+def test_a_shard_replaced_between_a_cut_and_its_resumed_get_is_not_spliced(fault_proxy, s3_endpoint, s3_bucket, caplog):
+    url = f"s3://{s3_bucket}/replaced/shard-000000.tar"
+    shard, old = write_large_shard(url, 8)
+    new = replaced(shard, old)
+    # the body is cut at 3/4 and the object replaced before the s3 layer asks for the rest
+    fault_proxy.schedule(Fault("cut", method="GET", path="shard-000000", after_bytes=len(shard) * 3 // 4,
+                               then=put_object(s3_endpoint, url, new)))
+    counters = stream.Counters()
+    with caplog.at_level(logging.WARNING, logger=stream.__name__):
+        delivered = read_one_shard(url, counters, len(old))
+    assert fault_proxy.injected == {"cut": 1} and s3.read_bytes(url) == new
+    assert 0 < len(delivered) < len(old) and delivered == old[:len(delivered)]  # old samples only, in order: no splice
+    assert counters.bad_shards == 1  # and not opened again: a pinned GET would be refused again
+    assert counters.s3_retries == 1 and fault_proxy.requests["GET"] == 1 + 1 + 1  # cut, refused resume, the check above
+    assert f"skipping bad shard {url} (read {len(delivered)} of 8 samples: {url}: the object was replaced while it " \
+           "was being read (its ETag changed))" in caplog.text
+
+
+def test_a_shard_replaced_before_read_shard_opens_it_again_is_not_spliced(fault_proxy, s3_endpoint, s3_bucket, monkeypatch,
+                                                                         caplog):
+    url = f"s3://{s3_bucket}/reopened/shard-000000.tar"
+    shard, old = write_large_shard(url, 8)
+    new = replaced(shard, old)
+    monkeypatch.setattr(s3, "BODY_RESUMES", 0)  # the cut fails the read at once: read_shard opens the shard again
+    fault_proxy.schedule(Fault("cut", method="GET", path="shard-000000", after_bytes=len(shard) * 3 // 4,
+                               then=put_object(s3_endpoint, url, new)))
+    counters = stream.Counters()
+    with caplog.at_level(logging.WARNING, logger=stream.__name__):
+        delivered = read_one_shard(url, counters, len(old))
+    assert fault_proxy.injected == {"cut": 1} and s3.read_bytes(url) == new
+    assert 0 < len(delivered) < len(old) and delivered == old[:len(delivered)]  # old samples only, in order: no splice
+    assert counters.bad_shards == 1 and "the object was replaced while it was being read" in caplog.text
+    assert counters.s3_retries == 1 and fault_proxy.requests["GET"] == 1 + 1 + 1  # cut, refused reopen, the check above
+
+    # unchanged, the same cut: the shard opened again goes on after the samples read, every sample once
+    fault_proxy.schedule(Fault("cut", method="GET", path="shard-000000", after_bytes=len(new) * 3 // 4))
+    counters = stream.Counters()
+    assert read_one_shard(url, counters, len(old)) == [(key, data.translate(INVERTED)) for key, data in old]
+    assert fault_proxy.injected == {"cut": 2} and counters.bad_shards == 0 and counters.s3_retries == 1
 
 
 # ---------------------------------------------------------------- checkpoints (pyarrow)

@@ -4,14 +4,16 @@ lets WebDataset read `s3://` shards (registered in `webdataset.gopen.gopen_schem
 
 Credentials and the endpoint come from boto3's usual chain: `AWS_ENDPOINT_URL` (or
 `AWS_ENDPOINT_URL_S3`), `AWS_PROFILE`, `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, config
-files, instance roles. Local paths go through the same helpers, so the packer and the reader
-treat both alike.
+files, instance roles; when none are found the error says so and lists where boto3 looked
+(credential_places()), not that the endpoint is unreachable. Local paths go through the same
+helpers, so the packer and the reader treat both alike.
 
 Faults (docs/data.md#faults): botocore's `standard` retry mode, with bounded timeouts, retries
 throttling (503 SlowDown), 5xx answers, refused or reset connections and a stall before the
 answer. A body cut or stalled mid-read is not botocore's to retry: the reader here asks again
 for the rest (a Range GET pinned to the object's ETag), a bounded number of times. Every retry
-is counted (retry_count()), so the reader can report them.
+is counted (retry_count()), so the reader can report them. An object replaced between two GETs
+of one read raises ObjectChanged: two versions are never spliced.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError, ProfileNotFound
 
 from dcgan_dist.util import redact
 
@@ -58,6 +60,11 @@ _retries_lock = threading.Lock()
 
 class StorageError(OSError):
     """A URL that cannot be read or written; the message names the URL and the reason."""
+
+
+class ObjectChanged(StorageError):
+    """The object was replaced while it was being read (its ETag changed): reading on would
+    splice two versions, and reading it again from the start gives the other one."""
 
 
 def is_s3(url: str) -> bool:
@@ -116,6 +123,9 @@ def endpoint() -> str:
 def describe(url: str, error: Exception) -> StorageError:
     """An S3/botocore error as one line naming the URL and what went wrong."""
     url = redact(url)
+    if isinstance(error, (NoCredentialsError, PartialCredentialsError, ProfileNotFound)):  # before any request: not the endpoint's
+        found = "no S3 credentials found" if isinstance(error, NoCredentialsError) else f"S3 credentials: {error}"
+        return StorageError(f"{url}: {found}; boto3 looks in {credential_places()}")
     if isinstance(error, ClientError):
         code = str(error.response.get("Error", {}).get("Code", ""))
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -125,8 +135,8 @@ def describe(url: str, error: Exception) -> StorageError:
             return StorageError(f"{url}: no such bucket")
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"):
             return StorageError(f"{url}: access denied ({code})")
-        if code == "PreconditionFailed":
-            return StorageError(f"{url}: the object changed while it was being read; read it again")
+        if code in ("PreconditionFailed", "412"):  # the IfMatch of a pinned GET
+            return ObjectChanged(f"{url}: the object was replaced while it was being read (its ETag changed)")
         if code in ("SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded") or (status or 0) >= 500:
             retries = error.response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
             return StorageError(f"{url}: endpoint {redact(endpoint())} failing: {code or 'HTTP'} {status}, still after {retries} "
@@ -138,21 +148,34 @@ def describe(url: str, error: Exception) -> StorageError:
     return StorageError(f"{url}: {error}")
 
 
+def credential_places() -> str:
+    """Where boto3's default chain looks for credentials, in its order, with this process's files."""
+    profile = os.environ.get("AWS_PROFILE", "default")
+    credentials_file = os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")
+    config_file = os.environ.get("AWS_CONFIG_FILE", "~/.aws/config")
+    return (f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile {profile!r} (AWS_PROFILE) in {credentials_file} "
+            f"(AWS_SHARED_CREDENTIALS_FILE) and {config_file} (AWS_CONFIG_FILE), AWS_WEB_IDENTITY_TOKEN_FILE, "
+            "container credentials, the EC2 instance metadata service")
+
+
 class _RawBody(io.RawIOBase):
     """An S3 object's body as a raw stream, so io.BufferedReader can put a large buffer in front
     of it (tarfile reads in 10 KiB records; each would otherwise be one socket read). A body cut
     or stalled mid-read is resumed where it stopped (a Range GET pinned to the ETag, so a
-    replaced object is an error, never a splice), at most BODY_RESUMES times; then StorageError."""
+    replaced object is ObjectChanged, never a splice), at most BODY_RESUMES times; then
+    StorageError. `etag`: pin the first GET too (an object opened again must be the same)."""
 
-    def __init__(self, url: str, fast: bool):
+    def __init__(self, url: str, fast: bool, etag: str | None = None):
         self.url, self.fast = url, fast
         self.bucket, self.key = split(url)
         self.position, self.resumes = 0, 0
-        self.body, self.etag = None, None
+        self.body, self.etag = None, etag
         self._get()
 
     def _get(self) -> None:
-        extra = {"Range": f"bytes={self.position}-", "IfMatch": self.etag} if self.etag else {}
+        extra = {"IfMatch": self.etag} if self.etag else {}
+        if self.position:
+            extra["Range"] = f"bytes={self.position}-"
         try:
             response = client(self.fast).get_object(Bucket=self.bucket, Key=self.key, **extra)
         except (ClientError, BotoCoreError) as e:
@@ -185,14 +208,21 @@ class _RawBody(io.RawIOBase):
         super().close()
 
 
-def open_read(url: str, fast: bool = False):
-    """A binary file-like object for a local path or an s3:// URL (streamed, not downloaded)."""
+def open_read(url: str, fast: bool = False, etag: str | None = None):
+    """A binary file-like object for a local path or an s3:// URL (streamed, not downloaded).
+    `etag` (S3): read that version or raise ObjectChanged; etag_of() gives the version read."""
     if not is_s3(url):
         try:
             return open(url, "rb")
         except OSError as e:
             raise StorageError(f"{url}: {e.strerror or e}") from None
-    return io.BufferedReader(_RawBody(url, fast), buffer_size=READ_BUFFER)
+    return io.BufferedReader(_RawBody(url, fast, etag), buffer_size=READ_BUFFER)
+
+
+def etag_of(stream) -> str | None:
+    """The ETag of the object an open_read() stream reads (None for a local file)."""
+    body = getattr(stream, "raw", None)
+    return body.etag if isinstance(body, _RawBody) else None
 
 
 def read_bytes(url: str, fast: bool = False) -> bytes:

@@ -7,8 +7,9 @@ endless stream with replacement below; per rank, and per DataLoader worker insid
     ResampledShards (with replacement, seeded by seed/rank/worker/start step/epoch)
       -> read_shards   (open through webdataset.gopen, whose s3:// opener is boto3; retry a
                         shard that fails to open or whose S3 read fails mid-way, going on after
-                        the samples already read; then skip and count it; a truncated tar is
-                        counted as a bad shard; S3 retries are counted)
+                        the samples already read, in the version first opened (its ETag); then
+                        skip and count it; a truncated tar, or a shard replaced while it is
+                        read, is counted as a bad shard; S3 retries are counted)
       -> shuffle       (a sample buffer of --shuffle-buffer)
       -> decode        (torchvision.io.decode_image on the encoded bytes to uint8; a raw
                         image is already uint8; corrupt or missing images are skipped and counted)
@@ -103,21 +104,26 @@ def tar_samples(fileobj, url: str, groups: bool = False) -> Iterator[dict | raw.
 def read_shard(url: str, counters: Counters, retries: int, groups: bool = False) -> Iterator[dict | raw.Group]:
     """One shard's samples (tar_samples; with `groups`, raw groups whole). A failure to open, or
     an S3 read that fails mid-shard (s3.py has already resumed the body a few times), is retried
-    with backoff, `retries` times, going on after the samples already yielded; a broken tar is
-    not (reading it again gives the same). Its return value (what `yield from` gives): (images
-    read, opened at all, the last error)."""
-    count, opened, error = 0, False, None
+    with backoff, `retries` times, going on after the samples already yielded, in the version of
+    the object first opened (its ETag): a shard replaced meanwhile ends the read with
+    s3.ObjectChanged, never a splice of two versions. A broken tar is not retried (reading it
+    again gives the same). Its return value (what `yield from` gives): (images read, opened at
+    all, the last error)."""
+    count, opened, error, etag = 0, False, None, None
     retries_before = s3.retry_count() - counters.s3_retries  # the counter is cumulative over shards
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(min(0.2 * 2**(attempt - 1), 5.0))
             s3.count_retry()
         try:
-            stream = gopen(url)
+            stream = s3.open_read(url, etag=etag) if etag else gopen(url)  # an ETag: an s3:// shard opened before
+        except s3.ObjectChanged as e:
+            error = e
+            break
         except Exception as e:  # noqa: BLE001 - any failure to open is the shard's, counted
             error = e
             continue
-        opened, skip, error = True, count, None
+        opened, skip, error, etag = True, count, None, s3.etag_of(stream)
         try:
             for sample in tar_samples(stream, url, groups):
                 size = len(sample) if isinstance(sample, raw.Group) else 1  # a group is read whole or not at all
@@ -132,7 +138,7 @@ def read_shard(url: str, counters: Counters, retries: int, groups: bool = False)
         finally:
             stream.close()
         counters.s3_retries = s3.retry_count() - retries_before
-        if not isinstance(error, s3.StorageError):
+        if not isinstance(error, s3.StorageError) or isinstance(error, s3.ObjectChanged):
             break
     counters.s3_retries = s3.retry_count() - retries_before
     return count, opened, error
@@ -150,7 +156,8 @@ def read_shards(shards: Iterator[dict], counters: Counters, expected: dict[str, 
         if not opened or count < expected.get(url, 0):
             counters.bad_shards += 1
             reason = f"read {count} of {expected.get(url, '?')} samples" if opened else "could not open"
-            log.warning("skipping bad shard %s (%s: %s)", redact(url), reason, error if not opened or count == 0 else "truncated")
+            detail = error if not opened or count == 0 or isinstance(error, s3.StorageError) else "truncated"
+            log.warning("skipping bad shard %s (%s: %s)", redact(url), reason, detail)
             failures_in_a_row += 1
             if failures_in_a_row > max(10, 2 * len(expected)):
                 last = error if isinstance(error, s3.StorageError) else f"{redact(url)}: {error}"  # a StorageError names the URL
