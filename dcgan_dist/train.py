@@ -258,10 +258,13 @@ def worker_env(cfg: Config) -> dict[str, str]:
 def storage(storage_path: str) -> dict:
     """RunConfig's storage arguments. An s3:// path gets an explicit pyarrow S3FileSystem so a
     custom endpoint (AWS_ENDPOINT_URL: MinIO, Ceph, moto), the driver's credentials and the
-    timeouts and retries above reach every Ray process; it travels to them in memory only."""
+    timeouts and retries above reach every Ray process; it travels to them in memory only,
+    pickled (the retries too: checkpoint_s3)."""
     if not s3.is_s3(storage_path):
         return {"storage_path": storage_path}
     from pyarrow import fs
+
+    from dcgan_dist.checkpoint_s3 import RetryingS3FileSystem
 
     env = os.environ.get
     options = {
@@ -274,9 +277,9 @@ def storage(storage_path: str) -> dict:
     if not (options["access_key"] and options["secret_key"]):  # else the nodes' own chain (roles, files)
         options.pop("access_key"), options.pop("secret_key"), options.pop("session_token")
     bucket, prefix = s3.split(storage_path)
-    filesystem = fs.S3FileSystem(**{key: value for key, value in options.items() if value},
-                                 connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S,
-                                 retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS))
+    filesystem = RetryingS3FileSystem(**{key: value for key, value in options.items() if value},
+                                      connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S,
+                                      retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS))
     return {"storage_path": f"{bucket}/{prefix}".rstrip("/"), "storage_filesystem": filesystem}
 
 

@@ -8,9 +8,11 @@ where a scheduled fault says otherwise:
                `seconds`, then send the rest
 
 A fault applies to the next `times` requests (None: every one) matching its method and path
-pattern; `injected` counts what was done. A cut or stall may call `then()` once its first
-`after_bytes` are sent, before it goes on (e.g. to replace the object: the client's next request
-sees the new one). Bounded: socket timeouts, daemon threads, stalls that
+pattern; `injected` counts what was done, `requests` what came in. A cut or stall may call `then()`
+once its first `after_bytes` are sent, before it goes on (e.g. to replace the object: the client's
+next request sees the new one). Uploads the AWS C++ SDK sends (pyarrow: `Transfer-Encoding:
+chunked` bodies in `aws-chunked` encoding, `Expect: 100-continue`, which http.server answers) are
+forwarded whole, with a Content-Length. Bounded: socket timeouts, daemon threads, stalls that
 end at stop(), and stop() also cuts the connections clients keep alive (an outage is an outage).
 """
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import pickle
 import random
 import time
 
@@ -200,11 +201,15 @@ def test_a_shard_replaced_before_read_shard_opens_it_again_is_not_spliced(fault_
 # ---------------------------------------------------------------- checkpoints (pyarrow)
 
 
-def test_checkpoint_filesystem_rides_out_throttling_stalls_and_cuts(fault_proxy, s3_bucket):
-    """The pyarrow S3FileSystem Ray Train writes checkpoints with: three 503s in a row are more
-    than pyarrow's default 3 attempts allow; a stall of 4 s is past its default 3 s timeout."""
+@pytest.mark.parametrize("received", [False, True], ids=["as-built", "pickled"])
+def test_checkpoint_filesystem_rides_out_throttling_stalls_and_cuts(fault_proxy, s3_bucket, received):
+    """The pyarrow S3FileSystem Ray Train writes checkpoints with, as the driver built it and as
+    Ray's controller and workers receive it (pickled): three 503s in a row are more than
+    pyarrow's default 3 attempts allow; a stall of 4 s is past its default 3 s request timeout."""
     options = storage(f"s3://{s3_bucket}/checkpoints")
     filesystem, root = options["storage_filesystem"], options["storage_path"]
+    if received:
+        filesystem = pickle.loads(pickle.dumps(filesystem))
     payload = bytes(range(256)) * 800  # 200 KiB
     fault_proxy.schedule(Fault("slowdown", times=3, method="PUT"), Fault("stall", times=1, method="POST", seconds=4),
                          Fault("cut", times=1, method="GET", after_bytes=50_000))
@@ -213,6 +218,8 @@ def test_checkpoint_filesystem_rides_out_throttling_stalls_and_cuts(fault_proxy,
     with filesystem.open_input_stream(f"{root}/checkpoint_000000/state.pt") as source:
         assert source.read() == payload
     assert fault_proxy.injected == {"slowdown": 3, "stall": 1, "cut": 1}
+    # The upload's create and complete: the stalled one waited out, not given up at 3 s and sent again.
+    assert fault_proxy.requests["POST"] == 2
 
     from pyarrow import fs
 
@@ -221,6 +228,44 @@ def test_checkpoint_filesystem_rides_out_throttling_stalls_and_cuts(fault_proxy,
     with pytest.raises(OSError, match="SLOW_DOWN"):  # what the settings are for
         with defaults.open_output_stream(f"{root}/checkpoint_000001/state.pt") as sink:
             sink.write(payload)
+
+
+def write_objects(filesystem, folder: str, count: int) -> list[str]:
+    """`count` small objects written through `filesystem` (one upload each); their paths."""
+    paths = [f"{folder}/object-{index}" for index in range(count)]
+    for path in paths:
+        with filesystem.open_output_stream(path) as sink:
+            sink.write(path.encode() * 100)
+    return paths
+
+
+@pytest.mark.slow
+def test_the_controller_and_a_worker_write_through_throttled_uploads(ray_local, fault_proxy, s3_bucket):
+    """What Ray Train's controller gets (the RunConfig, pickled, and the StorageContext it builds
+    from it) and hands its workers (that StorageContext, pickled again) still retries as the
+    driver's filesystem does: every upload answered 503 three times in a row is written."""
+    import ray
+    from ray.train import RunConfig
+
+    @ray.remote(num_cpus=0)
+    def as_a_worker(storage_context, count):
+        return write_objects(storage_context.storage_filesystem, f"{storage_context.experiment_fs_path}/worker", count)
+
+    @ray.remote(num_cpus=0)
+    def as_the_controller(run_config, count):
+        storage_context = run_config.storage_context  # writes Ray Train's marker object, unthrottled
+        written = write_objects(storage_context.storage_filesystem, f"{storage_context.experiment_fs_path}/controller", count)
+        return written + ray.get(as_a_worker.remote(storage_context, count))
+
+    count = 3
+    fault_proxy.schedule(*(Fault("slowdown", times=3, method="PUT", path=rf"/{role}/object-{index}\?partNumber=")
+                           for role in ("controller", "worker") for index in range(count)))
+    run_config = RunConfig(name="retries", **storage(f"s3://{s3_bucket}/checkpoints"))
+    written = ray.get(as_the_controller.remote(run_config, count), timeout=300)
+    assert len(written) == 2 * count
+    assert fault_proxy.injected == {"slowdown": 3 * 2 * count}  # three in a row per upload, each retried past
+    for path in written:
+        assert s3.read_bytes(f"s3://{path}") == path.encode() * 100
 
 
 # ---------------------------------------------------------------- a training run through the faults
@@ -232,14 +277,17 @@ def test_training_with_data_and_checkpoints_on_a_faulty_s3_completes(ray_local, 
     fault_proxy.schedule(
         Fault("slowdown", times=2, method="GET", path="shard-"),
         Fault("cut", times=2, method="GET", path="shard-", after_bytes=30_000),
-        Fault("stall", times=1, method="PUT", path="checkpoint_manager_snapshot", seconds=4),  # past pyarrow's default 3 s
+        # Ray Train's controller writes the snapshot with the filesystem it received pickled: three
+        # 503s in a row are past pyarrow's default 3 attempts, then a stall past its default 3 s.
+        Fault("slowdown", times=3, method="PUT", path="checkpoint_manager_snapshot"),
+        Fault("stall", times=1, method="PUT", path="checkpoint_manager_snapshot", seconds=4),
         Fault("slowdown", times=2, method="PUT", path="/checkpoints/test/checkpoint_(?!manager)"),
     )
     args = train_args(tmp_path, mlflow_sqlite, data=url, max_steps=6, log_every=3, sample_every=6, checkpoint_every=6,
                       batch_size=16, loader_workers=0, shuffle_buffer=20, storage_path=f"s3://{s3_bucket}/checkpoints",
                       eval_every=0)
     assert main(args) == 0
-    assert fault_proxy.injected == {"slowdown": 4, "cut": 2, "stall": 1}
+    assert fault_proxy.injected == {"slowdown": 2 + 3 + 2, "cut": 2, "stall": 1}
 
     client = MlflowClient(mlflow_sqlite)
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
