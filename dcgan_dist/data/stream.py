@@ -18,7 +18,8 @@ endless stream with replacement below; per rank, and per DataLoader worker insid
 Shards are resampled, so the stream never ends and every rank takes exactly the steps the loop
 asks for, however uneven the shards are: DDP cannot hang on a rank that ran dry. Nominal epochs
 are `num_samples // global batch` steps. A resumed run reseeds from its start step: the data
-order is statistically the same, not the exact continuation (the bundled digits replay exactly).
+order is statistically the same, not the exact continuation (the bundled digits and `--sampling
+epochs` replay exactly).
 """
 
 from __future__ import annotations
