@@ -23,7 +23,7 @@ from PIL import Image
 
 from dcgan_dist import checkpoint, config
 from dcgan_dist.config import ConfigError
-from dcgan_dist.data import manifest, pack, s3, stream
+from dcgan_dist.data import epochs, manifest, pack, s3, split, stream
 from dcgan_dist.data.decode import decode
 from dcgan_dist.data.preview import inspect_manifest as inspect
 from dcgan_dist.data.sources import lsun
@@ -246,6 +246,24 @@ def test_corrupt_share_above_the_limit_stops_with_a_clear_error():
     stream.check_corrupt_share(1, 99, 0.01)  # exactly 1 %: allowed
     with pytest.raises(stream.DataError, match=r"2 of 100 images .* --max-corrupt-fraction 0.01"):
         stream.check_corrupt_share(2, 98, 0.01)
+
+
+def test_reading_shards_leaves_the_global_rng_to_the_training_loop(tmp_path):
+    """The loop restores the global RNG from a checkpoint, then opens the stream, then draws each
+    step's latents from that RNG: opening the reader, and starting each nominal epoch, must not
+    draw from it, or a resumed run's latents shift against an uninterrupted run's."""
+    shards = manifest.read(write_shards(str(tmp_path), [20, 12], image_size=8))  # 32 images: 4 steps of 8 per epoch
+    for sampling in ("resampled", "epochs"):
+        reader = epochs.EpochBatches(shards, 8, 0, 1, 0, 0, 0, 0, 8, 0) if sampling == "epochs" else None
+        torch.manual_seed(0)
+        before = torch.get_rng_state()
+        batches = stream.ShardBatches(shards, 8, 0, 1, seed=0, loader_workers=0, shuffle_buffer=8, epochs=reader)
+        taken = [next(batches) for _ in range(10)]  # across two epoch ends
+        assert batches.position == split.Position(2, 2, 4), sampling
+        assert torch.equal(torch.get_rng_state(), before), sampling
+        again = stream.ShardBatches(shards, 8, 0, 1, seed=0, loader_workers=0, shuffle_buffer=8,
+                                    epochs=epochs.EpochBatches(shards, 8, 0, 1, 0, 0, 0, 0, 8, 0) if reader else None)
+        assert all(torch.equal(next(again), batch) for batch in taken), sampling  # the order still follows the seed
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ endless stream with replacement below; per rank, and per DataLoader worker insid
 Shards are resampled, so the stream never ends and every rank takes exactly the steps the loop
 asks for, however uneven the shards are: DDP cannot hang on a rank that ran dry. Nominal epochs
 are `num_samples // global batch` steps. A resumed run reseeds from its start step: the data
-order is statistically the same, not the exact continuation (the bundled digits replay exactly).
+order is statistically the same, not the exact continuation (the bundled digits and `--sampling
+epochs` replay exactly).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 COUNT_NAMES = ("corrupt_samples", "bad_shards", "samples", "s3_retries", "repeated_samples")
 SAMPLE_SHUFFLE = 1  # seed salt (an int: make_seed hashes, and str hashes differ per process)
+LOADER_SEEDS = 2  # seed salt of the DataLoader's own generator (its workers' base seed)
 MAX_CORRUPT_IN_A_ROW = 1000  # nothing but corrupt images: stop rather than spin
 
 
@@ -297,11 +299,15 @@ class ShardBatches:
         # encoded JPEGs (--decode gpu) are lists of any length and travel as tensors do.
         self.ring = BatchRing(loader_workers, prefetch_batches + 1, per_worker_batch, manifest.image_size) \
             if loader_workers > 0 and decode == "cpu" else None
-        # persistent workers keep each pipeline's counters and shard RNG epoch across epochs
+        # persistent workers keep each pipeline's counters and shard RNG epoch across epochs.
+        # Its own generator: each DataLoader iterator draws its workers' base seed, and without one
+        # it draws from the global RNG the loop has just restored, shifting every latent of a
+        # resumed run against the uninterrupted one (the reading order has seeds of its own).
         self.loader = DataLoader(HandedOver(dataset, self.ring) if self.ring else dataset, batch_size=None,
                                  num_workers=loader_workers, persistent_workers=loader_workers > 0,
                                  pin_memory=pin_memory and self.ring is None,
-                                 prefetch_factor=prefetch_batches if loader_workers > 0 else None)
+                                 prefetch_factor=prefetch_batches if loader_workers > 0 else None,
+                                 generator=torch.Generator().manual_seed(_seed(seed, rank, start_step, LOADER_SEEDS)))
         self.steps_per_epoch = steps_per_epoch
         self._state = ("resampled" if epochs is None else "epochs", world_size, max(loader_workers, 1), per_worker_batch)
         self.keys: list[str] = []  # the sample keys of the last batch (--sampling epochs)
