@@ -14,7 +14,7 @@ from dcgan_dist.data import dedup, epochs, manifest
 
 # What the hash finds on the planted digits after 3 epochs at the default threshold (2.0): the
 # same on 1 and 2 torch threads and in RESULTS' table. Of each kind's 100 (original, copy) pairs:
-# re-encoded at JPEG quality 70 47, noised (sigma 8/255) 24, shifted by a pixel none (an exact
+# re-encoded (JPEG quality 70) 47, noised (sigma 8/255) 24, shifted by a pixel none (an exact
 # 128-bit match does not survive moved strokes); of all 600 pairs (copy-copy too) 93, all right.
 EXPECTED_KIND_RECALL = {"shift": 0.00, "jpeg": 0.47, "noise": 0.24}
 EXPECTED_RECALL = 0.155
