@@ -44,8 +44,7 @@ def main() -> None:
                 codes, readable = dedup.hash_codes(model, shards, dataclasses.replace(settings, threshold=threshold))
                 groups = [[keys[i] for i in group] for group in dedup.duplicate_groups(codes, readable)]
                 scores = dedup.pair_scores(groups, truth)
-                per_kind = [dedup.pair_scores(groups, {k: v for k, v in truth.items() if k == v or k.endswith(kind)})["recall"]
-                            for kind in dedup.COPY_KINDS]
+                per_kind = dedup.kind_recalls(groups, truth).values()
                 bits = float(np.unpackbits(codes, axis=1).mean())
                 print(f"{epochs:>6} {threshold:>9.1f} {trained:>7.1f} {bits:>8.3f} {len(groups):>6} {sum(len(g) - 1 for g in groups):>7} "
                       f"{scores['precision']:>9.3f} {scores['recall']:>6.3f} " + " ".join(f"{r:>6.2f}" for r in per_kind), flush=True)

@@ -1,6 +1,7 @@
 """The authors' released weights (dcgan_dist/authors.py) against a pytensor restatement of their
-Theano forward passes (tests/theano_reference.py), on random weights in their layout and on
-their real SVHN GAN (../shared/authors-dcgan/), plus the import command and its bad input."""
+Theano forward passes (tests/theano_reference.py, with its own copy of the authors' layer numbers),
+on random weights in their layout and on their real SVHN GAN (../shared/authors-dcgan/); the
+presets' layers against those numbers; plus the import command and its bad input."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from mlflow import MlflowClient
 from torch import nn
 
 from dcgan_dist import authors, explore, import_authors, probe
-from dcgan_dist.models import sample_latent
+from dcgan_dist.models import build_models, sample_latent
 from dcgan_dist.tracking.registry import load_network
 from tests import theano_reference as reference
 
@@ -80,6 +81,36 @@ def compare_with_reference(imported: authors.Imported, arrays: dict[str, list[np
             for ours, theirs in zip(model.features(images), blocks, strict=True):
                 assert_close(ours, theirs)
             assert_close(model(images), logits)
+
+
+def test_the_references_networks_fit_the_authors_weight_files():
+    """The reference's layer table (from the authors' code) implies the arrays their files hold:
+    two records of the same networks, written apart."""
+    for preset, shapes in AUTHORS_SHAPES.items():
+        assert reference.param_shapes(preset) == shapes, preset
+
+
+@needs_shared
+def test_the_references_svhn_network_fits_the_released_arrays():
+    for kind in ("gen", "discrim"):
+        arrays = [np.load(p, mmap_mode="r", allow_pickle=False).shape for p in sorted(SVHN_FOLDER.glob(f"200_{kind}_params.jl_*.npy"))]
+        assert arrays == reference.param_shapes("svhn32")[kind], kind
+
+
+@pytest.mark.parametrize("preset", ["svhn32", "imagenet32"])
+def test_the_authors_presets_build_the_authors_layers(preset):
+    """Our G and D, module by module: each conv's width, kernel, stride and padding, in order, are
+    the authors' (the reference's table, written from their code, not from our presets)."""
+    network = reference.NETWORKS[preset]
+    generator, discriminator = build_models(preset, 32, "paper")
+
+    def convs(model: nn.Module, kind: type[nn.Module]) -> list[tuple[int, int, int, int]]:
+        return [(m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0]) for m in model.modules() if isinstance(m, kind)]
+
+    assert convs(generator, nn.ConvTranspose2d) == [(filters, network.kernel, stride, border) for filters, stride, border in network.gen]
+    assert convs(discriminator, nn.Conv2d) == [(filters, network.kernel, stride, border) for filters, stride, border in network.discrim]
+    assert generator.project.weight.shape == (16 * network.projection, network.z_dim)
+    assert generator(sample_latent(2, preset)).shape == (2, 3, 32, 32)
 
 
 def test_the_reference_convolution_is_pytensors_convolve2d():

@@ -90,8 +90,17 @@ def cluster_spec(doc: dict) -> dict:
     return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
 
 
+# The pod templates of each KubeRay object, by where they sit. The checks below loop over them and
+# would pass over none, so pod_templates() fails where an object's are not these.
+EXPECTED_POD_TEMPLATES = {
+    "RayCluster/dcgan": ["head", "worker group gpu"],
+    "RayJob/dcgan-train": ["submitter", "head", "worker group gpu"],  # the same cluster, created per job
+    "RayJob/dcgan-sweep": ["submitter"],  # runs on the RayCluster (clusterSelector)
+}
+
+
 def pod_templates(doc: dict) -> dict[str, dict]:
-    """Every pod template in a RayCluster or RayJob, by where it sits."""
+    """Every pod template in a RayCluster or RayJob, by where it sits: exactly the expected ones."""
     templates = {}
     if doc["kind"] == "RayJob" and "submitterPodTemplate" in doc["spec"]:
         templates["submitter"] = doc["spec"]["submitterPodTemplate"]
@@ -100,6 +109,8 @@ def pod_templates(doc: dict) -> dict[str, dict]:
         templates["head"] = spec["headGroupSpec"]["template"]
         for group in spec.get("workerGroupSpecs", []):
             templates[f"worker group {group['groupName']}"] = group["template"]
+    name = f"{doc['kind']}/{doc['metadata']['name']}"
+    assert sorted(templates) == sorted(EXPECTED_POD_TEMPLATES.get(name, [])), f"{name}: pod templates {sorted(templates)}"
     return templates
 
 
@@ -217,6 +228,11 @@ def test_the_crd_check_rejects_a_misspelt_field_and_a_bad_quantity():
     bad_gpu = copy.deepcopy(raycluster)
     bad_gpu["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = "one"
     assert crd_errors(bad_gpu)
+
+
+def test_every_kuberay_object_has_its_pod_templates():
+    found = {f"{doc['kind']}/{doc['metadata']['name']}": sorted(pod_templates(doc)) for _, doc in ray_objects()}
+    assert found == {name: sorted(where) for name, where in EXPECTED_POD_TEMPLATES.items()}
 
 
 def test_ray_pod_templates_validate_as_kubernetes_pod_templates():
@@ -381,7 +397,9 @@ def workload_pods() -> dict[str, dict]:
 
 def test_every_container_runs_non_root_read_only_without_privileges():
     pods = workload_pods()
-    assert len(pods) >= 9, sorted(pods)  # 3 Deployments, 2 Jobs, 2 x (head, workers), 2 submitters
+    assert sorted(pods) == sorted(["Deployment/minio", "Deployment/mlflow", "Deployment/postgres", "Job/create-buckets",
+                                   "Job/create-mlflow-user"] + [f"{name} {where}" for name, places in EXPECTED_POD_TEMPLATES.items()
+                                                                for where in places]), sorted(pods)
     for name, template in pods.items():
         spec = template["spec"]
         pod = spec.get("securityContext", {})

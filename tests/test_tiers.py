@@ -45,6 +45,40 @@ def test_pure():
     result.stdout.fnmatch_lines(["*a fast-tier test started a process: mark it slow (subprocess: true;*"])
 
 
+# Every other entry point tiers.py wraps: (the test's imports, a body that starts a process and
+# reaps it, what the failure names). Were the guard to miss one, the process would start for real.
+OTHER_STARTS = {
+    "multiprocessing-process": ("import multiprocessing", "multiprocessing.Process(target=print).start()", "multiprocessing: Process-*"),
+    "multiprocessing-pool": ("import multiprocessing", "multiprocessing.Pool(1).terminate()", "multiprocessing: *PoolWorker-*"),
+    "process-pool-executor": ("import concurrent.futures", "concurrent.futures.ProcessPoolExecutor(1).submit(print).result(timeout=30)",
+                              "multiprocessing: *"),
+    "os-fork": ("import os", "pid = os.fork()\n    if pid == 0:\n        os._exit(0)\n    os.waitpid(pid, 0)", "os.fork()"),
+    "os-posix-spawn": ("import os", 'os.waitpid(os.posix_spawn("/bin/true", ["true"], os.environ), 0)', "os.posix_spawn: true"),
+    "os-posix-spawnp": ("import os", 'os.waitpid(os.posix_spawnp("true", ["true"], os.environ), 0)', "os.posix_spawnp: true"),
+    "os-system": ("import os", 'os.system("true")', "os.system: true"),
+    # a local Ray would start its GCS through subprocess, which names no ray.init
+    "ray-init": ("import ray", 'ray.init(address="local", num_cpus=1, include_dashboard=False)', "ray.init(address='local')"),
+}
+
+
+@pytest.mark.parametrize("case", OTHER_STARTS)
+def test_every_other_way_to_start_a_process_fails_a_fast_test_before_it_starts(run, case):
+    imports, body, named = OTHER_STARTS[case]
+    if case == "ray-init":
+        import ray  # noqa: F401 - here, not in the inline run: pytester drops the modules a run imported, and ray's do not re-import
+    result = run(f"""
+{imports}
+
+def test_starts():
+    {body}
+
+def test_pure():
+    assert 1 + 1 == 2
+""")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([f"*a fast-tier test started a process: mark it slow ({named};*"])
+
+
 def test_a_slow_test_that_starts_nothing_is_listed_and_fails_the_session_under_check_tiers(run):
     source = """
 @pytest.mark.slow

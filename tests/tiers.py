@@ -133,7 +133,7 @@ def pytest_configure(config):
     wrap(os, "system", lambda cmd: f"os.system: {command(cmd)}")
     for name in ("posix_spawn", "posix_spawnp"):
         if hasattr(os, name):
-            wrap(os, name, lambda path, argv, *a, **k: f"os.posix_spawn: {command(argv)}")
+            wrap(os, name, lambda path, argv, *a, name=name, **k: f"os.{name}: {command(argv)}")
     wrap_ray_init()
 
 

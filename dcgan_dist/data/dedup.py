@@ -254,6 +254,12 @@ def planted_digits(out: str, originals: int = 100, seed: int = 0, shard_size: in
     return url, truth
 
 
+def kind_recalls(groups: list[list[str]], truth: dict[str, str]) -> dict[str, float]:
+    """The recall of each kind of planted copy: of the pairs (original, its copy of that kind)."""
+    return {kind: pair_scores(groups, {key: original for key, original in truth.items() if key == original or key.endswith(f"-{kind}")})["recall"]
+            for kind in COPY_KINDS}
+
+
 def pair_scores(groups: list[list[str]], truth: dict[str, str]) -> dict[str, float]:
     """Precision and recall over pairs: a pair in a found group is right when `truth` gives both
     keys the same original (a key not in `truth` is its own); recall counts the true pairs found."""
