@@ -25,12 +25,12 @@ FORMATS = ("jpeg", "png", "raw")  # data/pack.FORMATS: how `shards pack --format
 RAW_GROUP_SIZE = 64  # images per raw member unless --group-size says otherwise (JPEG: one per member)
 DECODERS = ("cpu", "gpu")  # --decode: JPEGs in the loader processes, or a batch at a time on the training worker's GPU
 SAMPLINGS = ("epochs", "resampled")  # --sampling: each sample once per epoch / shards with replacement
-# the linear probe (probe_protocol.py; its data sets: probe_data.DATASETS, torch-free)
+# the linear probe: probe_protocol.py (its data sets are probe_data.DATASETS, which loads no torch)
+BN_STATS = ("running", "reestimate")  # D's BatchNorm statistics: those kept in training, or re-estimated on the probe's images
+FEATURE_DTYPES = ("float32", "float16")  # probe_protocol.FEATURE_DTYPES: how the features are held
 # The SVM's C values the probe chooses from (--c-grid): the authors' (svhn/svhn_semisup_analysis.py)
 # for their unscaled features, one decade further each way: our own D's and the raw pixels' features have other scales.
 C_GRID = (1e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 1e-1)
-BN_STATS = ("running", "reestimate")  # D's BatchNorm statistics: those kept in training, or re-estimated on the probe's images
-FEATURE_DTYPES = ("float32", "float16")  # probe_protocol.FEATURE_DTYPES: how the features are held
 # evaluate/backbones.py
 BACKBONES = ("digits", "inception", "fid-inception")
 NEEDS_WEIGHTS = ("inception", "fid-inception")  # the backbones that take --inception-weights

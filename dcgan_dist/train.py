@@ -24,8 +24,8 @@ from dcgan_dist.config import Config, ConfigError
 from dcgan_dist.util import redact, run_cli
 
 PROG = "python -m dcgan_dist.train"
-if __name__ == "__main__":  # --help and a bad flag answer before torch, Ray and MLflow load (~1 GB, seconds); main() parses again
-    config.build_parser(PROG, __doc__.split("\n\n")[0]).parse_args()
+if __name__ == "__main__":  # --help, a bad flag or value answer before torch, Ray and MLflow load (~1 GB, seconds); main() parses again
+    config.parse(None, PROG, __doc__.split("\n\n")[0])
 
 from dcgan_dist import data, placement  # noqa: E402
 from dcgan_dist.data import manifest, s3  # noqa: E402
