@@ -56,7 +56,8 @@ from dcgan_dist import authors  # noqa: E402
 from dcgan_dist.config import Config  # noqa: E402
 from dcgan_dist.data.manifest import ManifestError  # noqa: E402
 from dcgan_dist.data.s3 import StorageError  # noqa: E402
-from dcgan_dist.evaluate import Evaluator, backbones, read_real_images  # noqa: E402
+from dcgan_dist.evaluate import backbones  # noqa: E402
+from dcgan_dist.evaluate.evaluator import Evaluator, read_real_images  # noqa: E402
 from dcgan_dist.evaluate.memorisation import memorisation_check  # noqa: E402
 from dcgan_dist.tracking.store import TrackingError  # noqa: E402
 
