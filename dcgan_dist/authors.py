@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from dcgan_dist.choices import STATS_BATCH, STATS_BATCHES
 from dcgan_dist.models import PRESETS, Architecture, build_models, sample_latent
 from dcgan_dist.models_authors import LayerStack
 from dcgan_dist.tracking.store import TrackingError
 
 PREFIX = "authors:"
 AUTHORS_PRESETS = tuple(name for name, preset in PRESETS.items() if preset.layers is not None)
-STATS_BATCHES, STATS_BATCH = 8, 128  # the authors' infer_bnorm_stats uses batches of 128
 FILE_NAME = re.compile(r"(?P<epoch>\d+)_(?P<kind>gen|discrim)_params\.jl_(?P<index>\d+)\.npy")
 KINDS = {"generator": "gen", "discriminator": "discrim"}
 

@@ -21,18 +21,11 @@ from typing import Any
 
 import yaml
 
-# Each choice list lives in the module that owns the choices.
-from dcgan_dist import models, step
-from dcgan_dist.data.decode import DECODERS
-from dcgan_dist.data.split import SAMPLINGS
-from dcgan_dist.evaluate.backbones import BACKBONES, NEEDS_WEIGHTS
+# The choices' names only (torch-free): --help and a bad flag answer before torch loads.
+from dcgan_dist.choices import BACKBONES, BN_PLACEMENTS, COMPILE_MODES, DECODERS, IMAGE_SIZES, NEEDS_WEIGHTS, PRECISIONS, PRESETS, SAMPLINGS
+from dcgan_dist.util import OneLineErrorParser
 
-PRESETS = tuple(models.PRESETS)
-BN_CHOICES = tuple(models.BN_PLACEMENTS)
-IMAGE_SIZES = models.IMAGE_SIZES
-PRECISIONS = tuple(step.PRECISIONS)
-COMPILE_MODES = step.COMPILE_MODES
-EVAL_BACKBONES = BACKBONES
+BN_CHOICES = BN_PLACEMENTS
 
 
 def option(default, help: str, choices: tuple | None = None):
@@ -120,7 +113,7 @@ class TrackingConfig:
 class EvalConfig:
     eval_every: int = option(200, "FID/KID (and the classifier score) of G every N steps and at the end; the best score's G/D is the `champion`; 0 = off")
     eval_samples: int = option(1000, "generated and real images per evaluation (scores compare only at equal counts)")
-    eval_backbone: str = option("digits", "backbone: digits (our classifier), inception, fid-inception (FID's; both need --inception-weights)", EVAL_BACKBONES)
+    eval_backbone: str = option("digits", "backbone: digits (our classifier), inception, fid-inception (FID's; both need --inception-weights)", BACKBONES)
     inception_weights: str = option("", "inception_v3_google-*.pth, or pt_inception-2015-12-05-*.pth for fid-inception; never downloaded")
     collapse_d_loss: float = option(1e-3, "collapse event when the median of D's loss over the last --collapse-steps steps is below this")
     collapse_steps: int = option(50, "steps over which D's loss median is judged for a collapse")
@@ -303,6 +296,8 @@ def validate(cfg: Config) -> Config:
     worker_resources(cfg.cluster)
     if cfg.loop.batch_size % cfg.cluster.num_workers:
         raise ConfigError("batch_size", f"{cfg.loop.batch_size} is not divisible by --num-workers {cfg.cluster.num_workers}")
+    from dcgan_dist import models  # torch: the parser and --help do without it
+
     if cfg.model.image_size not in (sizes := models.PRESETS[cfg.model.preset].image_sizes):
         raise ConfigError("image_size", f"preset {cfg.model.preset} takes {'/'.join(map(str, sizes))} px only (got {cfg.model.image_size})")
     validate_eval(cfg)
@@ -382,17 +377,16 @@ def from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
     return validate(cfg)
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gets one line (not the whole usage block) and exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+def build_parser(prog: str = "dcgan_dist.train", description: str = "") -> OneLineErrorParser:
+    """The training CLI's parser: --config and one flag per config field."""
+    parser = OneLineErrorParser(prog=prog, description=description)
+    add_arguments(parser)
+    return parser
 
 
 def parse(argv: list[str] | None = None, prog: str = "dcgan_dist.train", description: str = "") -> Config:
     """Parse argv into a validated Config; a bad value exits 2 with one line naming the option."""
-    parser = OneLineErrorParser(prog=prog, description=description)
-    add_arguments(parser)
+    parser = build_parser(prog, description)
     args = parser.parse_args(argv)
     try:
         return from_args(args)

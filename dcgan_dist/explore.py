@@ -26,16 +26,31 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
+from dcgan_dist.util import OneLineErrorParser, grid_uint8, run_cli
 
-from dcgan_dist import authors
-from dcgan_dist.config import OneLineErrorParser
-from dcgan_dist.models import sample_latent
-from dcgan_dist.tracking.registry import load_network
-from dcgan_dist.tracking.store import TrackingError, check_reachable, ensure_experiment, resolve_tracking_uri
-from dcgan_dist.util import grid_uint8, run_cli
+
+def build_parser() -> OneLineErrorParser:
+    parser = OneLineErrorParser(prog="python -m dcgan_dist.explore", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--generator", required=True,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION (e.g. models:/dcgan-generator@champion), or authors:PATH (the authors' .npy folder)")
+    parser.add_argument("--output-dir", default="explore", help="where the pictures go (default: ./explore)")
+    parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI; empty = MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the latents")
+    parser.add_argument("--no-mlflow", action="store_true", help="write the pictures only; log no MLflow run")
+    return parser
+
+
+if __name__ == "__main__":  # --help and a bad flag answer before torch and MLflow load; main() parses again
+    build_parser().parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dcgan_dist import authors  # noqa: E402
+from dcgan_dist.models import sample_latent  # noqa: E402
+from dcgan_dist.tracking.registry import load_network  # noqa: E402
+from dcgan_dist.tracking.store import TrackingError, check_reachable, ensure_experiment, resolve_tracking_uri  # noqa: E402
 
 EXEMPLARS = 3  # latents averaged per concept, as in the paper
 CANDIDATES = 2000  # samples generated to find each concept's exemplars
@@ -172,13 +187,7 @@ def explore(uri: str, output_dir: Path, tracking_uri: str, seed: int = 0, log_to
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineErrorParser(prog="python -m dcgan_dist.explore", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--generator", required=True,
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION (e.g. models:/dcgan-generator@champion), or authors:PATH (the authors' .npy folder)")
-    parser.add_argument("--output-dir", default="explore", help="where the pictures go (default: ./explore)")
-    parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI; empty = MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the latents")
-    parser.add_argument("--no-mlflow", action="store_true", help="write the pictures only; log no MLflow run")
+    parser = build_parser()
     args = parser.parse_args(argv)
     return run_cli(parser.prog, lambda: explore_command(args), (ExploreError, TrackingError))
 

@@ -17,11 +17,27 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dcgan_dist import authors
-from dcgan_dist.config import OneLineErrorParser
-from dcgan_dist.tracking import registry
-from dcgan_dist.tracking.store import TrackingError, check_reachable, ensure_experiment, resolve_tracking_uri
-from dcgan_dist.util import run_cli
+from dcgan_dist.choices import AUTHORS_PRESETS, STATS_BATCH, STATS_BATCHES
+from dcgan_dist.util import OneLineErrorParser, run_cli
+
+
+def build_parser() -> OneLineErrorParser:
+    parser = OneLineErrorParser(prog="python -m dcgan_dist.import_authors", description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", metavar="PATH", help="the authors' model folder of *_gen_params.jl_NN.npy / *_discrim_params.jl_NN.npy files")
+    parser.add_argument("--preset", choices=AUTHORS_PRESETS, help="check the files against this preset (default: inferred from their count)")
+    parser.add_argument("--stats-batches", type=int, default=STATS_BATCHES,
+                        help=f"batches of {STATS_BATCH} that re-estimate the BatchNorm statistics (default: %(default)s)")
+    parser.add_argument("--experiment", default="authors", help="MLflow experiment of the import's run (default: %(default)s)")
+    parser.add_argument("--tracking-uri", default="", help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    return parser
+
+
+if __name__ == "__main__":  # --help and a bad flag answer before torch and MLflow load; main() parses again
+    build_parser().parse_args()
+
+from dcgan_dist import authors  # noqa: E402
+from dcgan_dist.tracking import registry  # noqa: E402
+from dcgan_dist.tracking.store import TrackingError, check_reachable, ensure_experiment, resolve_tracking_uri  # noqa: E402
 
 ALIAS = "authors"
 
@@ -51,13 +67,7 @@ def import_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineErrorParser(prog="python -m dcgan_dist.import_authors", description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", metavar="PATH", help="the authors' model folder of *_gen_params.jl_NN.npy / *_discrim_params.jl_NN.npy files")
-    parser.add_argument("--preset", choices=authors.AUTHORS_PRESETS, help="check the files against this preset (default: inferred from their count)")
-    parser.add_argument("--stats-batches", type=int, default=authors.STATS_BATCHES,
-                        help=f"batches of {authors.STATS_BATCH} that re-estimate the BatchNorm statistics (default: %(default)s)")
-    parser.add_argument("--experiment", default="authors", help="MLflow experiment of the import's run (default: %(default)s)")
-    parser.add_argument("--tracking-uri", default="", help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    parser = build_parser()
     args = parser.parse_args(argv)
     return run_cli(parser.prog, lambda: import_command(args), (TrackingError,))
 

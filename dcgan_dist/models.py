@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dcgan_dist.choices import IMAGE_SIZES
 from dcgan_dist.models_authors import IMAGENET32, SVHN32, AuthorsDiscriminator, AuthorsGenerator, BlockDiscriminator, LayerStack
 
 IMAGE_CHANNELS = 3  # the paper's G makes 64x64x3; grey data sets are repeated to 3 channels
-IMAGE_SIZES = (32, 64, 128)
 
 
 @dataclass(frozen=True)

@@ -40,17 +40,48 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from dcgan_dist import authors
-from dcgan_dist.config import OneLineErrorParser
-from dcgan_dist.models import PRESETS
+from dcgan_dist.choices import BN_STATS, C_GRID, FEATURE_DTYPES, PRESETS
 from dcgan_dist.probe_data import DATASETS, ProbeError, Splits, check_data_path, load_digits_splits, load_splits
-from dcgan_dist.probe_protocol import BN_STATS, C_GRID, FEATURE_DTYPES, extract_features, probe_feature_set, raw_pixels, set_bn_statistics
-from dcgan_dist.tracking.registry import LoadedNetwork, load_network
-from dcgan_dist.tracking.store import TrackingError, check_reachable, ensure_experiment, resolve_tracking_uri
-from dcgan_dist.util import redact, run_cli
+from dcgan_dist.util import OneLineErrorParser, redact, run_cli
+
+
+def build_parser() -> OneLineErrorParser:
+    parser = OneLineErrorParser(prog="python -m dcgan_dist.probe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--discriminator", required=True, metavar="REF",
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, a training checkpoint folder, or authors:PATH (the authors' .npy folder)")
+    parser.add_argument("--dataset", required=True, choices=tuple(DATASETS))
+    parser.add_argument("--data-path", metavar="PATH", help="cifar10: cifar-10-python.tar.gz or cifar-10-batches-py/; "
+                        "svhn: the folder of train_32x32.mat and test_32x32.mat")
+    parser.add_argument("--output-json", metavar="PATH", help="write the results here as JSON")
+    parser.add_argument("--preset", choices=PRESETS, help="fail unless D is of this preset")
+    parser.add_argument("--per-class", type=int, help="labels per class of the few-labels protocol "
+                        f"(default: {', '.join(f'{p.per_class} for {name}' for name, p in DATASETS.items())})")
+    parser.add_argument("--subsets", type=int, help="random draws of the few-labels protocol "
+                        f"(default: {', '.join(f'{p.draws} for {name}' for name, p in DATASETS.items())})")
+    parser.add_argument("--c-grid", default=",".join(f"{c:g}" for c in C_GRID), metavar="C,C,...",
+                        help="SVM C values to choose from on the validation split (default: %(default)s)")
+    parser.add_argument("--bn-stats", choices=BN_STATS, help="D's BatchNorm statistics: those kept in training, or "
+                        "re-estimated on the probe's training images (default: reestimate for authors:, running otherwise)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where D computes the features (default: cpu)")
+    parser.add_argument("--feature-dtype", default="float16", choices=FEATURE_DTYPES,
+                        help="how the features are held (default: %(default)s, half the memory of float32)")
+    parser.add_argument("--no-full-fit", action="store_true", help="skip the SVM on the whole training split (liblinear holds "
+                        "about 20 bytes per feature value: 26 GB for CIFAR-10 at 28,672 dims); svhn never runs it")
+    parser.add_argument("--tracking-uri", default="", help="MLflow store (default: MLFLOW_TRACKING_URI, the checkpoint's, or sqlite:///mlflow.db)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log the results to MLflow")
+    return parser
+
+
+if __name__ == "__main__":  # --help and a bad flag answer before torch and MLflow load; main() parses again
+    build_parser().parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dcgan_dist import authors, probe_protocol  # noqa: E402
+from dcgan_dist.probe_protocol import extract_features, probe_feature_set, raw_pixels, set_bn_statistics  # noqa: E402
+from dcgan_dist.tracking.registry import LoadedNetwork, load_network  # noqa: E402
+from dcgan_dist.tracking.store import TrackingError, check_reachable, ensure_experiment, resolve_tracking_uri  # noqa: E402
 
 __all__ = ["DATASETS", "ProbeError", "extract_features", "load_digits_splits", "main", "run_probe"]
 
@@ -72,7 +103,7 @@ def run_probe(model: LoadedNetwork, splits: Splits, per_class: int, subsets: int
         raise ProbeError(f"--per-class {per_class}: the training split has only {smallest} images of its rarest class")
     torch.manual_seed(seed)
     _, random_d = model.architecture.build()
-    dtype = FEATURE_DTYPES[feature_dtype]
+    dtype = probe_protocol.FEATURE_DTYPES[feature_dtype]  # the name's numpy type
     for discriminator in (model.network, random_d):
         set_bn_statistics(discriminator, splits.train[0], bn_stats, device)
     feature_sets = {
@@ -171,29 +202,7 @@ def parse_c_grid(text: str) -> tuple[float, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineErrorParser(prog="python -m dcgan_dist.probe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--discriminator", required=True, metavar="REF",
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION, a training checkpoint folder, or authors:PATH (the authors' .npy folder)")
-    parser.add_argument("--dataset", required=True, choices=tuple(DATASETS))
-    parser.add_argument("--data-path", metavar="PATH", help="cifar10: cifar-10-python.tar.gz or cifar-10-batches-py/; "
-                        "svhn: the folder of train_32x32.mat and test_32x32.mat")
-    parser.add_argument("--output-json", metavar="PATH", help="write the results here as JSON")
-    parser.add_argument("--preset", choices=tuple(PRESETS), help="fail unless D is of this preset")
-    parser.add_argument("--per-class", type=int, help="labels per class of the few-labels protocol "
-                        f"(default: {', '.join(f'{p.per_class} for {name}' for name, p in DATASETS.items())})")
-    parser.add_argument("--subsets", type=int, help="random draws of the few-labels protocol "
-                        f"(default: {', '.join(f'{p.draws} for {name}' for name, p in DATASETS.items())})")
-    parser.add_argument("--c-grid", default=",".join(f"{c:g}" for c in C_GRID), metavar="C,C,...",
-                        help="SVM C values to choose from on the validation split (default: %(default)s)")
-    parser.add_argument("--bn-stats", choices=BN_STATS, help="D's BatchNorm statistics: those kept in training, or "
-                        "re-estimated on the probe's training images (default: reestimate for authors:, running otherwise)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where D computes the features (default: cpu)")
-    parser.add_argument("--feature-dtype", default="float16", choices=tuple(FEATURE_DTYPES),
-                        help="how the features are held (default: %(default)s, half the memory of float32)")
-    parser.add_argument("--no-full-fit", action="store_true", help="skip the SVM on the whole training split (liblinear holds "
-                        "about 20 bytes per feature value: 26 GB for CIFAR-10 at 28,672 dims); svhn never runs it")
-    parser.add_argument("--tracking-uri", default="", help="MLflow store (default: MLFLOW_TRACKING_URI, the checkpoint's, or sqlite:///mlflow.db)")
-    parser.add_argument("--no-mlflow", action="store_true", help="do not log the results to MLflow")
+    parser = build_parser()
     args = parser.parse_args(argv)
     return run_cli(parser.prog, lambda: probe_command(args), (ProbeError, TrackingError))
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 
-from dcgan_dist.data.digits import digits_dataset
-from dcgan_dist.data.sources import cifar10
+if TYPE_CHECKING:
+    import torch
+
+# torch, scikit-learn and dcgan_dist.data load in the loaders below: the probe's parser reads
+# DATASETS, and --help answers before torch loads.
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class Splits:
 
 def images_from_hwc(pixels: np.ndarray, image_size: int) -> torch.Tensor:
     """N x 32 x 32 x 3 uint8 -> N x 3 x S x S in [-1, 1]."""
+    import torch
+    import torch.nn.functional as F
+
     images = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if image_size != 32:
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
@@ -72,6 +76,8 @@ def hold_out(pixels: np.ndarray, labels: np.ndarray, validation: int, image_size
 
 
 def load_cifar10(path: Path, image_size: int) -> Splits:
+    from dcgan_dist.data.sources import cifar10
+
     try:
         train_pixels, train_labels = cifar10.read_split(path, "train")
         test_pixels, test_labels = cifar10.read_split(path, "test")
@@ -118,6 +124,9 @@ def load_svhn(folder: Path, image_size: int) -> Splits:
 
 def load_digits_splits(image_size: int) -> Splits:
     from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from dcgan_dist.data.digits import digits_dataset
 
     images = digits_dataset(image_size).tensors[0]
     labels = load_digits().target.astype(np.int64)

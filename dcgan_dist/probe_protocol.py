@@ -21,11 +21,7 @@ from dcgan_dist.authors import reestimate_statistics
 from dcgan_dist.models import Discriminator
 from dcgan_dist.probe_data import ProbeError
 
-# The authors' C values (svhn/svhn_semisup_analysis.py) for their unscaled features, one decade
-# further each way: our own D's and the raw pixels' features have other scales.
-C_GRID = (1e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 1e-1)
 POOLED_SIDE = 4  # every block's features are max-pooled to 4x4
-BN_STATS = ("running", "reestimate")
 FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
 STATS_BATCH = 128  # the authors' infer_bnorm_stats(X, nbatch=128)
 SCORE_CHUNK = 4096  # images scored at a time: the SVM's float64 copy of a split never exists

@@ -12,25 +12,28 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dcgan_dist import checkpoint, evaluate
-from dcgan_dist.champion import REGISTERED_TAG, log_final_models
-from dcgan_dist.tracking import store
-from dcgan_dist.tracking.store import TrackingError
-from dcgan_dist.util import first_line, redact, run_cli
+# torch, Ray and MLflow load after parsing (in the functions below): --help and a bad flag answer at once.
+from dcgan_dist.util import OneLineErrorParser, first_line, redact, run_cli
 
 PROG = "python -m dcgan_dist.register"
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+def build_parser() -> OneLineErrorParser:
+    parser = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--storage-path", required=True, help="the training's --storage-path (a folder or s3://bucket/prefix)")
     parser.add_argument("--run-name", required=True, help="the training's --run-name")
     parser.add_argument("--tracking-uri", default="", help="the MLflow store (default: the one the run was tracked in)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    from dcgan_dist.tracking.store import TrackingError
+
     return run_cli(PROG, lambda: register(args.storage_path, args.run_name, args.tracking_uri), (TrackingError,))
 
 
@@ -40,6 +43,7 @@ def last_checkpoint_state(storage_path: str, run_name: str) -> dict:
     import ray.train
 
     from dcgan_dist.restore import RestoreError, newest_readable, older_checkpoints
+    from dcgan_dist.tracking.store import TrackingError
     from dcgan_dist.train import storage
 
     where = storage(storage_path)
@@ -58,7 +62,11 @@ def last_checkpoint_state(storage_path: str, run_name: str) -> dict:
 
 
 def register(storage_path: str, run_name: str, tracking_uri: str = "") -> int:
+    from dcgan_dist import checkpoint, evaluate
+    from dcgan_dist.champion import REGISTERED_TAG, log_final_models
+    from dcgan_dist.tracking import store
     from dcgan_dist.tracking.run_logger import RunLogger
+    from dcgan_dist.tracking.store import TrackingError
 
     state = last_checkpoint_state(storage_path, run_name)
     config = state.get("config", {})

@@ -14,25 +14,29 @@ import argparse
 import itertools
 import sys
 
-from dcgan_dist.config import IMAGE_SIZES, OneLineErrorParser
-from dcgan_dist.data import manifest, pack, s3
-from dcgan_dist.data.decode import DECODERS
-from dcgan_dist.data.sources import NAMES
-from dcgan_dist.data.split import SAMPLINGS
-from dcgan_dist.util import redact, run_cli
+from dcgan_dist.choices import DECODERS, FORMATS, IMAGE_SIZES, RAW_GROUP_SIZE, SAMPLINGS, SOURCES
+from dcgan_dist.util import OneLineErrorParser, redact, run_cli
+
+DEDUP_FLAGS = (  # flag, type, default, help; each is a field of dedup.DedupSettings
+    ("--epochs", int, 10, "autoencoder training epochs"),
+    ("--train-samples", int, 100_000, "images the autoencoder learns from"),
+    ("--threshold", float, 2.0, "a code unit's bit is 1 above this x its mean activation"),
+    ("--seed", int, 0, "the training's seed"),
+    ("--shard-size", int, 0, "samples per written shard; 0: the input's largest shard"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="python -m dcgan_dist.shards", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("pack", help="decode, centre-crop, resize and write shards + manifest.json")
-    p.add_argument("--source", required=True, choices=NAMES)
+    p.add_argument("--source", required=True, choices=SOURCES)
     p.add_argument("--in", dest="source_path", metavar="PATH", help="the source's file or folder (not for digits)")
     p.add_argument("--out", required=True, metavar="DIR_OR_S3_PREFIX")
     p.add_argument("--image-size", type=int, required=True, choices=IMAGE_SIZES)
-    p.add_argument("--format", dest="image_format", default="jpeg", choices=tuple(pack.FORMATS))
+    p.add_argument("--format", dest="image_format", default="jpeg", choices=FORMATS)
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default: 1000)")
-    p.add_argument("--group-size", type=int, help=f"images per tar member: --format raw (default {pack.RAW_GROUP_SIZE}) or "
+    p.add_argument("--group-size", type=int, help=f"images per tar member: --format raw (default {RAW_GROUP_SIZE}) or "
                    "jpeg (default 1, one sample per JPEG as WebDataset writes them; more: read like raw groups, see docs/data.md)")
     p.add_argument("--workers", type=int, default=1, help="processes building shards (default: 1)")
     p.add_argument("--no-progress", action="store_true")
@@ -64,13 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DEDUP_FLAGS = (  # flag, type, default, help; each is a field of dedup.DedupSettings
-    ("--epochs", int, 10, "autoencoder training epochs"),
-    ("--train-samples", int, 100_000, "images the autoencoder learns from"),
-    ("--threshold", float, 2.0, "a code unit's bit is 1 above this x its mean activation"),
-    ("--seed", int, 0, "the training's seed"),
-    ("--shard-size", int, 0, "samples per written shard; 0: the input's largest shard"),
-)
+if __name__ == "__main__":  # --help and a bad flag answer before torch loads (data/ imports it); main() parses again
+    build_parser().parse_args()
+
+from dcgan_dist.data import manifest, pack, s3  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # torch.compile modes, or off
 
 
 def gan_step(

@@ -19,12 +19,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dcgan_dist import config, data, placement
+from dcgan_dist import config
 from dcgan_dist.config import Config, ConfigError
-from dcgan_dist.data import manifest, s3
-from dcgan_dist.tracking import store, training_run
-from dcgan_dist.tracking.store import TrackingError
 from dcgan_dist.util import redact, run_cli
+
+PROG = "python -m dcgan_dist.train"
+if __name__ == "__main__":  # --help, a bad flag or value answer before torch, Ray and MLflow load (~1 GB, seconds); main() parses again
+    config.parse(None, PROG, __doc__.split("\n\n")[0])
+
+from dcgan_dist import data, placement  # noqa: E402
+from dcgan_dist.data import manifest, s3  # noqa: E402
+from dcgan_dist.tracking import store, training_run  # noqa: E402
+from dcgan_dist.tracking.store import TrackingError  # noqa: E402
 
 MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 # The MLflow client's HTTP retry policy, where the driver sets one: the workers talk to the same server.
@@ -301,10 +307,10 @@ def fit(cfg: Config):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = config.parse(argv, prog="python -m dcgan_dist.train", description=__doc__.split("\n\n")[0])
+    cfg = config.parse(argv, prog=PROG, description=__doc__.split("\n\n")[0])
     if not cfg.loop.verbose:
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # e.g. its store's "Creating initial tables" lines
-    return run_cli("python -m dcgan_dist.train", lambda: train(cfg), (ConfigError, TrackingError))
+    return run_cli(PROG, lambda: train(cfg), (ConfigError, TrackingError))
 
 
 def train(cfg: Config) -> int:

@@ -1,5 +1,5 @@
 """Small helpers every layer uses: credentials out of URIs, one-line errors, images as uint8,
-and the command lines' exit 2 on a known bad input.
+and the command lines' parser and exit 2 on a known bad input.
 
 No MLflow, Ray or boto3 here (the data layer's loader processes import this); torch and
 torchvision are imported only by the image helper.
@@ -7,6 +7,7 @@ torchvision are imported only by the image helper.
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from collections.abc import Callable
@@ -30,6 +31,19 @@ def grid_uint8(images, nrow: int = 8):
 
     grid = make_grid(images.float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line (not the whole usage block) and exit code 2, and
+    a flag must be spelt out: argparse's prefix matching would read the typo --max-step as
+    --max-steps. Subcommands' parsers (add_subparsers) are of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def run_cli(prog: str, body: Callable[[], int], known_errors: tuple[type[BaseException], ...]) -> int:

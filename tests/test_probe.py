@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcgan_dist import checkpoint, probe, probe_protocol
+from dcgan_dist import checkpoint, choices, probe, probe_protocol
 from dcgan_dist.data.sources import cifar10
 from dcgan_dist.models import Architecture, build_models
 from dcgan_dist.step import make_optimizers
@@ -57,7 +57,7 @@ def test_reestimated_statistics_normalise_the_training_images_as_their_batch_wou
 
 def test_default_c_grid_spans_the_authors_range():
     authors_c = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)  # svhn/svhn_semisup_analysis.py
-    assert set(authors_c) <= set(probe_protocol.C_GRID)
+    assert set(authors_c) <= set(choices.C_GRID)
 
 
 def test_float16_features_hold_the_float32_values_and_overflow_is_named():

@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dcgan_dist import config, train
+# Nothing here loads torch, Ray or MLflow before the arguments are parsed: --help and a bad flag answer at once.
+from dcgan_dist import config
 from dcgan_dist.config import ConfigError
-from dcgan_dist.tracking.store import TrackingError
-from dcgan_dist.util import run_cli
+from dcgan_dist.util import OneLineErrorParser, run_cli
 from tuning import space
 from tuning.space import DEFAULT_MODE, EVAL_METRIC, LOSS_METRIC, Sweep, SweepError
 
@@ -27,7 +27,7 @@ PROG = "python -m tuning.sweep"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = config.OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
     sweep = parser.add_argument_group("sweep")
     sweep.add_argument("--search", action="append", default=[], metavar="KEY=VALUES",
                        help="a search key and its values: v1,v2 (grid), uniform:LO:HI, loguniform:LO:HI, randint:LO:HI, choice:a,b; repeatable")
@@ -93,12 +93,16 @@ def settings_from_args(args: argparse.Namespace) -> Sweep:
 
 def preflight(sweep: Sweep) -> int:
     """The checks a training run makes before Ray starts (the store, the data, the evaluation)."""
+    from dcgan_dist import train
+
     sweep.base = train.preflight(sweep.base)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     sweep = parse_args(argv)
+    from dcgan_dist.tracking.store import TrackingError
+
     if code := run_cli(PROG, lambda: preflight(sweep), (ConfigError, TrackingError)):
         return code
     from tuning.run import run_sweep  # Ray and Tune load only once the input is known good

@@ -17,11 +17,37 @@ import json
 import math
 from pathlib import Path
 
-import torch
+from dcgan_dist.choices import IMAGE_SIZES
+from dcgan_dist.util import OneLineErrorParser
 
-from dcgan_dist.bench.extras import print_extras
-from dcgan_dist.bench.machine import bf16_emulation, bf16_peak_tflops, describe_machine, matmul_tflops
-from dcgan_dist.bench.variants import Variant, measure, variants
+
+def build_parser() -> OneLineErrorParser:
+    parser = OneLineErrorParser(prog="python -m dcgan_dist.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--image-size", type=int, default=64, choices=IMAGE_SIZES)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=None, help="steps per variant per repeat (default: 2 on CPU, 50 on CUDA)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the table shows each variant's median")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default: 2 on CPU, 10 on CUDA)")
+    parser.add_argument("--variants", nargs="*", help="only variants whose name contains one of these words")
+    parser.add_argument("--variant-budget-s", type=float, default=None,
+                        help="seconds each variant may take: build, warm-up and timed steps (default: 180 on CPU, 120 on CUDA)")
+    parser.add_argument("--total-budget-s", type=float, default=math.inf, help="seconds for all variants together (default: no limit)")
+    parser.add_argument("--run-emulated-bf16", action="store_true", help="time the bf16 variants even where bf16 is emulated (slow)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense bf16 peak for the share column (CUDA)")
+    parser.add_argument("--output-json", metavar="FILE", help="also write the figures as JSON (rewritten as they come in)")
+    parser.add_argument("--extras", action="store_true", help="also time a full training run, MLflow logging and the data pipeline")
+    return parser
+
+
+if __name__ == "__main__":  # --help and a bad flag answer before torch loads; main() parses again
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+
+from dcgan_dist.bench.extras import print_extras  # noqa: E402
+from dcgan_dist.bench.machine import bf16_emulation, bf16_peak_tflops, describe_machine, matmul_tflops  # noqa: E402
+from dcgan_dist.bench.variants import Variant, measure, variants  # noqa: E402
 
 REAL_BATCHES = 4  # real batches rotated through, so no variant reads one cached tensor
 
@@ -90,21 +116,7 @@ def write_json(path: str, args: argparse.Namespace, table: list[Variant], machin
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dcgan_dist.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--image-size", type=int, default=64, choices=(32, 64, 128))
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=None, help="steps per variant per repeat (default: 2 on CPU, 50 on CUDA)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the table shows each variant's median")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default: 2 on CPU, 10 on CUDA)")
-    parser.add_argument("--variants", nargs="*", help="only variants whose name contains one of these words")
-    parser.add_argument("--variant-budget-s", type=float, default=None,
-                        help="seconds each variant may take: build, warm-up and timed steps (default: 180 on CPU, 120 on CUDA)")
-    parser.add_argument("--total-budget-s", type=float, default=math.inf, help="seconds for all variants together (default: no limit)")
-    parser.add_argument("--run-emulated-bf16", action="store_true", help="time the bf16 variants even where bf16 is emulated (slow)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense bf16 peak for the share column (CUDA)")
-    parser.add_argument("--output-json", metavar="FILE", help="also write the figures as JSON (rewritten as they come in)")
-    parser.add_argument("--extras", action="store_true", help="also time a full training run, MLflow logging and the data pipeline")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")

@@ -11,7 +11,6 @@ import warnings
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-DECODERS = ("cpu", "gpu")  # --decode: JPEGs in the loader processes, or a batch at a time on the training worker's GPU
 PIXELS = "pixels"  # a raw image: a 3 x H x W uint8 tensor, one of its group's (stream.tar_samples unpacks groups)
 JPEG_KEYS = ("jpg", "jpeg")
 IMAGE_KEYS = (PIXELS, *JPEG_KEYS, "png", "webp")

@@ -36,12 +36,12 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from dcgan_dist.choices import RAW_GROUP_SIZE
 from dcgan_dist.data import manifest, s3
 from dcgan_dist.data.sources import Source, open_source
 
 TOOL_VERSION = "0.1.0"
 FORMATS = {"jpeg": ("jpg", {"quality": 95}), "png": ("png", {"compress_level": 6}), "raw": (manifest.RAW_PIXELS, {})}
-RAW_GROUP_SIZE = 64  # images per raw member unless --group-size says otherwise (JPEG: one per member)
 GROUPED_FORMATS = ("raw", "jpeg")
 STATE_NAME = "pack-state.json"
 

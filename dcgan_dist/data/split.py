@@ -28,8 +28,6 @@ import random
 from dataclasses import dataclass
 from itertools import accumulate
 
-SAMPLINGS = ("epochs", "resampled")  # --sampling: each sample once per epoch / shards with replacement
-
 
 class SplitError(ValueError):
     """An epoch cannot be split as asked (too few samples for one batch per rank, ...)."""

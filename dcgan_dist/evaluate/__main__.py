@@ -19,31 +19,16 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from PIL import Image
-
-from dcgan_dist import authors
-from dcgan_dist.config import Config, OneLineErrorParser
-from dcgan_dist.data.manifest import ManifestError
-from dcgan_dist.data.s3 import StorageError
-from dcgan_dist.evaluate import Evaluator, backbones, read_real_images
-from dcgan_dist.evaluate.memorisation import memorisation_check
-from dcgan_dist.tracking.store import TrackingError
-from dcgan_dist.util import run_cli
+from dcgan_dist.choices import BACKBONES
+from dcgan_dist.util import OneLineErrorParser, run_cli
 
 PROG = "python -m dcgan_dist.evaluate"
-KID_SUBSETS = (100, 1000)  # torch-fidelity's defaults (kid_subsets, kid_subset_size)
-MEMORISATION_REAL = 1000  # real images whose nearest other training image is the baseline
 
 
-class EvaluateError(ValueError):
-    pass
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--generator", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint folder, or authors:PATH")
-    parser.add_argument("--backbone", default="fid-inception", choices=backbones.BACKBONES,
+    parser.add_argument("--backbone", default="fid-inception", choices=BACKBONES,
                         help="feature network (default: fid-inception, the one published FIDs use)")
     parser.add_argument("--inception-weights", default="", metavar="FILE",
                         help="weights of the inception backbones: pt_inception-2015-12-05-*.pth for fid-inception (never downloaded)")
@@ -58,6 +43,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents and of the real images' order")
     parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes reading shards (default 0: this process)")
     parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI for models:/ (empty = MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    return parser
+
+
+if __name__ == "__main__":  # --help and a bad flag answer before torch and MLflow load; main() parses again
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dcgan_dist import authors  # noqa: E402
+from dcgan_dist.config import Config  # noqa: E402
+from dcgan_dist.data.manifest import ManifestError  # noqa: E402
+from dcgan_dist.data.s3 import StorageError  # noqa: E402
+from dcgan_dist.evaluate import backbones  # noqa: E402
+from dcgan_dist.evaluate.evaluator import Evaluator, read_real_images  # noqa: E402
+from dcgan_dist.evaluate.memorisation import memorisation_check  # noqa: E402
+from dcgan_dist.tracking.store import TrackingError  # noqa: E402
+
+KID_SUBSETS = (100, 1000)  # torch-fidelity's defaults (kid_subsets, kid_subset_size)
+MEMORISATION_REAL = 1000  # real images whose nearest other training image is the baseline
+
+
+class EvaluateError(ValueError):
+    pass
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.samples < 10:
         parser.error(f"--samples must be >= 10 (got {args.samples})")

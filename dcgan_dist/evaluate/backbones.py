@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcgan_dist.choices import BACKBONES, NEEDS_WEIGHTS  # noqa: F401 (train.py reads backbones.NEEDS_WEIGHTS)
+
 log = logging.getLogger(__name__)
 
-BACKBONES = ("digits", "inception", "fid-inception")
-NEEDS_WEIGHTS = ("inception", "fid-inception")  # the backbones that take --inception-weights
 CACHE_ENV = "DCGAN_DIST_CACHE"  # where the trained digits classifier is kept
 DIGITS_SIDE = 16  # the digits are 8x8 at heart: 16 px keeps the strokes and costs 1/4 of 32 px
 INCEPTION_SIDE = 299

@@ -37,5 +37,3 @@ def open_source(name: str, path: str | None) -> Source:
     modules = {"digits": digits, "cifar10": cifar10, "lsun": lsun, "imagenet": imagenet, "folder": folder}
     return modules[name].open_source(path)
 
-
-NAMES = ("digits", "cifar10", "lsun", "imagenet", "folder")
