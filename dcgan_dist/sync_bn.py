@@ -6,7 +6,8 @@ per-channel sum, sum of squares and count go through one differentiable all-redu
 normalisation and its gradient are those of BatchNorm on the concatenated global batch. The
 all-reduce is torch's functional collective, whose backward all-reduces the gradient;
 `torch.distributed.nn.functional.all_reduce`, the older autograd-aware one, is deprecated in
-torch 2.14 (a FutureWarning at every call) and refused under torch.compile.
+torch 2.14 (a FutureWarning at every call) and raises when Dynamo traces it, so under
+--compile it broke the graph and ran eagerly; the functional one compiles into the graph.
 
 In eval mode (sample grids, exported models) both use the running statistics and communicate
 nothing, so one rank alone may run the model. Their state-dict keys are BatchNorm2d's, so the

@@ -1,6 +1,6 @@
 """--bn-sync on CPU: GlobalBatchNorm2d over 2 real gloo processes equals BatchNorm2d on the
 concatenated batch (outputs, input gradients, weight gradients, running statistics), with no
-deprecated collective, and keeps its statistics in fp32 under bf16 autocast."""
+deprecated collective, compiles into one graph, and keeps its statistics in fp32 under bf16."""
 
 from __future__ import annotations
 
@@ -62,6 +62,40 @@ def test_global_batchnorm_equals_batchnorm_on_the_whole_batch():
         assert torch.allclose(results[r][2][1], reference.bias.grad, atol=1e-4)
         assert torch.allclose(results[r][3], reference.running_mean, atol=1e-5)
         assert torch.allclose(results[r][4], reference.running_var, atol=1e-5)
+
+
+def _rank_compiled(rank: int, port: int, results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    from torch._dynamo.utils import counters
+
+    runs = []
+    for compiled in (False, True):  # the same module eager, then under --compile (same seed, same batch)
+        torch.manual_seed(0)
+        model = to_sync(nn.Sequential(nn.Conv2d(5, 5, 1), nn.BatchNorm2d(5)), use_gpu=False)
+        forward = torch.compile(model) if compiled else model
+        y = forward(_batch(1).chunk(WORLD)[rank])
+        (y * _batch(2).chunk(WORLD)[rank]).sum().backward()
+        runs.append((y.detach(), model[0].weight.grad.clone(), model[1].running_var.clone()))
+    results[rank] = (runs, counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_global_batchnorm_compiles_into_one_graph():
+    """Under --compile the all-reduce is part of the compiled graph: the module compiles to one
+    graph with no graph break, and computes what it does eagerly. (torch.distributed.nn's
+    all-reduce raises when traced: Dynamo broke the graph there, twice, and ran it eagerly.)"""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_rank_compiled, args=(port, results), nprocs=WORLD, join=True)
+
+    for r in range(WORLD):
+        (eager, compiled), graphs, graph_breaks = results[r]
+        assert (graphs, graph_breaks) == (1, 0)
+        for ours, reference in zip(compiled, eager):
+            torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
 MEANS = (100.0, -100.0, 40.0, 5.0)  # per channel, with a standard deviation of 1
