@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from dcgan_dist.checkpoint import unwrap
 from dcgan_dist.config import Config
 from dcgan_dist.data.stream import COUNT_NAMES, check_corrupt_share
 from dcgan_dist.models import build_models, sample_latent
+from dcgan_dist.replicas import replica_spread
 from dcgan_dist.restore import restore_checkpoint
 from dcgan_dist.step import compile_models, gan_step, load_optimizer_state, make_optimizers
 from dcgan_dist.tracking import store, training_run
@@ -369,29 +370,6 @@ def sample_grid(generator: torch.nn.Module, z_fixed: torch.Tensor) -> np.ndarray
 def with_run_id(metrics: dict[str, Any], logger: RunLogger | None) -> dict[str, Any]:
     """Rank 0's reports carry the MLflow run id, so the driver (or a sweep) can name the run."""
     return metrics | ({"mlflow_run_id": logger.run_id} if logger is not None else {})
-
-
-def replica_spread(models: Sequence[torch.nn.Module], world_size: int, with_buffers: bool, step: int) -> float:
-    """How far the ranks' copies of `models` have drifted apart: the largest difference between
-    ranks of per-tensor checksums (sum and sum of magnitudes) of the parameters and, `with_buffers`
-    (--bn-sync, whose running statistics are the global batch's on every rank), the buffers.
-    DDP keeps the replicas identical, so anything but 0 means a rank missed an update, a restore
-    or a rollback; rank 0 then warns. Without --bn-sync each rank keeps its own BatchNorm running
-    statistics (no buffer broadcast), so they differ by design and are left out. Every rank takes part."""
-    if world_size == 1:
-        return 0.0
-    modules = [unwrap(model) for model in models]
-    tensors = [p.detach() for module in modules for p in module.parameters()]
-    if with_buffers:
-        tensors += [b.detach() for module in modules for b in module.buffers()]
-    local = torch.stack([t.double().sum() for t in tensors] + [t.double().abs().sum() for t in tensors])
-    gathered = [torch.empty_like(local) for _ in range(world_size)]
-    dist.all_gather(gathered, local)
-    stacked = torch.stack(gathered)
-    spread = (stacked.max(0).values - stacked.min(0).values).max().item()
-    if spread and dist.get_rank() == 0:
-        log.warning("step %d: the ranks' copies of G and D differ (checksum spread %.3g)", step, spread)
-    return spread
 
 
 def save_checkpoint(w: Worker, step: int, metrics: dict[str, Any]) -> None:
