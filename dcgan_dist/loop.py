@@ -34,6 +34,7 @@ from dcgan_dist.checkpoint import unwrap
 from dcgan_dist.config import Config
 from dcgan_dist.data.stream import COUNT_NAMES, check_corrupt_share
 from dcgan_dist.models import build_models, sample_latent
+from dcgan_dist.replicas import replica_spread
 from dcgan_dist.restore import restore_checkpoint
 from dcgan_dist.step import compile_models, gan_step, load_optimizer_state, make_optimizers
 from dcgan_dist.tracking import store, training_run
@@ -156,15 +157,7 @@ def setup(cfg: Config, launch: dict[str, Any]) -> Worker:
         else:  # a rank the checkpointed run did not have
             torch.manual_seed(cfg.loop.seed + rank + 7919 * start_step)
 
-    if cfg.cluster.bn_sync:  # statistics over the global batch; running stats then agree on every rank
-        generator = sync_bn.to_sync(generator, cfg.cluster.use_gpu)
-        discriminator = sync_bn.to_sync(discriminator, cfg.cluster.use_gpu)
-    generator, discriminator = (speed_up(model, cfg.perf, device) for model in (generator, discriminator))
-    # Default: per-worker BatchNorm statistics, as single-GPU DCGAN has them: no buffer broadcast.
-    ddp_options = {"parallel_strategy_kwargs": {"broadcast_buffers": False}}
-    generator = ray.train.torch.prepare_model(generator, **ddp_options)
-    discriminator = ray.train.torch.prepare_model(discriminator, **ddp_options)
-    generator, discriminator, discriminator_local = compile_models(generator, discriminator, cfg.perf.compile)
+    generator, discriminator, discriminator_local = wrap_models(generator, discriminator, cfg, device)
     opt_g, opt_d = make_optimizers(generator, discriminator, cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2)
     if state is not None:
         load_optimizer_state(opt_g, state["opt_g"])
@@ -209,6 +202,24 @@ def open_run(cfg: Config, launch: dict[str, Any], checkpoint_run_id: str | None,
     logger.set_tags(launch.get("tags", {}) | {"ray.world_size": len(node_of_rank), "ray.run_name": cfg.tracking.run_name,
                                               "ray.num_nodes": num_nodes, "ray.node_of_rank": json.dumps(node_of_rank)})
     return logger
+
+
+def wrap_models(generator: torch.nn.Module, discriminator: torch.nn.Module, cfg: Config, device: torch.device,
+                prepare_model: Callable[..., torch.nn.Module] = ray.train.torch.prepare_model,
+                ) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """(G, D, D's local module for G's pass) as the loop trains them, wrapped in the order that
+    matters: BatchNorm synced (--bn-sync) and the memory layout set on the plain modules, then
+    DDP (`prepare_model`: Ray Train's, which wraps when there is more than one worker), then
+    torch.compile around DDP (compile_models says why that order)."""
+    if cfg.cluster.bn_sync:  # statistics over the global batch; running stats then agree on every rank
+        generator = sync_bn.to_sync(generator, cfg.cluster.use_gpu)
+        discriminator = sync_bn.to_sync(discriminator, cfg.cluster.use_gpu)
+    generator, discriminator = (speed_up(model, cfg.perf, device) for model in (generator, discriminator))
+    # Default: per-worker BatchNorm statistics, as single-GPU DCGAN has them: no buffer broadcast.
+    ddp_options = {"parallel_strategy_kwargs": {"broadcast_buffers": False}}
+    generator = prepare_model(generator, **ddp_options)
+    discriminator = prepare_model(discriminator, **ddp_options)
+    return compile_models(generator, discriminator, cfg.perf.compile)
 
 
 def speed_up(model: torch.nn.Module, perf: config.PerfConfig, device: torch.device) -> torch.nn.Module:
@@ -361,27 +372,11 @@ def with_run_id(metrics: dict[str, Any], logger: RunLogger | None) -> dict[str, 
     return metrics | ({"mlflow_run_id": logger.run_id} if logger is not None else {})
 
 
-def replica_spread(w: Worker) -> float:
-    """How far the ranks' copies of G and D have drifted apart: the largest difference between
-    ranks of per-tensor checksums (sum and sum of magnitudes). DDP keeps the replicas identical,
-    so anything but 0 means a rank missed an update, a restore or a rollback. Every rank takes part."""
-    if w.world_size == 1:
-        return 0.0
-    tensors = [p.detach() for model in (w.generator, w.discriminator) for p in unwrap(model).parameters()]
-    local = torch.stack([t.double().sum() for t in tensors] + [t.double().abs().sum() for t in tensors])
-    gathered = [torch.empty_like(local) for _ in range(w.world_size)]
-    dist.all_gather(gathered, local)
-    stacked = torch.stack(gathered)
-    return (stacked.max(0).values - stacked.min(0).values).max().item()
-
-
 def save_checkpoint(w: Worker, step: int, metrics: dict[str, Any]) -> None:
     """Every rank writes its part and reports; Ray Train merges them into one checkpoint."""
-    spread = replica_spread(w)
+    spread = replica_spread((w.generator, w.discriminator), w.world_size, w.cfg.cluster.bn_sync, step)
     if w.logger is not None and w.world_size > 1:
         w.logger.log_metrics([(step, {"ddp/replica_spread": spread})])
-        if spread:
-            log.warning("step %d: the ranks' copies of G and D differ (checksum spread %.3g)", step, spread)
     run_id = w.logger.run_id if w.logger is not None else None
     with tempfile.TemporaryDirectory() as directory:
         checkpoint.save(

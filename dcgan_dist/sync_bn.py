@@ -3,7 +3,11 @@
 On GPUs this is torch's own `nn.SyncBatchNorm` (NCCL). torch's SyncBatchNorm refuses CPU
 tensors, so on CPU workers (gloo) `GlobalBatchNorm2d` does the same computation: each rank's
 per-channel sum, sum of squares and count go through one differentiable all-reduce, so the
-normalisation and its gradient are those of BatchNorm on the concatenated global batch.
+normalisation and its gradient are those of BatchNorm on the concatenated global batch. The
+all-reduce is torch's functional collective, whose backward all-reduces the gradient;
+`torch.distributed.nn.functional.all_reduce`, the older autograd-aware one, is deprecated in
+torch 2.14 (a FutureWarning at every call) and raises when Dynamo traces it, so under
+--compile it broke the graph and ran eagerly; the functional one compiles into the graph.
 
 In eval mode (sample grids, exported models) both use the running statistics and communicate
 nothing, so one rank alone may run the model. Their state-dict keys are BatchNorm2d's, so the
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 
@@ -30,7 +34,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         channels = x.shape[1]
         count = torch.full((1,), x.numel() // channels, dtype=torch.float32, device=x.device)
         local = torch.cat([x32.sum(dim=(0, 2, 3)), (x32 * x32).sum(dim=(0, 2, 3)), count])
-        total = dist_nn.all_reduce(local)  # a sum; its backward all-reduces the gradient too
+        total = funcol.all_reduce(local, "sum", dist.group.WORLD)  # its backward all-reduces the gradient too
         n = total[-1]
         mean = total[:channels] / n
         var = (total[channels : 2 * channels] / n - mean * mean).clamp_min(0)  # biased, as BN normalises

@@ -8,14 +8,16 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import dcgan_dist.bench.__main__ as bench_cli
 from dcgan_dist import config
 from dcgan_dist.bench import machine, variants
 from dcgan_dist.checkpoint import unwrap
-from dcgan_dist.loop import speed_up
+from dcgan_dist.loop import wrap_models
 from dcgan_dist.models import build_models
-from dcgan_dist.step import compile_models
+from dcgan_dist.sync_bn import GlobalBatchNorm2d
 
 
 def test_speed_flags_parse_and_bad_values_exit_2(capsys):
@@ -30,29 +32,41 @@ def test_speed_flags_parse_and_bad_values_exit_2(capsys):
     assert "--precision" in capsys.readouterr().err
 
 
-def test_layout_and_compile_wrap_ddp_and_unwrap_sees_through_both(tmp_path):
-    """channels_last before DDP, torch.compile after it (G, D, and D's local module for G's
-    pass); checkpoints keep the plain parameter names through both wrappers."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
+def ddp(model: torch.nn.Module, parallel_strategy_kwargs: dict) -> torch.nn.Module:
+    """What Ray Train's prepare_model does on a CPU worker of a multi-worker run (it needs a Ray
+    Train worker to ask for its world size): DistributedDataParallel with the loop's options."""
+    return DistributedDataParallel(model, **parallel_strategy_kwargs)
 
+
+def test_the_loop_syncs_bn_and_sets_the_layout_then_wraps_ddp_then_compiles(tmp_path):
+    """The loop's own wrapping (wrap_models, which setup calls): GlobalBatchNorm2d and channels_last
+    on the plain modules, DDP around them (no buffer broadcast), torch.compile around DDP (G, D,
+    and D's local module for G's pass on its own); checkpoints keep the plain parameter names
+    through all of it."""
     generator, discriminator = build_models("pytorch-examples", 32, "paper")
     names = set(generator.state_dict())
-    fast = speed_up(generator, config.PerfConfig(channels_last=True), torch.device("cpu"))
-    assert generator.blocks[0].weight.is_contiguous(memory_format=torch.channels_last)
+    cfg = config.parse(["--bn-sync", "--compile", "default"])
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        g_ddp, d_ddp = DistributedDataParallel(fast), DistributedDataParallel(discriminator)
-        g_run, d_run, d_local = compile_models(g_ddp, d_ddp, "default")
-        assert g_run is not g_ddp and d_local is not discriminator  # compile wrappers (compiled on first call)
-        assert unwrap(g_run) is generator and unwrap(d_run) is discriminator and unwrap(d_local) is discriminator
+        g_run, d_run, d_local = wrap_models(generator, discriminator, cfg, torch.device("cpu"), prepare_model=ddp)
+        for compiled in (g_run, d_run):
+            assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)  # compiled on first call
+            assert isinstance(compiled._orig_mod, DistributedDataParallel) and not compiled._orig_mod.broadcast_buffers
+            plain = compiled._orig_mod.module
+            assert any(isinstance(m, GlobalBatchNorm2d) for m in plain.modules())
+            assert all(p.is_contiguous(memory_format=torch.channels_last) for p in plain.parameters() if p.dim() == 4)
+        assert isinstance(d_local, torch._dynamo.eval_frame.OptimizedModule) and d_local._orig_mod is d_run._orig_mod.module
+        assert unwrap(g_run) is g_run._orig_mod.module and unwrap(d_local) is unwrap(d_run)
         assert set(unwrap(g_run).state_dict()) == names
-        assert compile_models(g_ddp, d_ddp, "off") == (g_ddp, d_ddp, discriminator)
+
+        plain_cfg = config.parse(["--no-channels-last"])  # --compile off, per-worker BatchNorm
+        generator, discriminator = build_models("pytorch-examples", 32, "paper")
+        g_ddp, d_ddp, d_local = wrap_models(generator, discriminator, plain_cfg, torch.device("cpu"), prepare_model=ddp)
+        assert isinstance(g_ddp, DistributedDataParallel) and g_ddp.module is generator and d_local is discriminator
+        assert not any(isinstance(m, GlobalBatchNorm2d) for m in generator.modules())
+        assert generator.blocks[0].weight.is_contiguous() and unwrap(g_ddp) is generator
     finally:
         dist.destroy_process_group()
-
-    plain = speed_up(build_models("pytorch-examples", 32, "paper")[0], config.PerfConfig(channels_last=False), torch.device("cpu"))
-    assert unwrap(plain) is plain and plain.blocks[0].weight.is_contiguous()
 
 
 def table_cells(stdout: str) -> list[list[str]]:
