@@ -90,7 +90,11 @@ def test_fid_of_two_folders_equals_pytorch_fids(pt_inception_file, monkeypatch, 
     backbone = backbones.load("fid-inception", str(pt_inception_file))
     features = [backbone.embed(read_pngs(folder))[0] for folder in folders]
     for ours, (mu, sigma) in zip(features, statistics):
-        assert np.abs(ours.mean(0) - mu).max() < 1e-4 * np.abs(mu).max()
+        # 3e-4 of the scale: the two read the PNGs into floats differently (x / 127.5 - 1 against
+        # ToTensor's x / 255, then 2x - 1) and resize in different ranges; on an AVX2-only EPYC
+        # the means differed by 1.08e-4 of it. A resize or scaling that is not pytorch-fid's
+        # (bicubic, or [0, 1] input) is off by orders of magnitude more.
+        assert np.abs(ours.mean(0) - mu).max() < 3e-4 * np.abs(mu).max()
         assert np.abs(np.cov(ours, rowvar=False) - sigma).max() < 1e-3 * np.abs(sigma).max()
     dims = slice(0, 256)
     reference = calculate_frechet_distance(*(part[dims] if part.ndim == 1 else part[dims, dims]
