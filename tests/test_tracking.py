@@ -251,16 +251,6 @@ def test_credentials_in_the_tracking_uri_and_env_reach_no_file_and_no_console(ra
     finally:
         proxy.stop()
 
-    [summary] = [line for line in console[1].err.splitlines() if "training failed (" in line]
-    assert "training failed (rank 0: " in summary and f"{proxy.url}/api/2.0/mlflow/runs/update" in summary, summary
-    client = MlflowClient(mlflow_server.uri)
-    [run] = client.search_runs([client.get_experiment_by_name("secrets").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.tags["train.resumed_from_step"] == "2"
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss_d")) == [1, 2, 3, 4]
-    assert run.data.params["tracking.tracking_uri"] == proxy.url
-    state = last_checkpoint_state(storage, "test")
-    assert state["step"] == 4 and state["config"]["tracking.tracking_uri"] == proxy.url
-
     written = {str(path): path.read_bytes() for folder in (tmp_path, mlflow_server.folder) for path in folder.rglob("*") if path.is_file()}
     s3_client = boto3.client("s3", endpoint_url=mlflow_server.s3_endpoint, aws_access_key_id="testing",
                              aws_secret_access_key="testing", region_name="us-east-1")
@@ -270,8 +260,18 @@ def test_credentials_in_the_tracking_uri_and_env_reach_no_file_and_no_console(ra
                 written[f"s3://{bucket}/{item['Key']}"] = s3_client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
     assert any(name.endswith(checkpoint.STATE_FILE) for name in written) and any("/artifacts/" in name for name in written)
     written |= {f"console {i} {stream}": getattr(output, stream).encode() for i, output in enumerate(console) for stream in ("out", "err")}
-    leaked = sorted(name for name, content in written.items() for needle in needles if needle.encode() in content)
-    assert leaked == []
+    leaked = sorted({name for name, content in written.items() for needle in needles if needle.encode() in content})
+    assert not leaked, f"a secret is in {leaked}"
+
+    [summary] = [line for line in console[1].err.splitlines() if "training failed (" in line]
+    assert "training failed (rank 0: " in summary and f"{proxy.url}/api/2.0/mlflow/runs/update" in summary, summary
+    client = MlflowClient(mlflow_server.uri)
+    [run] = client.search_runs([client.get_experiment_by_name("secrets").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["train.resumed_from_step"] == "2"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss_d")) == [1, 2, 3, 4]
+    assert run.data.params["tracking.tracking_uri"] == proxy.url
+    state = last_checkpoint_state(storage, "test")
+    assert state["step"] == 4 and state["config"]["tracking.tracking_uri"] == proxy.url
 
 
 def test_a_resumed_logger_skips_the_steps_the_run_already_holds(mlflow_sqlite):
