@@ -1,7 +1,8 @@
 """The full training state in one directory: everything needed to continue exactly.
 
-Rank 0 writes `state.pt` (G, D, both Adam states, the step, the MLflow run id, the config,
-the architecture, the best snapshot by evaluation score, the data position: epoch and step in it);
+Rank 0 writes `state.pt` (G, D, both Adam states, the step, the MLflow run id, the config
+with credentials dropped from its URIs (a resume takes its tracking URI from its own command
+line), the architecture, the best snapshot by evaluation score, the data position: epoch and step in it);
 every rank writes its own RNG state to `rng-rank{N}.pt`. Ray Train merges the ranks'
 directories into one checkpoint. Everything is loaded with weights_only=True: tensors and
 plain containers only, no pickled code.
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from dcgan_dist.models import Architecture
+from dcgan_dist.util import redact
 
 STATE_FILE = "state.pt"
 
@@ -78,7 +80,7 @@ def save(
         "opt_g": opt_g.state_dict(),
         "opt_d": opt_d.state_dict(),
         "mlflow_run_id": mlflow_run_id,
-        "config": config,
+        "config": {key: redact(value) for key, value in config.items()},  # a checkpoint is copied, shared, kept
         "architecture": architecture.to_dict(),
         "best": best,  # the best snapshot by evaluation score (evaluate.Best.state()), or None
         "data_position": data_position,  # data.split.Position.state(): where the ranks are in the epoch

@@ -40,7 +40,7 @@ from dcgan_dist.step import compile_models, gan_step, load_optimizer_state, make
 from dcgan_dist.tracking import store, training_run
 from dcgan_dist.tracking.run_logger import RunLogger
 from dcgan_dist.tracking.store import TrackingError
-from dcgan_dist.util import first_line, grid_uint8, redact
+from dcgan_dist.util import first_line, grid_uint8, redact, redact_exception
 
 # Ray Train V2 sends print() both to the log and to stdout; a named logger prints once.
 log = logging.getLogger(__name__)
@@ -75,7 +75,16 @@ class Worker:
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train's entry point on every worker."""
+    """Ray Train's entry point on every worker. A failure leaves without the credentials a URI in
+    its message may carry: Ray prints its traceback to the driver's console and keeps it."""
+    try:
+        train_worker(loop_config)
+    except BaseException as e:
+        redact_exception(e)
+        raise
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
     os.environ.update(loop_config.get("env", {}))  # the driver's AWS_* settings (and quiet MLflow), for this process
     cfg = config.from_flat(loop_config["config"])
     if not cfg.loop.verbose:

@@ -254,8 +254,10 @@ def build_trainer(cfg: Config, callbacks: list | None = None, entry_point: str =
 def worker_env(cfg: Config) -> dict[str, str]:
     """Environment the workers take from the driver. The AWS_* settings and MLflow's credentials
     travel in memory (never logged), so workers read shards from the endpoint and log to the
-    server with the credentials the preflight checked (Ray may have been started without them)."""
-    env = {name: os.environ[name] for name in s3.AWS_ENV_VARS + MLFLOW_CREDENTIALS + MLFLOW_HTTP_SETTINGS if name in os.environ}
+    server with the credentials the preflight checked (Ray may have been started without them);
+    MLflow's run links stay unprinted there too when the tracking URI carries credentials."""
+    names = s3.AWS_ENV_VARS + MLFLOW_CREDENTIALS + MLFLOW_HTTP_SETTINGS + (store.QUIET_RUN_LINKS,)
+    env = {name: os.environ[name] for name in names if name in os.environ}
     if not cfg.loop.verbose:
         env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a bar per downloaded artifact at registration
     return env
@@ -343,7 +345,8 @@ def train(cfg: Config) -> int:
 
 def failure_summary(error: BaseException) -> str:
     """The cause of a failed fit() in one line: the lowest failed rank's exception (the last line
-    of its traceback), or the controller's."""
+    of its traceback), or the controller's, without credentials (MLflow's errors name the URL
+    they requested, user:password@ included)."""
     failures = getattr(error, "worker_failures", None) or {}
     if failures:
         rank, cause = min(failures.items())
@@ -351,7 +354,7 @@ def failure_summary(error: BaseException) -> str:
     else:
         cause, where = getattr(error, "controller_failure", error), "Ray Train's controller"
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    return f"{where}: {lines[-1] if lines else type(cause).__name__}"
+    return redact(f"{where}: {lines[-1] if lines else type(cause).__name__}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,23 @@ def redact(value: Any) -> Any:
     return re.sub(r"(\w+://)[^/@\s]+@", r"\1", value) if isinstance(value, str) else value
 
 
+def redact_exception(error: BaseException) -> None:
+    """Drop user:password@ from `error` and the exceptions it chains, in place: their string
+    arguments and attributes (MLflow's errors name the URL they requested, credentials included,
+    and Ray prints and keeps a failed worker's traceback)."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.args = tuple(redact(arg) for arg in current.args)
+        for name, value in list(vars(current).items()):
+            if isinstance(value, str):
+                setattr(current, name, redact(value))
+        pending += [current.__cause__, current.__context__]
+
+
 def first_line(error: BaseException) -> str:
     """An exception's first line, short enough for a log line."""
     return (str(error).splitlines() or [type(error).__name__])[0][:200]

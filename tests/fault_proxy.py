@@ -124,7 +124,7 @@ class FaultProxy:
                 except OSError:  # the client gave up (a timeout of its own) or stop() cut it
                     self.close_connection = True
 
-            do_PUT = do_POST = do_DELETE = do_HEAD = do_GET
+            do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = do_GET  # PATCH: MLflow finalises a logged model
 
             def read_body(self) -> bytes:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

@@ -4,12 +4,15 @@ and a server that goes away while a run logs."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import secrets
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import boto3
@@ -19,11 +22,14 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from dcgan_dist import checkpoint
+from dcgan_dist.register import last_checkpoint_state
 from dcgan_dist.tracking import registry
 from dcgan_dist.tracking.run_logger import RunLogger
-from dcgan_dist.tracking.store import TrackingError, ensure_experiment
+from dcgan_dist.tracking.store import QUIET_RUN_LINKS, TrackingError, ensure_experiment
 from dcgan_dist.train import main
 from tests.conftest import train_args
+from tests.fault_proxy import Fault, FaultProxy
 from tests.test_train import steps_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,6 +208,70 @@ def test_a_server_away_when_training_ends_costs_no_models(ray_local, mlflow_serv
     assert len(client.search_model_versions("name='dcgan-generator'")) == versions
     experiment_id = client.get_experiment_by_name("away-at-end").experiment_id
     assert [r.info.run_id for r in client.search_runs([experiment_id])] == [run_id]  # one run throughout
+
+
+@pytest.mark.slow
+def test_credentials_in_the_tracking_uri_and_env_reach_no_file_and_no_console(ray_local, mlflow_server, s3_bucket, tmp_path,
+                                                                              monkeypatch, capfd):
+    """A password in --tracking-uri (http://user:password@, which MLflow's client sends as basic
+    auth; the server ignores it) and an AWS secret key in the environment (S3 checkpoints): a
+    run trains to its checkpoints and logs its models; a resume fails in its worker on an
+    MLflow error that names the URL it requested; the next resume finishes the same run. Then
+    neither secret, raw, URL-encoded or in a basic-auth header, is in any checkpoint, the
+    server's database, log or artifacts, a file under tmp_path, or the console."""
+    password, aws_secret = f"pw/{secrets.token_hex(12)}+=", f"{secrets.token_hex(16)}/aws+"  # characters a URI must encode
+    needles = {password, urllib.parse.quote(password, safe=""), base64.b64encode(f"dcgan:{password}".encode()).decode(),
+               aws_secret, urllib.parse.quote(aws_secret, safe="")}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv(QUIET_RUN_LINKS, "false")  # the preflight sets it for this process: restored afterwards
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws_secret)  # moto takes any key; the driver hands it to the workers
+    proxy = FaultProxy(mlflow_server.uri).start()  # between the runs and the server: it refuses a request on cue
+    uri = proxy.url.replace("http://", f"http://dcgan:{urllib.parse.quote(password, safe='')}@")
+    storage = f"s3://{s3_bucket}/runs"
+
+    def train(max_steps: int) -> int:
+        args = train_args(tmp_path, uri, experiment="secrets", storage_path=storage, max_steps=max_steps, log_every=2,
+                          sample_every=2, checkpoint_every=2, eval_every=0, max_failures=0) + ["--no-register-models"]
+        return main(args)
+
+    console = []
+    try:
+        assert train(2) == 0
+        console.append(capfd.readouterr())
+        # the resume's worker asks to mark the run RUNNING again: refused, its MLflow error names the URL
+        proxy.schedule(Fault("slowdown", times=None, method="POST", path="/runs/update"))
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the driver hands it to the worker: it fails at once
+        assert train(4) == 1
+        console.append(capfd.readouterr())
+        proxy.schedule()
+        monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+        assert train(4) == 0  # the checkpoint's config has no password: the resume takes the URI from its command line
+        console.append(capfd.readouterr())
+    finally:
+        proxy.stop()
+
+    written = {str(path): path.read_bytes() for folder in (tmp_path, mlflow_server.folder) for path in folder.rglob("*") if path.is_file()}
+    s3_client = boto3.client("s3", endpoint_url=mlflow_server.s3_endpoint, aws_access_key_id="testing",
+                             aws_secret_access_key="testing", region_name="us-east-1")
+    for bucket in (s3_bucket, mlflow_server.bucket):  # the checkpoints; the server's artifacts (images, models)
+        for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for item in page.get("Contents", []):
+                written[f"s3://{bucket}/{item['Key']}"] = s3_client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+    assert any(name.endswith(checkpoint.STATE_FILE) for name in written) and any("/artifacts/" in name for name in written)
+    written |= {f"console {i} {stream}": getattr(output, stream).encode() for i, output in enumerate(console) for stream in ("out", "err")}
+    leaked = sorted({name for name, content in written.items() for needle in needles if needle.encode() in content})
+    assert not leaked, f"a secret is in {leaked}"
+
+    [summary] = [line for line in console[1].err.splitlines() if "training failed (" in line]
+    assert "training failed (rank 0: " in summary and f"{proxy.url}/api/2.0/mlflow/runs/update" in summary, summary
+    client = MlflowClient(mlflow_server.uri)
+    [run] = client.search_runs([client.get_experiment_by_name("secrets").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["train.resumed_from_step"] == "2"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss_d")) == [1, 2, 3, 4]
+    assert run.data.params["tracking.tracking_uri"] == proxy.url
+    state = last_checkpoint_state(storage, "test")
+    assert state["step"] == 4 and state["config"]["tracking.tracking_uri"] == proxy.url
 
 
 def test_a_resumed_logger_skips_the_steps_the_run_already_holds(mlflow_sqlite):

@@ -11,12 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
+from dcgan_dist.tracking.store import TrackingError, check_reachable
 from dcgan_dist.train import main
 from tests.conftest import free_port, train_args
 
@@ -121,6 +123,26 @@ def test_a_wrong_password_exits_2_naming_the_user_not_the_password(auth_server, 
     assert len(error.splitlines()) == 1 and auth_server.uri in error and "HTTP 401" in error, error
     assert repr(USER[0]) in error and "not-the-password" not in error and "MLFLOW_TRACKING_PASSWORD" in error
     assert ray.is_initialized() == ray_was_up  # the preflight failed before Ray was started
+
+
+@pytest.mark.slow
+def test_the_preflight_takes_credentials_in_the_uri_and_names_the_user_not_the_password(auth_server, monkeypatch):
+    """http://user:password@host:port, as MLflow's client accepts it: the preflight reaches the
+    host and sends the user's credentials (environment variables, when set, go first)."""
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+    def with_password(password: str) -> str:
+        return auth_server.uri.replace("http://", f"http://{USER[0]}:{urllib.parse.quote(password, safe='')}@")
+
+    check_reachable(with_password(USER[1]))
+    with pytest.raises(TrackingError) as wrong:
+        check_reachable(with_password("not/the+password"))
+    assert str(wrong.value).startswith(f"MLflow tracking server {auth_server.uri}: ") and "HTTP 401" in str(wrong.value)
+    assert repr(USER[0]) in str(wrong.value) and "not" + "/the" not in str(wrong.value) and "not%2Fthe" not in str(wrong.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", USER[1])
+    check_reachable(with_password("not/the+password"))  # as MLflow's client: the variables' credentials win
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from mlflow.entities import Param
 from dcgan_dist.util import redact
 
 DEFAULT_STORE = "mlflow.db"  # sqlite: the model registry needs a database store
+# MLflow's client prints "View run ... at: <tracking URI>/#/..." when a run ends, user:password@ included.
+QUIET_RUN_LINKS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
 class TrackingError(RuntimeError):
@@ -27,23 +30,40 @@ class TrackingError(RuntimeError):
 
 def resolve_tracking_uri(flag_value: str) -> str:
     """--tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db. Local sqlite
-    paths become absolute, since Ray workers run in another working directory."""
+    paths become absolute, since Ray workers run in another working directory. A URI with
+    user:password@ turns off MLflow's printed run links in this process (QUIET_RUN_LINKS)."""
     uri = flag_value or os.environ.get("MLFLOW_TRACKING_URI", "") or f"sqlite:///{DEFAULT_STORE}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    if redact(uri) != uri:
+        os.environ[QUIET_RUN_LINKS] = "true"
     return uri
+
+
+def split_credentials(uri: str) -> tuple[str, str, str]:
+    """(the URI without user:password@, the user, the password), the last two "" when it has
+    none. MLflow's client accepts http://user:password@host (requests sends them as basic
+    auth); urllib would take user:password@host for a host name."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, "", ""
+    userinfo, _, host = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    return (urllib.parse.urlunsplit(parts._replace(netloc=host)), urllib.parse.unquote(username),
+            urllib.parse.unquote(password))
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Raise TrackingError naming the URI when the store cannot be used. A server must answer
     /health and an authenticated read (a basic-auth server leaves /health open), so missing or
-    wrong MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD fail here, not in a worker."""
+    wrong MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or user:password@ in the URI)
+    fail here, not in a worker."""
     if uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///") :]).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise TrackingError(f"MLflow store {uri}: folder {folder} does not exist or is not writable")
     elif uri.startswith(("http://", "https://")):
-        base = uri.rstrip("/")
+        base = split_credentials(uri)[0].rstrip("/")
         try:
             urllib.request.urlopen(base + "/health", timeout=timeout_s).close()
         except (urllib.error.URLError, OSError) as e:
@@ -53,11 +73,14 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
 def check_credentials(uri: str, timeout_s: float = 30.0) -> None:
     """One read the server authorises as MLflow's client would (basic auth from
-    MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD, else a bearer MLFLOW_TRACKING_TOKEN).
-    The server is up by now; a longer timeout than /health's, since checking a password costs a
-    slow hash on the server. The error names the user, never the password."""
-    username, password = os.environ.get("MLFLOW_TRACKING_USERNAME", ""), os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
-    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD, else from the URI's user:password@, else
+    a bearer MLFLOW_TRACKING_TOKEN). The server is up by now; a longer timeout than /health's,
+    since checking a password costs a slow hash on the server. The error names the user, never
+    the password."""
+    base, username, password = split_credentials(uri)
+    if os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        username, password = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+    request = urllib.request.Request(base.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
     if username and password:
         request.add_header("Authorization", "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode())
     elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
