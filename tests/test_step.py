@@ -138,7 +138,10 @@ def test_channels_last_computes_the_same_step():
         b = gan_step(twin_g, twin_d, twin_opt_g, twin_opt_d, plain[4].contiguous(memory_format=torch.channels_last), plain[5])
         a = gan_step(*plain)
         for name in a:
-            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+            # Gradient norms sum every gradient of a network: on an AVX2-only EPYC the two layouts'
+            # kernels put them 1.1e-4 apart (relative) at the third step, the losses 2e-6.
+            rtol = 1e-3 if name.startswith("grad_norm") else 1e-4
+            torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=1e-5)
     assert twin_d.blocks[1][0].weight.is_contiguous(memory_format=torch.channels_last)
     assert twin_opt_d.state[twin_d.blocks[1][0].weight]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
 
