@@ -130,7 +130,9 @@ def log_final_models(logger: RunLogger, architecture: Architecture, generator: t
     versions; the best snapshot by evaluation score is registered before them (when it is not
     the last step) with the alias `champion`; the last step's go last, so MLflow's `@latest` is
     the last. Ends with the tag `registered.step`, which tells a later resume (or `python -m
-    dcgan_dist.register`) that nothing is left to do. Returns {registered model name: version}."""
+    dcgan_dist.register`) that nothing is left to do (`holds_final_models`). Without it, doing
+    this again registers no model twice: the registry answers which versions of this run and
+    step exist (registry.log_models). Returns {registered model name: version}."""
     champion = None
     if best is not None and best.step != last_step and register:
         champion = logger.log_models(architecture, *best_models(architecture, best), best.step, register=True)
@@ -145,3 +147,10 @@ def log_final_models(logger: RunLogger, architecture: Architecture, generator: t
         logger.set_tags({"champion.step": best.step, "champion.score": best.score})
     logger.set_tags({REGISTERED_TAG: last_step})
     return versions
+
+
+def holds_final_models(logger: RunLogger, step: int) -> bool:
+    """Whether the run holds its final models of `step`, everything log_final_models does done:
+    its last tag is there. A run without it (the server away before the buffered tags were sent)
+    is given log_final_models again, which registers only what is missing."""
+    return logger.tags().get(REGISTERED_TAG) == str(step)

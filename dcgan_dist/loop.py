@@ -29,7 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from dcgan_dist import checkpoint, config, data, sync_bn
-from dcgan_dist.champion import REGISTERED_TAG, Champion, log_final_models
+from dcgan_dist.champion import Champion, holds_final_models, log_final_models
 from dcgan_dist.checkpoint import unwrap
 from dcgan_dist.config import Config
 from dcgan_dist.data.stream import COUNT_NAMES, check_corrupt_share
@@ -100,7 +100,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 logger.finish("FAILED")
             raise
     elif logger is not None:
-        log.info("Already at step %d of --max-steps %d: nothing to train", worker.start_step, cfg.loop.max_steps)
+        log.info("Run %s finished at step %d%s: nothing to train", cfg.tracking.run_name, worker.start_step,
+                 f" (--max-steps {cfg.loop.max_steps} is below it)" if worker.start_step > cfg.loop.max_steps else "")
     if logger is not None:
         finish_run(worker, trained)
 
@@ -109,10 +110,15 @@ def finish_run(w: Worker, trained: bool) -> None:
     """Rank 0 at the end: the last evaluation's extras, the final models logged and registered,
     the run closed. A tracking server that is away now costs no work: the last step's models
     are in the final checkpoint, and re-running the command, or `python -m dcgan_dist.register`,
-    logs and registers them later. Training itself succeeds."""
+    logs and registers them later. Training itself succeeds.
+
+    A run that trained nothing (it had reached --max-steps, or a step past a lower one) has the
+    models of the step its checkpoint holds, not of --max-steps: those are logged, when the run
+    does not hold them yet, and nothing else is changed."""
     cfg, logger = w.cfg, w.logger
     uri = cfg.tracking.tracking_uri
-    later = (f"the models of step {cfg.loop.max_steps} are in the last checkpoint; log and register them when it is "
+    last_step = cfg.loop.max_steps if trained else w.start_step
+    later = (f"the models of step {last_step} are in the last checkpoint; log and register them when it is "
              f"back: python -m dcgan_dist.register --storage-path {cfg.tracking.storage_path} --run-name {cfg.tracking.run_name}")
     try:
         store.check_reachable(uri)
@@ -120,10 +126,10 @@ def finish_run(w: Worker, trained: bool) -> None:
             if cfg.perf.compile != "off":
                 logger.set_tags(compile_stats())
             w.champion.finish(w.generator, w.discriminator)
-        elif logger.tags().get(REGISTERED_TAG) != str(cfg.loop.max_steps):
+        elif not holds_final_models(logger, last_step):
             # An earlier attempt trained to the end, but the tracking server was away then.
-            log.info("Logging the models of step %d, which the run does not hold yet", cfg.loop.max_steps)
-            log_final_models(logger, w.champion.architecture, unwrap(w.generator), unwrap(w.discriminator), cfg.loop.max_steps,
+            log.info("Logging the models of step %d, which the run does not hold yet", last_step)
+            log_final_models(logger, w.champion.architecture, unwrap(w.generator), unwrap(w.discriminator), last_step,
                              w.champion.best, logger.tags().get("eval.backbone", ""), register=cfg.tracking.register_models)
     except TRACKING_FAILURES as e:
         log.warning("MLflow %s failed at the end of training (%s): %s", redact(uri), first_line(e), later)
@@ -190,7 +196,7 @@ def open_run(cfg: Config, launch: dict[str, Any], checkpoint_run_id: str | None,
     """Rank 0's MLflow run: the one the driver created (or found again) for this launch, or the
     one a checkpoint continues. Steps it already holds (from an attempt that failed before this
     one) are not logged twice."""
-    run_id = launch.get("mlflow_run_id")
+    run_id, finished = launch.get("mlflow_run_id"), start_step >= cfg.loop.max_steps
     if checkpoint_run_id and checkpoint_run_id != run_id:
         # A checkpoint from before the driver created runs (or from another tracking setup): its
         # run continues, and the one the driver made for this launch, still empty, goes.
@@ -199,7 +205,9 @@ def open_run(cfg: Config, launch: dict[str, Any], checkpoint_run_id: str | None,
                         checkpoint_run_id, run_id)
             training_run.delete_run(cfg.tracking.tracking_uri, run_id)
         run_id = checkpoint_run_id
-    logger = RunLogger(cfg.tracking.tracking_uri, cfg.tracking.experiment, "", run_id)
+    logger = RunLogger(cfg.tracking.tracking_uri, cfg.tracking.experiment, "", run_id, system_metrics=not finished)
+    if finished:  # re-opened only to check that it holds its final models: a re-run that trains nothing records nothing
+        return logger
     logger.skip_logged()  # every metric and picture the run already holds
     num_nodes = len(set(node_of_rank))
     if start_step:

@@ -63,7 +63,7 @@ def last_checkpoint_state(storage_path: str, run_name: str) -> dict:
 
 def register(storage_path: str, run_name: str, tracking_uri: str = "") -> int:
     from dcgan_dist import checkpoint, evaluate
-    from dcgan_dist.champion import REGISTERED_TAG, log_final_models
+    from dcgan_dist.champion import holds_final_models, log_final_models
     from dcgan_dist.tracking import store
     from dcgan_dist.tracking.run_logger import RunLogger
     from dcgan_dist.tracking.store import TrackingError
@@ -80,8 +80,7 @@ def register(storage_path: str, run_name: str, tracking_uri: str = "") -> int:
     if not run_id:
         raise TrackingError(f"the checkpoint of run {run_name} names no MLflow run")
     logger = RunLogger(uri, config.get("tracking.experiment", "Default"), "", run_id, system_metrics=False)
-    tags = logger.tags()
-    if tags.get(REGISTERED_TAG) == str(step):
+    if holds_final_models(logger, step):
         logger.finish()
         print(f"MLflow run {run_id} already holds the models of step {step}: nothing to do")
         return 0
@@ -90,7 +89,7 @@ def register(storage_path: str, run_name: str, tracking_uri: str = "") -> int:
     generator.load_state_dict(state["generator"])
     discriminator.load_state_dict(state["discriminator"])
     versions = log_final_models(logger, architecture, generator, discriminator, step, evaluate.Best.from_state(state.get("best")),
-                                tags.get("eval.backbone", ""), register=True)
+                                logger.tags().get("eval.backbone", ""), register=True)
     logger.finish()
     print(f"Registered the models of step {step} into MLflow run {run_id} ({redact(uri)}): "
           + ", ".join(f"{name} version {version}" for name, version in sorted(versions.items())))

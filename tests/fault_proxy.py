@@ -1,6 +1,6 @@
 """A fault-injecting HTTP proxy on 127.0.0.1 for tests: clients use its URL as their S3
-endpoint (AWS_ENDPOINT_URL) and it forwards each request to the real endpoint (moto), except
-where a scheduled fault says otherwise:
+endpoint (AWS_ENDPOINT_URL) or MLflow tracking URI and it forwards each request to the real
+endpoint (moto, `mlflow server`), except where a scheduled fault says otherwise:
 
     slowdown   answer 503 SlowDown with S3's XML error body (the request never reaches S3)
     cut        forward, send the headers (Content-Length kept) and `after_bytes` of the body, close

@@ -57,6 +57,26 @@ def rebuilt(reference: str, network: str, uri: str) -> torch.nn.Module:
     return registry.load_network(reference, network, uri).network
 
 
+def test_a_run_registers_each_model_once_per_step(tracking):
+    """The models of a step the run registered already (the run's tags saying so lost, say) give
+    back those versions, logged and registered no second time: the registry answers."""
+    client = mlflow.MlflowClient(tracking)
+    names = (registry.GENERATOR_MODEL, registry.DISCRIMINATOR_MODEL)
+    first = {name: client.get_model_version_by_alias(name, "champion") for name in names}
+    run_id = first[registry.GENERATOR_MODEL].run_id
+    assert {name: registry.registered_version(name, run_id, 7, tracking) for name in names} == {
+        name: str(version.version) for name, version in first.items()}
+    assert registry.registered_version(registry.GENERATOR_MODEL, run_id, 8, tracking) is None  # another step
+    generator, discriminator = Architecture.of("pytorch-examples", 32, "paper").build()
+    with mlflow.start_run(run_id=run_id):
+        again = registry.log_models(Architecture.of("pytorch-examples", 32, "paper"), generator.state_dict(),
+                                    discriminator.state_dict(), step=7)
+    assert again == {name: str(version.version) for name, version in first.items()}
+    assert [len(client.search_model_versions(f"name = '{name}'")) for name in names] == [1, 1]
+    logged = mlflow.search_logged_models(experiment_ids=[client.get_run(run_id).info.experiment_id], output_format="list")
+    assert len(logged) == 2  # nor logged into the run again
+
+
 def test_the_registered_generator_is_a_module_for_any_batch_and_either_z_shape(tracking):
     generator = mlflow.pytorch.load_model(GENERATOR)
     assert isinstance(generator, torch.nn.Module)

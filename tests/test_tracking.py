@@ -1,6 +1,6 @@
 """Tracking against a real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts proxied to a
 loopback moto S3 endpoint): a training run's record, the registry, the probe on a registered D,
-and a server that goes away while a run logs."""
+a server that goes away while a run logs or as it ends, and a finished run re-run."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from dcgan_dist import checkpoint
+from dcgan_dist import checkpoint, evaluate
+from dcgan_dist.champion import holds_final_models, log_final_models
+from dcgan_dist.models import Architecture
 from dcgan_dist.register import last_checkpoint_state
 from dcgan_dist.tracking import registry
 from dcgan_dist.tracking.run_logger import RunLogger
@@ -34,6 +36,7 @@ from tests.test_train import steps_of
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE_STEPS = 60  # a short run; even a random D passes 80 % on digits (benchmarks/RESULTS.md)
+MODELS = (registry.GENERATOR_MODEL, registry.DISCRIMINATOR_MODEL)
 
 
 def wait_until(condition, timeout_s: float = 60.0, what: str = "") -> None:
@@ -272,6 +275,90 @@ def test_credentials_in_the_tracking_uri_and_env_reach_no_file_and_no_console(ra
     assert run.data.params["tracking.tracking_uri"] == proxy.url
     state = last_checkpoint_state(storage, "test")
     assert state["step"] == 4 and state["config"]["tracking.tracking_uri"] == proxy.url
+
+
+def versions_of_run(client: MlflowClient, run_id: str) -> dict[str, list[tuple[str, str]]]:
+    """{model: [(version, step)]} of the versions `run_id` registered."""
+    return {name: sorted((v.version, v.tags.get("step")) for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
+            for name in MODELS}
+
+
+@pytest.mark.slow
+def test_a_server_lost_before_the_tags_are_sent_registers_no_model_twice(mlflow_server, monkeypatch):
+    """The server goes away right after G and D (and the champion) are registered, before the
+    run's buffered tags, `registered.step` among them, are sent. Doing the end again, as a re-run
+    of the command or `python -m dcgan_dist.register` does, finds the versions in the registry:
+    one version of each model for the run and each step, and the run then holds its tags."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast while the server is down
+    server, client = mlflow_server, MlflowClient(mlflow_server.uri)
+    proxy = FaultProxy(server.uri).start()  # the run's way to the server
+    # The tags' send is held on its way (registrations and aliases are other requests), and the
+    # server stopped meanwhile: the tags never reach it.
+    proxy.schedule(Fault("stall", times=None, method="POST", path="/runs/log-batch", seconds=120))
+    architecture = Architecture.of("pytorch-examples", 32, "paper")
+    generator, discriminator = architecture.build()
+    best = evaluate.Best.capture(4, 0.5, *architecture.build())
+    try:
+        ensure_experiment(proxy.url, "lost-tags")
+        logger = RunLogger(proxy.url, "lost-tags", "lost-tags", None, system_metrics=False)
+        first = log_final_models(logger, architecture, generator, discriminator, 8, best, "digits")
+        wait_until(lambda: proxy.injected["stall"] >= 1, what="the tags to be on their way")
+        server.stop()
+        proxy.stop()  # the held send is cut
+        logger.abandon()  # as the end of training does when the server is away (loop.finish_run)
+    finally:
+        server.start()
+        mlflow.set_tracking_uri(server.uri)
+        if mlflow.active_run() is not None:
+            mlflow.end_run("KILLED")  # the process that held it is gone
+    run_id = logger.run_id
+    assert client.get_run(run_id).data.tags.get("registered.step") is None  # the tags were lost
+    registered = versions_of_run(client, run_id)
+    assert {name: [step for _, step in versions] for name, versions in registered.items()} == {name: ["4", "8"] for name in MODELS}
+
+    again = RunLogger(server.uri, "lost-tags", "", run_id, system_metrics=False)
+    assert not holds_final_models(again, 8)
+    assert log_final_models(again, architecture, generator, discriminator, 8, best, "digits") == first
+    again.finish()
+    assert versions_of_run(client, run_id) == registered  # nothing registered twice
+    assert client.get_run(run_id).data.tags["registered.step"] == "8"
+    for name in MODELS:
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert champion.run_id == run_id and champion.tags["step"] == "4"
+
+
+def registry_and_run(client: MlflowClient, run_id: str) -> tuple:
+    """What re-running a finished run must leave as it was: every version of G and D with its
+    tags, where each alias points, and the run's tags and status."""
+    versions = sorted((v.name, v.version, v.run_id, sorted(v.tags.items()))
+                      for name in MODELS for v in client.search_model_versions(f"name = '{name}'"))
+    run = client.get_run(run_id)
+    return versions, {name: client.get_registered_model(name).aliases for name in MODELS}, run.data.tags, run.info.status
+
+
+@pytest.mark.slow
+def test_a_finished_run_re_run_at_or_below_its_step_says_so_and_changes_nothing(ray_local, mlflow_server, tmp_path,
+                                                                                 monkeypatch, capfd):
+    """A finished run's command re-run with a lower --max-steps (a typo) or the same one: it
+    says it is finished, and registers nothing, moves no alias, sets no tag."""
+    monkeypatch.chdir(tmp_path)
+    client = MlflowClient(mlflow_server.uri)
+    options = {"experiment": "finished", "run_name": "typo", "log_every": 4, "sample_every": 8, "checkpoint_every": 8,
+               "eval_every": 4}
+    assert main(train_args(tmp_path, mlflow_server.uri, max_steps=8, **options)) == 0
+    [run] = client.search_runs([client.get_experiment_by_name("finished").experiment_id])
+    run_id = run.info.run_id
+    assert run.data.tags["registered.step"] == "8"
+    assert [step for _, step in versions_of_run(client, run_id)[registry.GENERATOR_MODEL]][-1] == "8"
+    before = registry_and_run(client, run_id)
+
+    for max_steps, said in ((4, "Run typo finished at step 8 (--max-steps 4 is below it): nothing to train"),
+                            (8, "Run typo finished at step 8: nothing to train")):
+        capfd.readouterr()
+        assert main(train_args(tmp_path, mlflow_server.uri, max_steps=max_steps, **options)) == 0
+        output = capfd.readouterr()
+        assert said in output.out + output.err, output.err[-3000:]
+        assert registry_and_run(client, run_id) == before, f"--max-steps {max_steps}"
 
 
 def test_a_resumed_logger_skips_the_steps_the_run_already_holds(mlflow_sqlite):

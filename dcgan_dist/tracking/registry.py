@@ -29,6 +29,7 @@ from dcgan_dist.util import first_line, redact
 GENERATOR_MODEL = "dcgan-generator"
 DISCRIMINATOR_MODEL = "dcgan-discriminator"
 WEIGHTS_FILE, ARCHITECTURE_FILE = "state_dict.pt", "architecture.json"  # shipped with each model
+STEP_TAG = "step"  # each version's: the training step its weights are from
 NETWORKS = ("generator", "discriminator")
 MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
 
@@ -40,6 +41,11 @@ def log_models(architecture: Architecture, generator_state: dict[str, torch.Tens
     `dcgan-discriminator` (MLflow's built-in `@latest` alias then points at it). Returns
     {registered model name: version}; each version is tagged with its step. Used for the final
     models, and for a run's best (then `set_alias(name, version, "champion")`).
+
+    Registering is done once per run, step and model: a version this run registered for `step`
+    before (`registered_version`) is returned as it is, its model not logged again. So a re-run
+    whose run lost the tags that said so (the server away before the buffered tags were sent)
+    registers only what is missing, G and D each on its own.
 
     The models are saved as TorchScript modules (`scripted.py`): `mlflow.pytorch.load_model`
     returns a real module (`.eval()`, `.to(device)`, any batch) and runs no pickled Python.
@@ -53,11 +59,14 @@ def log_models(architecture: Architecture, generator_state: dict[str, torch.Tens
     with torch.no_grad():
         images = generator(torch.from_numpy(z)).numpy()
         logits = discriminator(torch.from_numpy(images)).numpy()
-    versions = {}
+    versions, run_id = {}, mlflow.active_run().info.run_id
     for model, name, example, output in (
         (generator, GENERATOR_MODEL, z, images),
         (discriminator, DISCRIMINATOR_MODEL, images, logits),
     ):
+        if register and (version := registered_version(name, run_id, step)) is not None:
+            versions[name] = version
+            continue
         with tempfile.TemporaryDirectory() as folder:
             weights, spec = Path(folder, WEIGHTS_FILE), Path(folder, ARCHITECTURE_FILE)
             torch.save(model.state_dict(), weights)
@@ -77,9 +86,17 @@ def log_models(architecture: Architecture, generator_state: dict[str, torch.Tens
                     extra_files=[str(weights), str(spec)],
                 )
         if register:
-            version = mlflow.register_model(info.model_uri, name, tags={"step": str(step)})
+            # The step tag goes with the version's creation (one request), so it cannot be lost apart from it.
+            version = mlflow.register_model(info.model_uri, name, tags={STEP_TAG: str(step)})
             versions[name] = str(version.version)
     return versions
+
+
+def registered_version(name: str, run_id: str, step: int, uri: str | None = None) -> str | None:
+    """The version of `name` that run `run_id` registered for its models of `step`, or None: the
+    registry's own answer, whatever tags the run holds. The oldest, should there be several."""
+    found = MlflowClient(uri).search_model_versions(f"name = '{name}' and run_id = '{run_id}' and tags.{STEP_TAG} = '{step}'")
+    return str(min(int(version.version) for version in found)) if found else None
 
 
 @contextlib.contextmanager
@@ -177,7 +194,7 @@ def _from_registry(reference: str, tracking_uri: str | None):
     except (ValueError, TypeError) as e:
         raise TrackingError(f"{reference}: unreadable {ARCHITECTURE_FILE} ({first_line(e)})") from None
     state = torch.load(weights_file, map_location="cpu", weights_only=True)
-    return architecture, state, version.run_id, int(version.tags.get("step", 0)), None
+    return architecture, state, version.run_id, int(version.tags.get(STEP_TAG, 0)), None
 
 
 def _from_checkpoint(path: Path, network: str):
