@@ -36,7 +36,7 @@ from dcgan_dist.data.stream import COUNT_NAMES, check_corrupt_share
 from dcgan_dist.models import build_models, sample_latent
 from dcgan_dist.replicas import replica_spread
 from dcgan_dist.restore import restore_checkpoint
-from dcgan_dist.step import compile_models, gan_step, load_optimizer_state, make_optimizers
+from dcgan_dist.step import compile_models, compile_stats, gan_step, load_optimizer_state, make_optimizers
 from dcgan_dist.tracking import store, training_run
 from dcgan_dist.tracking.run_logger import RunLogger
 from dcgan_dist.tracking.store import TrackingError
@@ -246,15 +246,6 @@ def speed_up(model: torch.nn.Module, perf: config.PerfConfig, device: torch.devi
     if perf.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def compile_stats() -> dict[str, int]:
-    """How much Dynamo compiled in this process: graphs and recompilations (a recompile per step
-    would mean a guard that fails every step)."""
-    from torch._dynamo.utils import counters
-
-    return {"compile.graphs": int(counters["stats"]["unique_graphs"]),
-            "compile.recompiles": int(sum(counters["recompiles"].values()))}
 
 
 def nodes_of_ranks(world_size: int) -> list[str]:

@@ -119,3 +119,12 @@ def compile_models(generator: nn.Module, discriminator: nn.Module, mode: str) ->
     if mode == "off":
         return generator, discriminator, local
     return tuple(torch.compile(model, mode=mode) for model in (generator, discriminator, local))
+
+
+def compile_stats() -> dict[str, int]:
+    """How much Dynamo compiled in this process: graphs and recompilations (a recompile per step
+    would mean a guard that fails every step)."""
+    from torch._dynamo.utils import counters
+
+    return {"compile.graphs": int(counters["stats"]["unique_graphs"]),
+            "compile.recompiles": int(sum(counters["recompiles"].values()))}
