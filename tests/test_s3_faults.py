@@ -239,35 +239,6 @@ def write_objects(filesystem, folder: str, count: int) -> list[str]:
     return paths
 
 
-@pytest.mark.slow
-def test_the_controller_and_a_worker_write_through_throttled_uploads(ray_local, fault_proxy, s3_bucket):
-    """What Ray Train's controller gets (the RunConfig, pickled, and the StorageContext it builds
-    from it) and hands its workers (that StorageContext, pickled again) still retries as the
-    driver's filesystem does: every upload answered 503 three times in a row is written."""
-    import ray
-    from ray.train import RunConfig
-
-    @ray.remote(num_cpus=0)
-    def as_a_worker(storage_context, count):
-        return write_objects(storage_context.storage_filesystem, f"{storage_context.experiment_fs_path}/worker", count)
-
-    @ray.remote(num_cpus=0)
-    def as_the_controller(run_config, count):
-        storage_context = run_config.storage_context  # writes Ray Train's marker object, unthrottled
-        written = write_objects(storage_context.storage_filesystem, f"{storage_context.experiment_fs_path}/controller", count)
-        return written + ray.get(as_a_worker.remote(storage_context, count))
-
-    count = 3
-    fault_proxy.schedule(*(Fault("slowdown", times=3, method="PUT", path=rf"/{role}/object-{index}\?partNumber=")
-                           for role in ("controller", "worker") for index in range(count)))
-    run_config = RunConfig(name="retries", **storage(f"s3://{s3_bucket}/checkpoints"))
-    written = ray.get(as_the_controller.remote(run_config, count), timeout=300)
-    assert len(written) == 2 * count
-    assert fault_proxy.injected == {"slowdown": 3 * 2 * count}  # three in a row per upload, each retried past
-    for path in written:
-        assert s3.read_bytes(f"s3://{path}") == path.encode() * 100
-
-
 # ---------------------------------------------------------------- a training run through the faults
 
 
@@ -296,3 +267,34 @@ def test_training_with_data_and_checkpoints_on_a_faulty_s3_completes(ray_local, 
     retries = client.get_metric_history(run.info.run_id, "data/s3_retries")
     assert max(m.value for m in retries) >= 2 + 2  # every shard fault, retried and counted
     assert [m.value for m in client.get_metric_history(run.info.run_id, "data/bad_shards")] == [0.0, 0.0]
+
+
+# Kept after the training run: once, in a whole-suite run, the next Ray Train controller started
+# after this test never reached its worker group (not reproduced with the two tests alone).
+@pytest.mark.slow
+def test_the_controller_and_a_worker_write_through_throttled_uploads(ray_local, fault_proxy, s3_bucket):
+    """What Ray Train's controller gets (the RunConfig, pickled, and the StorageContext it builds
+    from it) and hands its workers (that StorageContext, pickled again) still retries as the
+    driver's filesystem does: every upload answered 503 three times in a row is written."""
+    import ray
+    from ray.train import RunConfig
+
+    @ray.remote(num_cpus=0)
+    def as_a_worker(storage_context, count):
+        return write_objects(storage_context.storage_filesystem, f"{storage_context.experiment_fs_path}/worker", count)
+
+    @ray.remote(num_cpus=0)
+    def as_the_controller(run_config, count):
+        storage_context = run_config.storage_context  # writes Ray Train's marker object, unthrottled
+        written = write_objects(storage_context.storage_filesystem, f"{storage_context.experiment_fs_path}/controller", count)
+        return written + ray.get(as_a_worker.remote(storage_context, count))
+
+    count = 3
+    fault_proxy.schedule(*(Fault("slowdown", times=3, method="PUT", path=rf"/{role}/object-{index}\?partNumber=")
+                           for role in ("controller", "worker") for index in range(count)))
+    run_config = RunConfig(name="retries", **storage(f"s3://{s3_bucket}/checkpoints"))
+    written = ray.get(as_the_controller.remote(run_config, count), timeout=300)
+    assert len(written) == 2 * count
+    assert fault_proxy.injected == {"slowdown": 3 * 2 * count}  # three in a row per upload, each retried past
+    for path in written:
+        assert s3.read_bytes(f"s3://{path}") == path.encode() * 100
