@@ -242,13 +242,20 @@ def write_objects(filesystem, folder: str, count: int) -> list[str]:
 # ---------------------------------------------------------------- a training run through the faults
 
 
-@pytest.mark.slow
-def test_training_with_data_and_checkpoints_on_a_faulty_s3_completes(ray_local, fault_proxy, s3_bucket, mlflow_sqlite, tmp_path):
-    # On a Ray instance of its own, restarted here (later tests keep it): in two whole-suite runs
-    # the controller of this run, on the session's instance, never reached its worker group; the
-    # same test on a fresh instance passed every time (alone, with its module, after test_autoscale).
+@pytest.fixture
+def restarted_ray(ray_local):
+    """The session's Ray instance started again, before the test's other fixtures change the
+    environment and the working directory (every later Ray worker inherits those). In two
+    whole-suite runs the controller of the training run below, on the session's instance, never
+    reached its worker group; on a fresh instance it passed every time (alone, with its module,
+    after test_autoscale)."""
     ray_local.shutdown()
     start_local_ray()
+    return ray_local
+
+
+@pytest.mark.slow
+def test_training_with_data_and_checkpoints_on_a_faulty_s3_completes(restarted_ray, fault_proxy, s3_bucket, mlflow_sqlite, tmp_path):
     url = write_shards(f"s3://{s3_bucket}/train", [40, 40, 40])
     fault_proxy.schedule(
         Fault("slowdown", times=2, method="GET", path="shard-"),

@@ -156,7 +156,11 @@ def test_nchw_adam_state_resumed_channels_last_gives_the_same_update():
     gan_step(*twin, plain[4].contiguous(memory_format=torch.channels_last), plain[5])
     gan_step(*plain)
     for ours, reference in zip(twin[1].parameters(), plain[1].parameters()):
-        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=2e-6)
+        # Mixed-up moments put nearly every element about lr (2e-4) off. The layouts' kernels
+        # differ in the last bits, which Adam's second step turns into up to 0.3 lr on the few
+        # elements whose moments are tiny (3 % of one layer, in one run on an AVX2-only EPYC).
+        off = (ours - reference).abs()
+        assert off.max() < 1e-4 and (off > 2e-6).float().mean() < 0.1, (off.max(), (off > 2e-6).float().mean())
 
 
 def narrow_models(base_filters: int) -> tuple[torch.nn.Module, torch.nn.Module]:
