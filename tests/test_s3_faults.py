@@ -157,11 +157,11 @@ def read_one_shard(url: str, counters: stream.Counters, expected: int) -> list[t
     return [(sample["__key__"], bytes(sample["jpg"])) for sample in samples]
 
 
-def test_a_shard_replaced_between_a_cut_and_its_resumed_get_is_not_spliced(fault_proxy, s3_endpoint, s3_bucket, caplog):
-    url = f"s3://{s3_bucket}/replaced/shard-000000.tar"
+def read_replaced_at_a_cut(fault_proxy, s3_endpoint, url: str, caplog):
+    """A shard's body cut at 3/4, the object replaced right then: (old samples, new bytes,
+    counters, samples delivered), after checking that only old samples came, in order."""
     shard, old = write_large_shard(url, 8)
     new = replaced(shard, old)
-    # the body is cut at 3/4 and the object replaced before the s3 layer asks for the rest
     fault_proxy.schedule(Fault("cut", method="GET", path="shard-000000", after_bytes=len(shard) * 3 // 4,
                                then=put_object(s3_endpoint, url, new)))
     counters = stream.Counters()
@@ -169,6 +169,13 @@ def test_a_shard_replaced_between_a_cut_and_its_resumed_get_is_not_spliced(fault
         delivered = read_one_shard(url, counters, len(old))
     assert fault_proxy.injected == {"cut": 1} and s3.read_bytes(url) == new
     assert 0 < len(delivered) < len(old) and delivered == old[:len(delivered)]  # old samples only, in order: no splice
+    return old, new, counters, delivered
+
+
+def test_a_shard_replaced_between_a_cut_and_its_resumed_get_is_not_spliced(fault_proxy, s3_endpoint, s3_bucket, caplog):
+    url = f"s3://{s3_bucket}/replaced/shard-000000.tar"
+    # the object is replaced before the s3 layer asks for the rest
+    old, new, counters, delivered = read_replaced_at_a_cut(fault_proxy, s3_endpoint, url, caplog)
     assert counters.bad_shards == 1  # and not opened again: a pinned GET would be refused again
     assert counters.s3_retries == 1 and fault_proxy.requests["GET"] == 1 + 1 + 1  # cut, refused resume, the check above
     assert f"skipping bad shard {url} (read {len(delivered)} of 8 samples: {url}: the object was replaced while it " \
@@ -178,16 +185,8 @@ def test_a_shard_replaced_between_a_cut_and_its_resumed_get_is_not_spliced(fault
 def test_a_shard_replaced_before_read_shard_opens_it_again_is_not_spliced(fault_proxy, s3_endpoint, s3_bucket, monkeypatch,
                                                                          caplog):
     url = f"s3://{s3_bucket}/reopened/shard-000000.tar"
-    shard, old = write_large_shard(url, 8)
-    new = replaced(shard, old)
     monkeypatch.setattr(s3, "BODY_RESUMES", 0)  # the cut fails the read at once: read_shard opens the shard again
-    fault_proxy.schedule(Fault("cut", method="GET", path="shard-000000", after_bytes=len(shard) * 3 // 4,
-                               then=put_object(s3_endpoint, url, new)))
-    counters = stream.Counters()
-    with caplog.at_level(logging.WARNING, logger=stream.__name__):
-        delivered = read_one_shard(url, counters, len(old))
-    assert fault_proxy.injected == {"cut": 1} and s3.read_bytes(url) == new
-    assert 0 < len(delivered) < len(old) and delivered == old[:len(delivered)]  # old samples only, in order: no splice
+    old, new, counters, delivered = read_replaced_at_a_cut(fault_proxy, s3_endpoint, url, caplog)
     assert counters.bad_shards == 1 and "the object was replaced while it was being read" in caplog.text
     assert counters.s3_retries == 1 and fault_proxy.requests["GET"] == 1 + 1 + 1  # cut, refused reopen, the check above
 
