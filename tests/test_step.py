@@ -156,11 +156,12 @@ def test_nchw_adam_state_resumed_channels_last_gives_the_same_update():
     gan_step(*twin, plain[4].contiguous(memory_format=torch.channels_last), plain[5])
     gan_step(*plain)
     for ours, reference in zip(twin[1].parameters(), plain[1].parameters()):
-        # Mixed-up moments put nearly every element about lr (2e-4) off. The layouts' kernels
-        # differ in the last bits, which Adam's second step turns into up to 0.3 lr on the few
-        # elements whose moments are tiny (3 % of one layer, in one run on an AVX2-only EPYC).
+        # Mixed-up moments put most elements of every conv weight far off: median 3.5e-5, 60 % past
+        # 2e-5, up to 1.5 lr. The layouts' kernels differ in the last bits, which Adam's second
+        # step turns into up to 2 lr on the few elements whose moments are tiny (4 % of one layer
+        # past 2e-6 in a CI run on an AVX2-only EPYC): so no bound on the largest difference.
         off = (ours - reference).abs()
-        assert off.max() < 1e-4 and (off > 2e-6).float().mean() < 0.1, (off.max(), (off > 2e-6).float().mean())
+        assert off.median() < 2e-6 and (off > 2e-5).float().mean() < 0.1, (off.median(), (off > 2e-5).float().mean())
 
 
 def narrow_models(base_filters: int) -> tuple[torch.nn.Module, torch.nn.Module]:
