@@ -120,3 +120,19 @@ def test_help_and_a_bad_flag_answer_before_torch_ray_and_mlflow_load(module):
     assert report["errors"][0] == "" and len(report["errors"][1].strip().splitlines()) == 1, report["errors"]
     assert "unrecognized arguments: --no-such-flag" in report["errors"][1]
     assert report["loaded"] == [], f"python -m {module} --help loaded {report['loaded']}"
+
+
+def test_the_failure_summary_names_the_lowest_ranks_error_without_credentials():
+    """What `python -m dcgan_dist.train` prints when fit() fails: one line, the lowest failed rank's
+    error (or the controller's), with the tracking URI's credentials cut out."""
+    import mlflow
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    from dcgan_dist.train import failure_summary
+
+    request = "API request to http://dcgan:s3cret@127.0.0.1:5000/api/2.0/mlflow/runs/update failed with exception {}"
+    workers = WorkerGroupError("2 workers failed", {1: RuntimeError("rank 1 too"),
+                                                    0: mlflow.exceptions.MlflowException(request.format("RetryError"))})
+    assert failure_summary(workers) == f"rank 0: {request.format('RetryError').replace('dcgan:s3cret@', '')}"
+    controller = ControllerError(RuntimeError("Traceback ...\n  File x\n" + request.format("timeout")))
+    assert failure_summary(controller) == f"Ray Train's controller: {request.format('timeout').replace('dcgan:s3cret@', '')}"

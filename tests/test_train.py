@@ -175,19 +175,6 @@ def test_unreachable_tracking_server_fails_before_ray(tmp_path):
     assert "Ray" not in result.stdout + result.stderr
 
 
-def test_the_failure_summary_names_the_lowest_ranks_error_without_credentials():
-    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
-
-    from dcgan_dist.train import failure_summary
-
-    request = "API request to http://dcgan:s3cret@127.0.0.1:5000/api/2.0/mlflow/runs/update failed with exception {}"
-    workers = WorkerGroupError("2 workers failed", {1: RuntimeError("rank 1 too"),
-                                                    0: mlflow.exceptions.MlflowException(request.format("RetryError"))})
-    assert failure_summary(workers) == f"rank 0: {request.format('RetryError').replace('dcgan:s3cret@', '')}"
-    controller = ControllerError(RuntimeError("Traceback ...\n  File x\n" + request.format("timeout")))
-    assert failure_summary(controller) == f"Ray Train's controller: {request.format('timeout').replace('dcgan:s3cret@', '')}"
-
-
 def test_unwritable_storage_path_fails_before_ray(tmp_path, mlflow_sqlite):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
