@@ -42,7 +42,7 @@ def measure(num_workers: int, args: argparse.Namespace, folder: Path) -> dict:
     client = MlflowClient(cfg.tracking.tracking_uri)
     windows = sorted(client.get_metric_history(result.metrics["mlflow_run_id"], "img_per_s"), key=lambda m: m.step)
     rates = [m.value for m in windows[1:]]  # the first window holds warm-up
-    return {"workers": num_workers, "cpus": cfg.cluster.cpus_per_worker, "per_worker_batch": cfg.per_worker_batch,
+    return {"workers": num_workers, "cpus": cfg.cluster.cpus_per_worker, "per_worker_batch": cfg.loop.batch_size // num_workers,
             "img_per_s": statistics.median(rates), "spread": (min(rates), max(rates))}
 
 

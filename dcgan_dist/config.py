@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import math
 import re
 import typing
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from dcgan_dist import worker_flags
 
 # The choices' names only (torch-free): --help and a bad flag answer before torch loads.
 from dcgan_dist.choices import BACKBONES, BN_PLACEMENTS, COMPILE_MODES, DECODERS, IMAGE_SIZES, NEEDS_WEIGHTS, PRECISIONS, PRESETS, SAMPLINGS
@@ -59,11 +60,14 @@ class DataConfig:
     prefetch_batches: int = option(8, "batches each loader process may have ready ahead of training (DataLoader prefetch_factor)")
     shard_retries: int = option(3, "retries for a shard that fails to open before it is skipped and counted")
     max_corrupt_fraction: float = option(0.01, "stop the run when more than this share of images read were corrupt")
+    sample_log: str = option("", "audit: every rank writes each step's sample keys to this directory (one that every node "
+                                 "shares), a file per rank and restart; empty = off")
 
 
 @dataclass
 class LoopConfig:
-    batch_size: int = option(128, "GLOBAL batch size, split evenly across workers (paper: 128)")
+    batch_size: int = option(128, "GLOBAL batch size, the same at every world size: each worker takes batch_size // workers, "
+                                  "the first batch_size % workers one more, their gradients weighted by it (paper: 128)")
     max_steps: int = option(600, "train until this many G/D updates in total (a resumed run continues to it)")
     max_epochs: int = option(0, "train this many epochs instead (num_samples // --batch-size steps each); 0 = --max-steps decides")
     seed: int = option(0, "random seed; worker k uses seed + k")
@@ -85,7 +89,10 @@ class PerfConfig:
 
 @dataclass
 class ClusterConfig:
-    num_workers: int = option(1, "Ray Train workers (data-parallel replicas)")
+    num_workers: str = option("1", "Ray Train workers (data-parallel replicas): N, a fixed run; or MIN:MAX, an elastic one that "
+                                   "starts once MIN fit, grows to MAX as nodes join and goes on with fewer when one is lost")
+    resize_interval_s: float = option(60.0, "elastic runs: how often Ray Train checks whether more workers fit (then it restarts the "
+                                            "group, larger, from the latest checkpoint)")
     use_gpu: bool = option(False, "one GPU per worker, NCCL; otherwise CPU and gloo")
     cpus_per_worker: int = option(
         0, "CPUs (and so torch threads) per worker; 0 = the cluster's CPUs shared among the workers (per GPU with --use-gpu)"
@@ -93,6 +100,8 @@ class ClusterConfig:
     ray_address: str = option("", "Ray cluster to join (HOST:PORT of its GCS, ray://HOST:PORT, auto); empty = RAY_ADDRESS or a new local instance")
     bn_sync: bool = option(False, "BatchNorm statistics over the global batch (SyncBatchNorm) instead of each worker's share")
     max_failures: int = option(0, "restarts from the latest checkpoint after a worker or node failure (-1 = no limit)")
+    max_preemptions: int = option(-1, "restarts after a node preemption (a drain with notice), counted apart from "
+                                      "--max-failures (-1 = no limit)")
     worker_resources: str = option(
         "", "more Ray resources each worker asks for, as JSON, e.g. '{\"trainer_slot\": 1}': workers then go only to nodes "
             "that have them (a labelled node group); empty = CPUs (and GPUs) only"
@@ -132,8 +141,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
-    def per_worker_batch(self) -> int:
-        return self.loop.batch_size // self.cluster.num_workers
+    def worker_range(self) -> tuple[int, int]:
+        """--num-workers as (MIN, MAX); MIN == MAX for a fixed run."""
+        return worker_flags.worker_range(self.cluster.num_workers)
 
 
 class ConfigError(ValueError):
@@ -280,22 +290,28 @@ def validate(cfg: Config) -> Config:
         positive(name, getattr(cfg.loop, name))
     if cfg.loop.keep_checkpoints < 2:  # the one before the latest is the fallback when the latest is unreadable
         raise ConfigError("keep_checkpoints", f"must be >= 2 (got {cfg.loop.keep_checkpoints})")
-    positive("num_workers", cfg.cluster.num_workers)
+    for name, parse in (("num_workers", worker_flags.worker_range), ("worker_resources", worker_flags.worker_resources)):
+        try:
+            parse(getattr(cfg.cluster, name))
+        except ValueError as e:
+            raise ConfigError(name, str(e)) from None
+    if (max_workers := cfg.worker_range[1]) > cfg.loop.batch_size:
+        raise ConfigError("num_workers", f"{max_workers} workers cannot share a global --batch-size of {cfg.loop.batch_size} "
+                                         "(each needs at least one image)")
     positive("prefetch_batches", cfg.data.prefetch_batches)
-    for section, name in (("data", "loader_workers"), ("data", "shuffle_buffer"), ("data", "shard_retries"), ("loop", "max_epochs")):
+    for section, name in (("data", "loader_workers"), ("data", "shuffle_buffer"), ("data", "shard_retries"), ("loop", "max_epochs"),
+                          ("cluster", "resize_interval_s")):
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(name, f"must be >= 0 (got {getattr(getattr(cfg, section), name)})")
     if not 0.0 <= cfg.data.max_corrupt_fraction <= 1.0:
         raise ConfigError("max_corrupt_fraction", f"must be in [0, 1] (got {cfg.data.max_corrupt_fraction})")
     if cfg.data.decode == "gpu" and not cfg.cluster.use_gpu:
         raise ConfigError("decode", "gpu decodes on the training workers' CUDA devices: it needs --use-gpu")
-    if cfg.cluster.max_failures < -1:
-        raise ConfigError("max_failures", f"must be >= -1 (got {cfg.cluster.max_failures})")
+    for name in ("max_failures", "max_preemptions"):
+        if getattr(cfg.cluster, name) < -1:
+            raise ConfigError(name, f"must be >= -1 (got {getattr(cfg.cluster, name)})")
     if cfg.cluster.cpus_per_worker < 0:
         raise ConfigError("cpus_per_worker", f"must be >= 0 (got {cfg.cluster.cpus_per_worker})")
-    worker_resources(cfg.cluster)
-    if cfg.loop.batch_size % cfg.cluster.num_workers:
-        raise ConfigError("batch_size", f"{cfg.loop.batch_size} is not divisible by --num-workers {cfg.cluster.num_workers}")
     from dcgan_dist import models  # torch: the parser and --help do without it
 
     if cfg.model.image_size not in (sizes := models.PRESETS[cfg.model.preset].image_sizes):
@@ -306,26 +322,6 @@ def validate(cfg: Config) -> Config:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg.tracking.run_name):
         raise ConfigError("run_name", f"use letters, digits, '_', '.', '-' (got {cfg.tracking.run_name!r})")
     return cfg
-
-
-def worker_resources(cluster: ClusterConfig) -> dict[str, float]:
-    """--worker-resources as {name: amount}; ConfigError unless a JSON object of positive numbers.
-    CPUs and GPUs have their own flags (--cpus-per-worker, --use-gpu)."""
-    text = cluster.worker_resources.strip()
-    if not text:
-        return {}
-    try:
-        resources = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError("worker_resources", f"not JSON ({e.msg}): {text!r}") from None
-    if not isinstance(resources, dict):
-        raise ConfigError("worker_resources", f"expected a JSON object such as '{{\"trainer_slot\": 1}}', got {text!r}")
-    for name, amount in resources.items():
-        if name in ("CPU", "GPU"):
-            raise ConfigError("worker_resources", f"{name} has its own flag ({'--cpus-per-worker' if name == 'CPU' else '--use-gpu'})")
-        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not (amount > 0 and math.isfinite(amount)):
-            raise ConfigError("worker_resources", f"{name!r} must be a number > 0 (got {amount!r})")
-    return {name: float(amount) for name, amount in resources.items()}
 
 
 def validate_eval(cfg: Config) -> None:

@@ -10,13 +10,12 @@ rank 0 writes everything to MLflow.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow
@@ -28,10 +27,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from dcgan_dist import checkpoint, config, data, sync_bn
+from dcgan_dist import checkpoint, config, data, elastic, sync_bn
 from dcgan_dist.champion import Champion, holds_final_models, log_final_models
 from dcgan_dist.checkpoint import unwrap
 from dcgan_dist.config import Config
+from dcgan_dist.data.sample_log import SampleLog, new_attempt
+from dcgan_dist.data.split import rank_batches
 from dcgan_dist.data.stream import COUNT_NAMES, check_corrupt_share
 from dcgan_dist.models import build_models, sample_latent
 from dcgan_dist.replicas import replica_spread
@@ -60,6 +61,8 @@ class Worker:
     cfg: Config
     rank: int
     world_size: int
+    rank_batch: int  # this rank's share of the global batch
+    loss_weight: float  # rank_batch x world_size / global batch: weights its gradients in DDP's average (step.gan_step)
     device: torch.device
     generator: torch.nn.Module
     discriminator: torch.nn.Module
@@ -71,6 +74,8 @@ class Worker:
     start_step: int
     logger: RunLogger | None  # rank 0 only
     champion: Champion  # evaluation, the best snapshot, collapse detection and rollback
+    sample_log: SampleLog  # --sample-log (writes nothing without it)
+    preemption: elastic.Preemption = field(default_factory=elastic.Preemption)
     last_progress: float = 0.0  # rank 0: when the last progress line was printed
 
 
@@ -183,42 +188,24 @@ def setup(cfg: Config, launch: dict[str, Any]) -> Worker:
     z_fixed = sample_latent(SAMPLE_GRID_SIZE, cfg.model.preset, rng=torch.Generator().manual_seed(cfg.loop.seed))
 
     node_of_rank = nodes_of_ranks(world_size)
-    logger = open_run(cfg, launch, mlflow_run_id, start_step, node_of_rank) if rank == 0 else None
+    logger = training_run.open_run(cfg, launch, mlflow_run_id, start_step, node_of_rank) if rank == 0 else None
     if logger is not None and state is not None and state.get("unreadable_checkpoints"):  # resumed from an older one
         logger.set_tags({"train.unreadable_checkpoints": "; ".join(state["unreadable_checkpoints"])})
     champion = Champion.build(cfg, rank, device, logger, state.get("best") if state is not None else None)
-    return Worker(cfg, rank, world_size, device, generator, discriminator, discriminator_local, opt_g, opt_d, batches,
-                  z_fixed.to(device), start_step, logger, champion)
+    rank_batch = rank_batches(cfg.loop.batch_size, world_size)[rank]
+    return Worker(cfg, rank, world_size, rank_batch, rank_batch * world_size / cfg.loop.batch_size, device, generator,
+                  discriminator, discriminator_local, opt_g, opt_d, batches, z_fixed.to(device), start_step, logger, champion,
+                  open_sample_log(cfg.data.sample_log, rank, world_size, device))
 
 
-def open_run(cfg: Config, launch: dict[str, Any], checkpoint_run_id: str | None, start_step: int,
-             node_of_rank: list[str]) -> RunLogger:
-    """Rank 0's MLflow run: the one the driver created (or found again) for this launch, or the
-    one a checkpoint continues. Steps it already holds (from an attempt that failed before this
-    one) are not logged twice."""
-    run_id, finished = launch.get("mlflow_run_id"), start_step >= cfg.loop.max_steps
-    if checkpoint_run_id and checkpoint_run_id != run_id:
-        # A checkpoint from before the driver created runs (or from another tracking setup): its
-        # run continues, and the one the driver made for this launch, still empty, goes.
-        if run_id:
-            log.warning("the checkpoint continues MLflow run %s; deleting the empty run %s made for this launch",
-                        checkpoint_run_id, run_id)
-            training_run.delete_run(cfg.tracking.tracking_uri, run_id)
-        run_id = checkpoint_run_id
-    logger = RunLogger(cfg.tracking.tracking_uri, cfg.tracking.experiment, "", run_id, system_metrics=not finished)
-    if finished:  # re-opened only to check that it holds its final models: a re-run that trains nothing records nothing
-        return logger
-    logger.skip_logged()  # every metric and picture the run already holds
-    num_nodes = len(set(node_of_rank))
-    if start_step:
-        log.info("Resuming MLflow run %s from step %d", logger.run_id, start_step)
-        logger.set_tags({"train.resumed_from_step": start_step})
-    if "derived.num_nodes" not in logger.params():  # where the first attempt's ranks ran (tags follow restarts)
-        logger.log_params({"derived.num_nodes": num_nodes})
-    # Tags, not params: after a restart the ranks may land on other nodes.
-    logger.set_tags(launch.get("tags", {}) | {"ray.world_size": len(node_of_rank), "ray.run_name": cfg.tracking.run_name,
-                                              "ray.num_nodes": num_nodes, "ray.node_of_rank": json.dumps(node_of_rank)})
-    return logger
+def open_sample_log(directory: str, rank: int, world_size: int, device: torch.device) -> SampleLog:
+    """--sample-log: this rank's file for this attempt (rank 0's attempt id, on every rank)."""
+    if not directory:
+        return SampleLog("", 0, rank)
+    attempt = [new_attempt()]
+    if world_size > 1:
+        dist.broadcast_object_list(attempt, src=0, device=device)
+    return SampleLog(directory, attempt[0], rank)
 
 
 def wrap_models(generator: torch.nn.Module, discriminator: torch.nn.Module, cfg: Config, device: torch.device,
@@ -290,8 +277,12 @@ def run(w: Worker) -> None:
         if cfg.perf.compile != "off":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's CUDA-graph outputs may be overwritten
         real = next(w.batches).to(w.device, non_blocking=True, memory_format=memory_format)
-        z = sample_latent(cfg.per_worker_batch, cfg.model.preset, w.device)
-        stats = gan_step(w.generator, w.discriminator, w.opt_g, w.opt_d, real, z, cfg.perf.precision, w.discriminator_local)
+        w.sample_log.write(step, getattr(w.batches, "keys", []))  # --sample-log
+        z = sample_latent(w.rank_batch, cfg.model.preset, w.device)
+        stats = gan_step(w.generator, w.discriminator, w.opt_g, w.opt_d, real, z, cfg.perf.precision, w.discriminator_local,
+                         w.loss_weight)
+        if step == w.start_step + 1 and w.logger is not None:  # after a restart: what it cost
+            elastic.log_restart(w.logger, w.start_step, int(time.time() * 1000))
         window.append(torch.stack([stats[name] for name in STAT_NAMES]))
         last_step = step == cfg.loop.max_steps
         window_closed = step % cfg.loop.log_every == 0 or last_step
@@ -303,11 +294,14 @@ def run(w: Worker) -> None:
                 w.logger.log_image(sample_grid(w.generator, w.z_fixed), key="samples", step=step)
             if w.champion.due(step):
                 w.champion.evaluate(step, w.generator, w.discriminator)  # rank 0 only; the others wait at the next collective
-            # Every rank reports at the same steps (a report is a barrier across workers).
-            if step % cfg.loop.checkpoint_every == 0 or last_step:
+            # Every rank asks and reports at the same steps (both are barriers across workers).
+            notice = w.preemption.notice() if window_closed and not last_step else None
+            if step % cfg.loop.checkpoint_every == 0 or last_step or notice:
                 save_checkpoint(w, step, {"step": step} | latest | w.champion.last_eval)
             elif window_closed:
                 ray.train.report(with_run_id({"step": step} | latest | w.champion.last_eval, w.logger))
+            if notice:  # checkpointed at this step: nothing is redone when Ray Train restarts the group from it
+                w.preemption.wait_for_restart(notice, step)
 
 
 def close_window(w: Worker, step: int, window: list[torch.Tensor], clock: StepClock) -> dict[str, float]:
@@ -318,7 +312,7 @@ def close_window(w: Worker, step: int, window: list[torch.Tensor], clock: StepCl
     # Rank 0's rollback request and whether it has a best snapshot ride along, so that every
     # rank decides on a rollback together.
     counts = [w.batches.counts()[name] for name in COUNT_NAMES] + [float(champion.rollback_requested), float(champion.best is not None)]
-    rows, totals = reduce_window(window, w.world_size, counts)  # every rank takes part
+    rows, totals = reduce_window(window, w.world_size, counts, w.loss_weight)  # every rank takes part
     data_counts = dict(zip(COUNT_NAMES, totals))
     img_per_s = len(window) * cfg.loop.batch_size / clock.window_seconds()
     # Window means go to Ray Train (and so to Tune's schedulers); per-step values to MLflow.
@@ -327,7 +321,7 @@ def close_window(w: Worker, step: int, window: list[torch.Tensor], clock: StepCl
         first = step - len(window) + 1
         w.logger.log_metrics(
             [(first + i, dict(zip(STAT_NAMES, row))) for i, row in enumerate(rows)]
-            + [(step, {"img_per_s": img_per_s, "epoch": w.batches.position.epochs_done}
+            + [(step, {"img_per_s": img_per_s, "epoch": w.batches.position.epochs_done, "world_size": w.world_size}
                 | {f"data/{name}": data_counts[name] for name in LOGGED_COUNTS})]
         )
         now = clock.clock()
@@ -343,10 +337,14 @@ def close_window(w: Worker, step: int, window: list[torch.Tensor], clock: StepCl
     return latest
 
 
-def reduce_window(window: list[torch.Tensor], world_size: int, counts: list[float]) -> tuple[list[list[float]], list[float]]:
-    """Per-step stats of the last window averaged over ranks, and the data counters summed over
-    ranks: one all-reduce, one host read."""
+def reduce_window(window: list[torch.Tensor], world_size: int, counts: list[float],
+                  loss_weight: float = 1.0) -> tuple[list[list[float]], list[float]]:
+    """Per-step stats of the last window averaged over ranks, each weighted by its share of the
+    global batch (`loss_weight`, 1 when the ranks' batches are equal): the means over the global
+    batch; and the data counters summed over ranks. One all-reduce, one host read."""
     stats = torch.stack(window)  # (steps, len(STAT_NAMES))
+    if loss_weight != 1.0:
+        stats = stats * loss_weight
     packed = torch.cat([stats.flatten(), torch.tensor(counts, dtype=stats.dtype, device=stats.device)])
     if world_size > 1:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)

@@ -8,7 +8,7 @@ and tests need no cluster. Only `cluster_nodes()` talks to Ray.
 
 from __future__ import annotations
 
-from dcgan_dist import config
+from dcgan_dist import worker_flags
 from dcgan_dist.config import ClusterConfig
 
 UNLIMITED_NODES = 256  # a node group the autoscaler may grow without a limit counts as this many nodes
@@ -17,7 +17,7 @@ _EPSILON = 1e-9  # resource amounts are floats: 0.3 CPUs hold three 0.1-CPU requ
 
 def worker_request(cluster: ClusterConfig, cpus: float) -> dict[str, float]:
     """What one Ray Train worker asks for: its CPUs, a GPU with --use-gpu, --worker-resources."""
-    return {"CPU": cpus} | ({"GPU": 1.0} if cluster.use_gpu else {}) | config.worker_resources(cluster)
+    return {"CPU": cpus} | ({"GPU": 1.0} if cluster.use_gpu else {}) | worker_flags.worker_resources(cluster.worker_resources)
 
 
 def slots(node: dict[str, float], request: dict[str, float]) -> int:
@@ -61,7 +61,7 @@ def cpus_per_worker(cluster: ClusterConfig, nodes: list[dict[str, float]], worke
     have on these nodes; 1 when they do not fit (yet: an autoscaler may add nodes whose size is
     unknown here). Ray sets each worker's OMP_NUM_THREADS from its CPU request, so a 1-CPU worker
     trains on one thread. A sweep asks for its concurrent trials' workers together."""
-    return cluster.cpus_per_worker or largest_cpus_per_worker(nodes, cluster, workers or cluster.num_workers) or 1
+    return cluster.cpus_per_worker or largest_cpus_per_worker(nodes, cluster, workers or worker_flags.worker_range(cluster.num_workers)[1]) or 1
 
 
 # ---------------------------------------------------------------- reading the cluster

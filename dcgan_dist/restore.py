@@ -82,7 +82,9 @@ def read_checked(candidate: ray.train.Checkpoint) -> dict[str, Any]:
         missing = [key for key in ("step", "generator", "discriminator", "opt_g", "opt_d") if key not in state]
         if missing:
             raise ValueError(f"{checkpoint.STATE_FILE} lacks {', '.join(missing)}")
-        for rank in range(int(state.get("config", {}).get("cluster.num_workers", 1))):
+        # the world size that wrote it (an elastic run's changes; its data position records it)
+        world_size = (state.get("data_position") or {}).get("world_size") or int(state.get("config", {}).get("cluster.num_workers", 1))
+        for rank in range(world_size):
             if checkpoint.load_rng(directory, rank) is None:
                 raise FileNotFoundError(f"{checkpoint.rng_file(rank)} is missing")
     return state

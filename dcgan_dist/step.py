@@ -27,11 +27,15 @@ def gan_step(
     z: torch.Tensor,
     precision: str = "fp32",
     discriminator_local: nn.Module | None = None,
+    loss_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Update D on (real, G(z)), then G on D(G(z)); returns detached scalar tensors.
 
     `discriminator_local`: D's replica-local module for G's pass (default: the module inside
-    DDP, or D itself); the training loop passes its own compiled copy under --compile."""
+    DDP, or D itself); the training loop passes its own compiled copy under --compile.
+    `loss_weight`: rank batch x world size / global batch. DDP averages the ranks' gradients with
+    equal weights; scaled by their share of an unevenly split global batch, the average is the
+    gradient of the loss over the global batch. The returned losses are not scaled."""
     autocast = torch.autocast(real.device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
     with autocast:
         fake = generator(z)
@@ -44,7 +48,7 @@ def gan_step(
             logits_real, torch.ones_like(logits_real)
         ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
     opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
+    (loss_d * loss_weight if loss_weight != 1.0 else loss_d).backward()
     grad_norm_d = grad_norm(discriminator)
     opt_d.step()
 
@@ -60,7 +64,7 @@ def gan_step(
             logits_gen = d_local(fake)
             loss_g = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
         opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
+        (loss_g * loss_weight if loss_weight != 1.0 else loss_g).backward()
     finally:  # an exception in G's pass must not leave D frozen for whoever catches it
         d_local.requires_grad_(True)
     grad_norm_g = grad_norm(generator)

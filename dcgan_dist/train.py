@@ -65,12 +65,9 @@ def preflight(cfg: Config) -> Config:
     else:
         raise ConfigError("data", f"unknown data set {cfg.data.data!r}; available: {', '.join(data.SOURCES)}, "
                                   "or a shard manifest (PATH/manifest.json, s3://bucket/prefix/manifest.json)")
-    if num_images // cfg.cluster.num_workers < cfg.per_worker_batch:
-        raise ConfigError(
-            "batch_size",
-            f"{redact(cfg.data.data)} has {num_images} images, too few for a batch of {cfg.per_worker_batch} "
-            f"on each of {cfg.cluster.num_workers} workers",
-        )
+    if num_images < cfg.loop.batch_size:  # an epoch is num_images // --batch-size steps at any world size
+        raise ConfigError("batch_size", f"{redact(cfg.data.data)} has {num_images} images, too few for one global batch "
+                                        f"of {cfg.loop.batch_size}")
     if cfg.loop.max_epochs:  # an epoch is num_images // --batch-size steps on any number of workers
         cfg.loop.max_steps = cfg.loop.max_epochs * (num_images // cfg.loop.batch_size)
 
@@ -233,7 +230,10 @@ def build_trainer(cfg: Config, callbacks: list | None = None, entry_point: str =
         train_loop,
         train_loop_config={"config": config.flatten(cfg), **(launch or launch_info(cfg, entry_point)), "env": worker_env(cfg)},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.cluster.num_workers,
+            # (MIN, MAX): Ray Train starts once MIN workers fit, checks every --resize-interval-s
+            # whether more fit (and then restarts larger from a checkpoint), restarts smaller after a loss.
+            num_workers=cfg.worker_range if cfg.worker_range[0] < cfg.worker_range[1] else cfg.worker_range[0],
+            elastic_resize_monitor_interval_s=cfg.cluster.resize_interval_s,
             use_gpu=cfg.cluster.use_gpu,
             resources_per_worker=placement.worker_request(cfg.cluster, cfg.cluster.cpus_per_worker),
         ),
@@ -242,7 +242,9 @@ def build_trainer(cfg: Config, callbacks: list | None = None, entry_point: str =
             **storage(cfg.tracking.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.loop.keep_checkpoints),
             # After a worker or node failure, Ray Train restarts the workers from the latest checkpoint.
+            # A preemption (a node drained with notice) is counted apart from failures.
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures,
+                                                   max_preemption_failures=cfg.cluster.max_preemptions,
                                                    controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
             callbacks=callbacks,
             # Quiet by default: Ray Train's own INFO lines (a line per report) only with --verbose.

@@ -45,7 +45,7 @@ def test_help_lists_every_option():
         (["--image-size", "48"], "--image-size"),
         (["--preset", "stylegan"], "--preset"),
         (["--bn", "sometimes"], "--bn"),
-        (["--batch-size", "128", "--num-workers", "3"], "--batch-size"),
+        (["--num-workers", "4:2"], "--num-workers"),
         (["--max-steps", "0"], "--max-steps"),
         (["--data", "mnist-from-nowhere"], "--data"),
         (["--preset", "imagenet32", "--image-size", "64"], "--image-size"),
@@ -140,3 +140,30 @@ def test_default_is_the_paper_optimiser_and_batch():
     cfg = Config()
     assert (cfg.optim.lr, cfg.optim.beta1, cfg.loop.batch_size, cfg.model.bn) == (2e-4, 0.5, 128, "paper")
     assert cfg.data.data == "digits"
+
+
+def configured(*argv: str) -> Config:
+    """The validated config of a command line (a bad value raises the ConfigError the CLI prints)."""
+    return config.from_args(config.build_parser().parse_args(list(argv)))
+
+
+@pytest.mark.parametrize("num_workers, message", [
+    ("4:2", "MIN must not exceed MAX"), ("0:2", "at least 1 worker"), ("0", "at least 1 worker"), ("2:x", "expected N or MIN:MAX"),
+    ("1:2:3", "expected N or MIN:MAX"), ("", "expected N or MIN:MAX"), ("2:200", "cannot share a global --batch-size of 128"),
+])
+def test_a_worker_range_that_cannot_run_names_the_flag(num_workers, message):
+    with pytest.raises(ConfigError, match=f"--num-workers: .*{message}"):
+        configured("--num-workers", num_workers)
+
+
+def test_a_worker_range_reaches_every_layer_as_one_value():
+    """N is a fixed run, MIN:MAX an elastic one; the flat config (MLflow params, Tune, what Ray
+    hands the workers) carries the text, and any world size in the range may split the batch."""
+    fixed, elastic = configured("--num-workers", "3"), configured("--num-workers", "2:5", "--resize-interval-s", "5")
+    assert fixed.worker_range == (3, 3) and elastic.worker_range == (2, 5)
+    assert config.flatten(elastic)["cluster.num_workers"] == "2:5"
+    assert config.from_flat(config.flatten(elastic)).worker_range == (2, 5)
+    assert config.from_flat({"num_workers": 4}).worker_range == (4, 4)  # a Tune search value may be an int
+    for name, value in (("resize_interval_s", "-1"), ("max_preemptions", "-2")):
+        with pytest.raises(ConfigError, match="--" + name.replace("_", "-")):
+            configured("--" + name.replace("_", "-"), value)

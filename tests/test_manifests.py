@@ -609,7 +609,7 @@ def test_the_training_rayjob_runs_the_real_module_and_its_flags_parse():
     # It fits the cluster it creates: one GPU per worker, CPUs within a worker pod.
     (group,) = train["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     (worker,) = group["template"]["spec"]["containers"]
-    assert cfg.cluster.num_workers <= group["maxReplicas"] * int(worker["resources"]["limits"]["nvidia.com/gpu"])
+    assert cfg.worker_range[1] <= group["maxReplicas"] * int(worker["resources"]["limits"]["nvidia.com/gpu"])
     assert 0 < cfg.cluster.cpus_per_worker <= int(worker["resources"]["limits"]["cpu"])
 
 

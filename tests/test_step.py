@@ -241,3 +241,31 @@ def test_the_authors_networks_train_like_any_preset(preset):
     gan_step(generator, discriminator, opt_g, opt_d, real, z)
     assert not torch.equal(generator.project.weight, g_before.project.weight)
     assert not torch.equal(discriminator.classify.weight, d_before.classify.weight)
+
+
+def test_uneven_rank_batches_weighted_average_to_the_global_batch_gradient():
+    """A global batch of 7 over 3 ranks is 3 + 2 + 2 images (split.rank_batches). Each rank
+    scales its losses by its loss weight (rank batch x world size / global batch), DDP averages
+    the three gradients with equal weights: the result is the one-rank gradient of the whole
+    batch. Without BatchNorm every image's loss is its own, so the two agree to rounding; D's
+    learning rate is 0 so G's pass sees the same D on every rank, as it does under DDP."""
+    from dcgan_dist.data.split import rank_batches
+
+    torch.manual_seed(3)
+    generator, discriminator = build_models("pytorch-examples", 32, "none")
+    real, z = torch.rand(7, 3, 32, 32) * 2 - 1, sample_latent(7, "pytorch-examples")
+
+    def gradients(images, latents, loss_weight):
+        g, d = copy.deepcopy(generator), copy.deepcopy(discriminator)
+        opt_g = torch.optim.Adam(g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        opt_d = torch.optim.Adam(d.parameters(), lr=0.0)
+        gan_step(g, d, opt_g, opt_d, images, latents, loss_weight=loss_weight)
+        return [p.grad.clone() for p in (*g.parameters(), *d.parameters())]
+
+    shares = rank_batches(7, 3)
+    assert shares == [3, 2, 2]
+    per_rank = [gradients(images, latents, share * 3 / 7)
+                for images, latents, share in zip(real.split(shares), z.split(shares), shares)]
+    averaged = [sum(grads) / 3 for grads in zip(*per_rank)]  # what DDP's all-reduce gives every rank
+    for ours, whole in zip(averaged, gradients(real, z, 1.0)):
+        torch.testing.assert_close(ours, whole, rtol=1e-4, atol=1e-7)

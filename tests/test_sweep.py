@@ -78,7 +78,7 @@ def test_search_keys_are_config_paths_and_the_paper_ablation():
     assert sweep.parse_args(["--ablation", "paper", "--eval-every", "0"]).metric == "loss_g"
     # training flags apply to every trial; sweeps do not register a model version per trial
     flagged = sweep.parse_args(["--ablation", "paper", "--max-steps", "77", "--workers-per-trial", "2", "--batch-size", "64"])
-    assert flagged.base.loop.max_steps == 77 and flagged.base.cluster.num_workers == 2
+    assert flagged.base.loop.max_steps == 77 and flagged.base.cluster.num_workers == "2"
     assert flagged.base.tracking.register_models is False
 
 

@@ -82,7 +82,7 @@ def plan_resources(sweep: Sweep, nodes: list[dict[str, float]], at_most: bool) -
     is the cluster at the largest its autoscaler may make it (`at_most`), or as it is now when
     that is unknown: then --max-concurrent (or what fits now, at least 1) is trusted, and trials
     wait for the nodes the autoscaler adds for their workers."""
-    cluster, workers = sweep.base.cluster, sweep.base.cluster.num_workers
+    cluster, workers = sweep.base.cluster, sweep.base.worker_range[1]
     request = placement.worker_request(cluster, cluster.cpus_per_worker or 1)
 
     def room(trials: int) -> list[dict[str, float]]:  # Ray may place each trial's driver on any node

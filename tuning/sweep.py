@@ -60,12 +60,14 @@ def settings_from_args(args: argparse.Namespace) -> Sweep:
     base.tracking.register_models = False  # one registry version per trial is noise; opt in with the flag
     base = config.from_args(args, base)
     if args.workers_per_trial is not None:
-        base.cluster.num_workers = args.workers_per_trial
+        base.cluster.num_workers = str(args.workers_per_trial)
     if args.gpus_per_trial:
         if args.workers_per_trial is not None and args.workers_per_trial != args.gpus_per_trial:
             raise SweepError("gpus_per_trial", f"one GPU per worker: {args.gpus_per_trial} GPUs need --workers-per-trial {args.gpus_per_trial}")
-        base.cluster.num_workers, base.cluster.use_gpu = args.gpus_per_trial, True
+        base.cluster.num_workers, base.cluster.use_gpu = str(args.gpus_per_trial), True
     config.validate(base)
+    if base.worker_range[0] != base.worker_range[1]:  # the trials at once are planned from each trial's fixed size
+        raise SweepError("num_workers", f"a sweep's trials have a fixed size: N, not {base.cluster.num_workers}")
     dimensions = space.dimensions(args.search, args.ablation, base)
 
     if args.metric and not args.mode:

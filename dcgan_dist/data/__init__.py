@@ -102,27 +102,28 @@ def open_batches(cfg, rank: int, world_size: int, start_step: int = 0, data_posi
     `device` (scaled there from uint8)."""
     # Pinned host memory lets the loop's .to(device, non_blocking=True) copy without a host sync.
     pin_memory = cfg.cluster.use_gpu
+    per_rank_batch = split.rank_batches(cfg.loop.batch_size, world_size)[rank]
     if cfg.data.data in SOURCES:
         dataset = open_dataset(cfg.data.data, cfg.model.image_size)
         position = Position(*divmod(start_step, len(dataset) // cfg.loop.batch_size), len(dataset) // cfg.loop.batch_size)
-        return InMemoryBatches(batch_stream(dataset, cfg.per_worker_batch, rank, world_size, cfg.loop.seed, start_step,
-                                            pin_memory), position, cfg.per_worker_batch, world_size)
+        return InMemoryBatches(batch_stream(dataset, per_rank_batch, rank, world_size, cfg.loop.seed, start_step,
+                                            pin_memory), position, per_rank_batch, world_size)
     from dcgan_dist.data import epochs, manifest, stream
 
     shards = manifest.read(cfg.data.data)
     streams = max(cfg.data.loader_workers, 1)
     epoch_batches = None
     if cfg.data.sampling == "epochs":
-        steps = split.steps_per_epoch(shards.num_samples, cfg.per_worker_batch * world_size)
+        steps = split.steps_per_epoch(shards.num_samples, cfg.loop.batch_size)
         position, changed = split.resume_position(data_position, start_step, steps, "epochs", world_size, streams)
         if changed:
             log.warning("resuming at epoch %d step %d, but %s: this epoch's split differs from the interrupted one's "
                         "(some of its samples may be read twice or not at all)", position.epoch, position.step, changed)
-        epoch_batches = epochs.EpochBatches(shards, cfg.per_worker_batch, rank, world_size, cfg.loop.seed, position.epoch,
+        epoch_batches = epochs.EpochBatches(shards, per_rank_batch, rank, world_size, cfg.loop.seed, position.epoch,
                                             position.step, cfg.data.loader_workers, cfg.data.shuffle_buffer, cfg.data.shard_retries,
                                             cfg.data.decode)
     return stream.ShardBatches(
-        shards, cfg.per_worker_batch, rank, world_size, cfg.loop.seed, start_step,
+        shards, per_rank_batch, rank, world_size, cfg.loop.seed, start_step,
         loader_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer,
         shard_retries=cfg.data.shard_retries, pin_memory=pin_memory, epochs=epoch_batches, device=device,
         decode=cfg.data.decode, prefetch_batches=cfg.data.prefetch_batches,

@@ -57,6 +57,12 @@ class Stream:
         return sum(piece.stop - piece.start for piece in self.pieces)
 
 
+def rank_batches(global_batch: int, world_size: int) -> list[int]:
+    """Each rank's share of the global batch: global_batch // world_size, the first
+    global_batch % world_size ranks one more (the global batch is the same at every world size)."""
+    return [global_batch // world_size + (rank < global_batch % world_size) for rank in range(world_size)]
+
+
 def steps_per_epoch(num_samples: int, global_batch: int) -> int:
     """Steps every rank takes per epoch (the same for any world size)."""
     return num_samples // global_batch

@@ -61,6 +61,7 @@ class RunLogger:
         self.sender = BufferedSender(self.client, self.run_id, max_metrics=max_buffered_metrics)
         # On resume: the last step already in the run, per metric or image key (see skip_logged).
         self.logged_through: dict[str, int] = {}
+        self.last_logged_ms = 0  # when the run's latest training metric was logged (found by skip_logged)
 
     def skip_logged(self, metric_names: tuple[str, ...] | None = None, image_keys: tuple[str, ...] | None = None) -> None:
         """After a failure the run already holds the steps logged between the checkpoint it
@@ -76,6 +77,8 @@ class RunLogger:
         for name in metric_names:
             history = self.client.get_metric_history(self.run_id, name)
             self.logged_through[name] = max((m.step for m in history), default=0)
+            if not name.startswith("system/"):  # MLflow's monitor samples on while training waits
+                self.last_logged_ms = max([self.last_logged_ms, *(m.timestamp for m in history)])
         for artifact in self.client.list_artifacts(self.run_id, "images"):
             match = re.search(r"images/(.+?)\+step\+(\d+)\+", artifact.path)
             if match and (image_keys is None or match.group(1) in image_keys):
@@ -98,6 +101,12 @@ class RunLogger:
         timestamp = mlflow.utils.time.get_current_time_millis()
         self.sender.add_metrics([Metric(name, value, timestamp, step) for step, values in rows for name, value in values.items()
                                  if step > self.logged_through.get(name, 0)])
+
+    def log_event_metrics(self, step: int, values: dict[str, float]) -> None:
+        """Metrics of an event (a restart), logged once per event, as they come: two events may
+        share a step, so nothing already logged skips them."""
+        timestamp = mlflow.utils.time.get_current_time_millis()
+        self.sender.add_metrics([Metric(name, value, timestamp, step) for name, value in values.items()])
 
     def log_image(self, image_hwc: np.ndarray, key: str, step: int) -> None:
         if step <= self.logged_through.get(key, 0):

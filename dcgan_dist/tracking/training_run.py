@@ -1,5 +1,5 @@
-"""The driver's side of a training run's MLflow run: created (or found again) before any worker
-starts, and handed to the workers by id.
+"""A training run's MLflow run: the driver creates it (or finds it again) before any worker
+starts and hands it to the workers by id; rank 0 opens it (`open_run`) on every start.
 
 A worker that fails before the first checkpoint has nothing to resume from, so if rank 0
 created the run, its restart would create another and leave the first behind, RUNNING or
@@ -11,6 +11,8 @@ into the same run.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import secrets
 import warnings
 from pathlib import Path
@@ -25,8 +27,11 @@ from mlflow.tracking.context.registry import resolve_tags
 
 from dcgan_dist import config
 from dcgan_dist.config import Config
+from dcgan_dist.tracking.run_logger import RunLogger
 from dcgan_dist.tracking.store import log_params
 from dcgan_dist.util import redact
+
+log = logging.getLogger(__name__)
 
 RESUME_KEY_TAG = "dcgan.resume_key"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
@@ -73,11 +78,20 @@ def open_training_run(cfg: Config, launch: dict[str, Any]) -> tuple[str, bool]:
     run = client.create_run(experiment_id, run_name=name, tags=resolve_tags(tags))
     run_id = run.info.run_id
     log_params(client, run_id, config.flatten(cfg) | {
-        "derived.per_worker_batch": cfg.per_worker_batch, "derived.world_size": cfg.cluster.num_workers,
+        "derived.per_worker_batch": per_worker_batches(cfg), "derived.world_size": cfg.cluster.num_workers,
         "derived.stop_rule": "max_epochs" if cfg.loop.max_epochs else "max_steps"})
     if dataset.get("sha256"):
         log_dataset(client, run_id, dataset["name"], dataset["source"], dataset["sha256"])
     return run_id, False
+
+
+def per_worker_batches(cfg: config.Config) -> str:
+    """Each worker's share of the global batch: "64" at a fixed world size that divides it, else
+    the smallest and largest share ("42-43"; an elastic run: over its world sizes)."""
+    low, high = cfg.worker_range
+    batch = cfg.loop.batch_size
+    smallest, largest = batch // high, -(-batch // low)
+    return str(smallest) if smallest == largest else f"{smallest}-{largest}"
 
 
 def log_dataset(client: MlflowClient, run_id: str, name: str, source: str, digest: str) -> None:
@@ -108,3 +122,33 @@ def end_failed(uri: str, run_id: str) -> None:
 
 def delete_run(uri: str, run_id: str) -> None:
     MlflowClient(uri).delete_run(run_id)
+
+
+def open_run(cfg: Config, launch: dict[str, Any], checkpoint_run_id: str | None, start_step: int,
+             node_of_rank: list[str]) -> RunLogger:
+    """Rank 0's MLflow run: the one the driver created (or found again) for this launch, or the
+    one a checkpoint continues. Steps it already holds (from an attempt that failed before this
+    one) are not logged twice."""
+    run_id, finished = launch.get("mlflow_run_id"), start_step >= cfg.loop.max_steps
+    if checkpoint_run_id and checkpoint_run_id != run_id:
+        # A checkpoint from before the driver created runs (or from another tracking setup): its
+        # run continues, and the one the driver made for this launch, still empty, goes.
+        if run_id:
+            log.warning("the checkpoint continues MLflow run %s; deleting the empty run %s made for this launch",
+                        checkpoint_run_id, run_id)
+            delete_run(cfg.tracking.tracking_uri, run_id)
+        run_id = checkpoint_run_id
+    logger = RunLogger(cfg.tracking.tracking_uri, cfg.tracking.experiment, "", run_id, system_metrics=not finished)
+    if finished:  # re-opened only to check that it holds its final models: a re-run that trains nothing records nothing
+        return logger
+    logger.skip_logged()  # every metric and picture the run already holds
+    num_nodes = len(set(node_of_rank))
+    if start_step:
+        log.info("Resuming MLflow run %s from step %d", logger.run_id, start_step)
+        logger.set_tags({"train.resumed_from_step": start_step})
+    if "derived.num_nodes" not in logger.params():  # where the first attempt's ranks ran (tags follow restarts)
+        logger.log_params({"derived.num_nodes": num_nodes})
+    # Tags, not params: after a restart the ranks may land on other nodes.
+    logger.set_tags(launch.get("tags", {}) | {"ray.world_size": len(node_of_rank), "ray.run_name": cfg.tracking.run_name,
+                                              "ray.num_nodes": num_nodes, "ray.node_of_rank": json.dumps(node_of_rank)})
+    return logger
