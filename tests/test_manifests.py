@@ -3,7 +3,8 @@
 Offline and fast: every YAML parses; RayCluster/RayJob validate against the vendored KubeRay CRD
 schemas (cluster/schemas/, with unknown fields rejected), the core Kubernetes objects and every
 Ray pod template against Kubernetes' own schemas (kubernetes-validate bundles them); the RayJob
-entrypoints parse with our CLI parsers; no credential is written anywhere; the compose stack
+entrypoints parse with our CLI parsers; the spot and on-demand GPU groups hold the training RayJob's
+elastic range and outlast their drain; no credential is written anywhere; the compose stack
 and the ConfigMap are wired with the variables the code (and the libraries it calls) reads; and
 the deploy is locked down: MLflow's basic-auth app with its admin from a Secret, the Ray pods
 logging in with a Secret's user, a NetworkPolicy per service behind a default deny, every
