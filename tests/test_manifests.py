@@ -3,7 +3,8 @@
 Offline and fast: every YAML parses; RayCluster/RayJob validate against the vendored KubeRay CRD
 schemas (cluster/schemas/, with unknown fields rejected), the core Kubernetes objects and every
 Ray pod template against Kubernetes' own schemas (kubernetes-validate bundles them); the RayJob
-entrypoints parse with our CLI parsers; no credential is written anywhere; the compose stack
+entrypoints parse with our CLI parsers; the spot and on-demand GPU groups hold the training RayJob's
+elastic range and outlast their drain; no credential is written anywhere; the compose stack
 and the ConfigMap are wired with the variables the code (and the libraries it calls) reads; and
 the deploy is locked down: MLflow's basic-auth app with its admin from a Secret, the Ray pods
 logging in with a Secret's user, a NetworkPolicy per service behind a default deny, every
@@ -28,7 +29,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from dcgan_dist import config
+from dcgan_dist import config, worker_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER, INFRA = ROOT / "cluster", ROOT / "infra"
@@ -93,8 +94,9 @@ def cluster_spec(doc: dict) -> dict:
 # The pod templates of each KubeRay object, by where they sit. The checks below loop over them and
 # would pass over none, so pod_templates() fails where an object's are not these.
 EXPECTED_POD_TEMPLATES = {
-    "RayCluster/dcgan": ["head", "worker group gpu"],
-    "RayJob/dcgan-train": ["submitter", "head", "worker group gpu"],  # the same cluster, created per job
+    "RayCluster/dcgan": ["head", "worker group gpu-spot", "worker group gpu-on-demand"],
+    # the same cluster, created per job
+    "RayJob/dcgan-train": ["submitter", "head", "worker group gpu-spot", "worker group gpu-on-demand"],
     "RayJob/dcgan-sweep": ["submitter"],  # runs on the RayCluster (clusterSelector)
 }
 
@@ -277,14 +279,15 @@ def test_every_deployment_has_a_readiness_probe_and_a_service():
 # ---------------------------------------------------------------- the Ray cluster
 
 
-def test_raycluster_has_a_head_and_an_autoscaled_gpu_group_with_shared_memory():
+def test_raycluster_has_a_head_and_autoscaled_gpu_groups_with_shared_memory():
     spec = the_object("RayCluster", "dcgan")["spec"]
     assert spec["enableInTreeAutoscaling"] is True
-    (group,) = spec["workerGroupSpecs"]
-    assert 0 <= group["minReplicas"] <= group["maxReplicas"] and group["maxReplicas"] >= 2
-    (worker,) = group["template"]["spec"]["containers"]
-    assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) >= 1
-    for template in (spec["headGroupSpec"]["template"], group["template"]):
+    groups = spec["workerGroupSpecs"]
+    assert gpu_groups(the_object("RayCluster", "dcgan")) == groups
+    for group in groups:
+        assert 0 <= group["minReplicas"] <= group["maxReplicas"], group["groupName"]
+    assert sum(group["maxReplicas"] for group in groups) >= 2
+    for template in (spec["headGroupSpec"]["template"], *(group["template"] for group in groups)):
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
         for container in template["spec"]["containers"]:
             (shm,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
@@ -590,6 +593,114 @@ def test_the_training_pods_log_in_with_the_user_the_job_creates():
     assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(train)
 
 
+# ---------------------------------------------------------------- spot GPUs (docs/cluster.md#running-on-spot-gpus)
+
+MARKET_TYPE = "ray.io/market-type"  # Ray's node label for it (ray._raylet.RAY_NODE_MARKET_TYPE_KEY)
+CAPACITY_TYPE = "eks.amazonaws.com/capacityType"  # EKS managed node groups' node label
+CAPACITY_OF_MARKET = {"spot": "SPOT", "on-demand": "ON_DEMAND"}
+DRAIN_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"  # how long `ray start --block` drains on SIGTERM
+POLL_ENV = "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"  # how often Ray Train looks for draining nodes
+# After the drain `ray start` stops the node's processes, about a second for each kind; the
+# kubelet's SIGKILL must wait for that too.
+TEARDOWN_S = 10
+K8S_DEFAULT_GRACE_S = 30
+
+
+def gpu_groups(doc: dict) -> list[dict]:
+    """The worker groups of a RayCluster or RayJob whose pods ask for a GPU."""
+    if doc["kind"] == "RayJob" and "rayClusterSpec" not in doc["spec"]:
+        return []
+    return [group for group in cluster_spec(doc).get("workerGroupSpecs", [])
+            if "nvidia.com/gpu" in group["template"]["spec"]["containers"][0]["resources"]["limits"]]
+
+
+def clusters() -> list[tuple[str, dict]]:
+    """(name, object) for every KubeRay object that creates a cluster."""
+    return [(f"{doc['kind']}/{doc['metadata']['name']}", doc) for _, doc in ray_objects()
+            if doc["kind"] == "RayCluster" or "rayClusterSpec" in doc["spec"]]
+
+
+def flag_value(argv: list[str], flag: str) -> str:
+    (value,) = [argv[i + 1] for i, word in enumerate(argv[:-1]) if word == flag] + \
+               [word.split("=", 1)[1] for word in argv if word.startswith(flag + "=")]
+    return value
+
+
+def worker_range(argv: list[str]) -> tuple[int, int]:
+    """--num-workers N or MIN:MAX, as (min, max), read as the trainer reads it."""
+    return worker_flags.worker_range(flag_value(argv, "--num-workers"))
+
+
+def plain_env(container: dict) -> dict[str, str]:
+    return {entry["name"]: entry["value"] for entry in container.get("env", []) if "value" in entry}
+
+
+def test_the_elastic_range_is_the_gpu_groups_replicas_summed():
+    """--num-workers MIN:MAX asks for what the groups hold at their smallest and largest: a larger MAX
+    waits for workers that never come, a smaller one leaves GPUs idle; MIN is what no preemption takes."""
+    train = the_object("RayJob", "dcgan-train")
+    groups = gpu_groups(train)
+    assert len(groups) >= 2
+    for group in groups:  # one worker per pod
+        (worker,) = group["template"]["spec"]["containers"]
+        assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1" and group.get("numOfHosts", 1) == 1, group["groupName"]
+    argv = entrypoint_argv(train)
+    replicas = (sum(group["minReplicas"] for group in groups), sum(group["maxReplicas"] for group in groups))
+    assert worker_range(argv) == replicas, f"--num-workers {flag_value(argv, '--num-workers')}: the GPU groups hold {replicas}"
+    assert 1 <= replicas[0] < replicas[1], "elastic, and never below one worker"
+    assert int(flag_value(argv, "--max-failures")) > 0 and int(flag_value(argv, "--max-preemptions")) != 0
+    # The sweep on the RayCluster runs one 1-GPU trial per pod, as many as the groups hold.
+    sweep_at_once = int(flag_value(entrypoint_argv(the_object("RayJob", "dcgan-sweep")), "--max-concurrent"))
+    assert sweep_at_once == sum(group["maxReplicas"] for group in gpu_groups(the_object("RayCluster", "dcgan")))
+
+
+def test_every_gpu_pod_outlasts_its_drain():
+    """SIGTERM drains a node for RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S, the window in which every rank
+    checkpoints; a kubelet SIGKILL at terminationGracePeriodSeconds must come after it and the teardown."""
+    found = clusters()
+    assert found
+    for name, doc in found:
+        drains = []
+        for group in gpu_groups(doc):
+            spec = group["template"]["spec"]
+            (worker,) = spec["containers"]
+            where = f"{name} {group['groupName']}"
+            assert DRAIN_ENV in plain_env(worker), f"{where}: {DRAIN_ENV} is not set"
+            drain = float(plain_env(worker)[DRAIN_ENV])
+            grace = spec.get("terminationGracePeriodSeconds", K8S_DEFAULT_GRACE_S)
+            assert drain > 0, f"{where}: {DRAIN_ENV}={drain} turns the drain off"
+            assert grace >= drain + TEARDOWN_S, f"{where}: terminationGracePeriodSeconds {grace} <= {drain} s of drain + {TEARDOWN_S}"
+            drains.append(drain)
+        # Ray Train reads the poll interval in its controller, from the driver's environment: the head's.
+        (head,) = cluster_spec(doc)["headGroupSpec"]["template"]["spec"]["containers"]
+        poll = float(plain_env(head)[POLL_ENV])
+        assert 0 < poll <= min(drains) / 5, f"{name}: {POLL_ENV}={poll} takes too much of a {min(drains)} s drain"
+
+
+def test_the_gpu_groups_are_spot_first_with_an_on_demand_fallback():
+    for name, doc in clusters():
+        spec = cluster_spec(doc)
+        market_of = {group["groupName"]: group.get("labels", {}).get(MARKET_TYPE) for group in gpu_groups(doc)}
+        assert sorted(map(str, market_of.values())) == ["on-demand", "spot"], f"{name}: {market_of}"
+        for group in gpu_groups(doc):
+            market = market_of[group["groupName"]]
+            # KubeRay >= 1.5 refuses rayStartParams' labels; the group's labels become `ray start --labels`.
+            assert "labels" not in group["rayStartParams"], f"{name} {group['groupName']}"
+            selector = group["template"]["spec"].get("nodeSelector", {})
+            assert selector.get(CAPACITY_TYPE) == CAPACITY_OF_MARKET[market], f"{name} {group['groupName']}: pods of a {market} group on {selector}"
+        # The head (GCS, driver, Ray Train's controller) survives every preemption.
+        assert spec["headGroupSpec"]["template"]["spec"]["nodeSelector"] == {CAPACITY_TYPE: "ON_DEMAND"}, name
+        # One on-demand GPU at least: the run's floor.
+        assert sum(g["minReplicas"] for g in gpu_groups(doc) if market_of[g["groupName"]] == "on-demand") >= 1, name
+        # The autoscaler adds spot pods first; KubeRay refuses a priority unless autoscaler v2 is asked
+        # for by name, and Ray before 2.56 has none (validateWorkerGroupPriority).
+        priority = {market: [g.get("priority", 0) for g in gpu_groups(doc) if market_of[g["groupName"]] == market]
+                    for market in CAPACITY_OF_MARKET}
+        assert min(priority["spot"]) > max(priority["on-demand"]), f"{name}: {priority}"
+        assert spec["autoscalerOptions"].get("version") == "v2", name
+        assert version_tuple(spec["rayVersion"]) >= (2, 56), name
+
+
 # ---------------------------------------------------------------- the RayJob entrypoints
 
 
@@ -606,11 +717,10 @@ def test_the_training_rayjob_runs_the_real_module_and_its_flags_parse():
     assert cfg.tracking.storage_path.startswith("s3://"), "multi-node checkpoints need shared storage"
     assert cfg.cluster.max_failures > 0, "a lost worker pod should restart the run from its checkpoint"
     assert cfg.tracking.tracking_uri == the_object("ConfigMap", "dcgan-env")["data"]["MLFLOW_TRACKING_URI"]
-    # It fits the cluster it creates: one GPU per worker, CPUs within a worker pod.
-    (group,) = train["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    (worker,) = group["template"]["spec"]["containers"]
-    assert cfg.worker_range[1] <= group["maxReplicas"] * int(worker["resources"]["limits"]["nvidia.com/gpu"])
-    assert 0 < cfg.cluster.cpus_per_worker <= int(worker["resources"]["limits"]["cpu"])
+    # It fits the cluster it creates: CPUs within every GPU pod (the worker count: the elastic-range test).
+    for group in gpu_groups(train):
+        (worker,) = group["template"]["spec"]["containers"]
+        assert 0 < cfg.cluster.cpus_per_worker <= int(worker["resources"]["limits"]["cpu"]), group["groupName"]
 
 
 def test_the_sweep_rayjob_runs_the_real_module_and_its_flags_parse():
@@ -869,7 +979,8 @@ def test_the_kubernetes_stack_is_wired_the_same_way():
     buckets = the_object("Job", "create-buckets")["spec"]["template"]["spec"]["containers"][0]["env"]
     (buckets,) = [entry["value"].split() for entry in buckets if entry["name"] == "BUCKETS"]
     assert artifacts_bucket(server["command"]) in buckets
-    storage = config.parse(entrypoint_argv(the_object("RayJob", "dcgan-train"))[3:]).tracking.storage_path
+    # read off the entrypoint; that the trainer accepts it is test_the_training_rayjob_runs_the_real_module_...
+    storage = flag_value(entrypoint_argv(the_object("RayJob", "dcgan-train")), "--storage-path")
     assert urlparse(storage).netloc in buckets
 
 
