@@ -39,7 +39,7 @@ from tests.test_train import only_run, steps_of
 pytestmark = pytest.mark.slow
 
 SHARD_SIZES = [37, 23, 40]  # uneven shards; 100 samples are 20 global batches of 5, none left over
-BATCH, EPOCHS = 5, 25
+BATCH, EPOCHS = 5, 15
 DRAIN_TIMEOUT_S = 8  # the drained node's `ray start` waits this long before it stops its workers
 
 
