@@ -154,7 +154,7 @@ def test_three_then_two_then_three_ranks_with_two_loader_streams_read_each_sampl
     assert batches == [middle[1][6], middle[1][8]]
 
 
-OPENED: list[str] | None = None  # the tar files opened while a test records them (an audit hook sees every open())
+OPENED: list[str] | None = None  # the tar files opened while tars_opened() records them
 
 
 def record_opened(event: str, args: tuple) -> None:
@@ -162,11 +162,21 @@ def record_opened(event: str, args: tuple) -> None:
         OPENED.append(str(args[0]))
 
 
-sys.addaudithook(record_opened)  # once, at import: a hook cannot be removed; it records only while OPENED is a list
+sys.addaudithook(record_opened)  # an audit hook sees every open(); it cannot be removed, so it records only while OPENED is a list
+
+
+def tars_opened(read) -> list[str]:
+    """The tar files opened while `read()` runs, once per open."""
+    global OPENED
+    OPENED = []
+    try:
+        read()
+        return OPENED
+    finally:
+        OPENED = None
 
 
 def test_a_resized_stream_opens_each_shard_once_for_its_scattered_pieces(tmp_path):
-    global OPENED
     shards = manifest.read(write_shards(str(tmp_path), [40, 40, 40], image_size=8))
     # a shuffle buffer larger than a stream: the first 2 ranks read a random half of theirs by step
     # 7, so the 3 ranks after the resize each hold many scattered pieces of the same shards
@@ -174,25 +184,24 @@ def test_a_resized_stream_opens_each_shard_once_for_its_scattered_pieces(tmp_pat
     for rank in range(3):
         reader = epochs.EpochBatches(shards, 8, rank, 3, 0, 0, 7, 1, 1000, 0, segments=segments)
         plan = reader.plan(0, 0)
-        OPENED = []
-        try:
-            assert len(list(reader.stream_batches(plan, 0, stream.Counters()))) == plan.num_batches == 15 - 7
-            opened = OPENED
-        finally:
-            OPENED = None
+        batches = []
+        opened = tars_opened(lambda: batches.extend(reader.stream_batches(plan, 0, stream.Counters())))
+        assert len(batches) == plan.num_batches == 15 - 7
         held = {piece.shard for piece in plan.pieces}
         assert len(plan.pieces) > 2 * len(held)
         assert sorted(opened) == sorted(shards.shard_urls[shard] for shard in held)
-        # started at its last batch, it opens only the shards holding that batch's samples
-        OPENED = []
-        try:
-            assert len(list(reader.stream_batches(plan, plan.num_batches - 1, stream.Counters()))) == 1
-            opened = OPENED
-        finally:
-            OPENED = None
+    # resumed at its last batch, a stream opens only the shards that hold that batch's samples
+    shards = manifest.read(write_shards(str(tmp_path / "small"), [10] * 12, image_size=8))
+    for rank in range(3):
+        reader = epochs.EpochBatches(shards, 8, rank, 3, 0, 0, 14, 1, 4, 0, segments=segments)
+        plan = reader.plan(0, 0)
+        batches = []
+        opened = tars_opened(lambda: batches.extend(reader.stream_batches(plan, plan.num_batches - 1, stream.Counters())))
+        assert len(batches) == 1
         positions = [(piece.shard, member) for piece in plan.pieces for member in range(piece.start, piece.stop)]
-        order = split.reading_order(plan.num_samples, 1000, 0, 0, rank, 0, 7)
+        order = split.reading_order(plan.num_samples, 4, 0, 0, rank, 0, 7)
         last = {positions[at][0] for at in order[(plan.num_batches - 1) * reader.batch:]}
+        assert len(last) < len({piece.shard for piece in plan.pieces})
         assert sorted(opened) == sorted(shards.shard_urls[shard] for shard in last)
 
 
