@@ -154,7 +154,7 @@ def test_three_then_two_then_three_ranks_with_two_loader_streams_read_each_sampl
     assert batches == [middle[1][6], middle[1][8]]
 
 
-OPENED: list[str] | None = None  # the tar files opened while tars_opened() records them
+OPENED: list[str] | None = None  # the tar files opened while read_all() records them
 
 
 def record_opened(event: str, args: tuple) -> None:
@@ -165,13 +165,12 @@ def record_opened(event: str, args: tuple) -> None:
 sys.addaudithook(record_opened)  # an audit hook sees every open(); it cannot be removed, so it records only while OPENED is a list
 
 
-def tars_opened(read) -> list[str]:
-    """The tar files opened while `read()` runs, once per open."""
+def read_all(batches) -> tuple[list, list[str]]:
+    """Every item of `batches`, and the tar files opened while they were read, once per open."""
     global OPENED
     OPENED = []
     try:
-        read()
-        return OPENED
+        return list(batches), OPENED
     finally:
         OPENED = None
 
@@ -184,8 +183,7 @@ def test_a_resized_stream_opens_each_shard_once_for_its_scattered_pieces(tmp_pat
     for rank in range(3):
         reader = epochs.EpochBatches(shards, 8, rank, 3, 0, 0, 7, 1, 1000, 0, segments=segments)
         plan = reader.plan(0, 0)
-        batches = []
-        opened = tars_opened(lambda: batches.extend(reader.stream_batches(plan, 0, stream.Counters())))
+        batches, opened = read_all(reader.stream_batches(plan, 0, stream.Counters()))
         assert len(batches) == plan.num_batches == 15 - 7
         held = {piece.shard for piece in plan.pieces}
         assert len(plan.pieces) > 2 * len(held)
@@ -195,8 +193,7 @@ def test_a_resized_stream_opens_each_shard_once_for_its_scattered_pieces(tmp_pat
     for rank in range(3):
         reader = epochs.EpochBatches(shards, 8, rank, 3, 0, 0, 14, 1, 4, 0, segments=segments)
         plan = reader.plan(0, 0)
-        batches = []
-        opened = tars_opened(lambda: batches.extend(reader.stream_batches(plan, plan.num_batches - 1, stream.Counters())))
+        batches, opened = read_all(reader.stream_batches(plan, plan.num_batches - 1, stream.Counters()))
         assert len(batches) == 1
         positions = [(piece.shard, member) for piece in plan.pieces for member in range(piece.start, piece.stop)]
         order = split.reading_order(plan.num_samples, 4, 0, 0, rank, 0, 7)
