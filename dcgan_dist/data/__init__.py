@@ -1,8 +1,9 @@
 """Training data: a source of images in [-1, 1] (3 x H x W), and an endless, rank-sharded
 stream of batches from it.
 
-`--data digits` (scikit-learn's bundled 8x8 digits) is the default; it needs no download and
-replays its exact order on resume. `--data PATH/manifest.json` or `s3://bucket/prefix/manifest.json`
+`--data digits` (scikit-learn's bundled 8x8 digits) is the default; it needs no download, and
+split.py plans its epochs as it does a manifest's (each image a shard of one), so a resume
+continues the epoch exactly, at any world size. `--data PATH/manifest.json` or `s3://bucket/prefix/manifest.json`
 streams WebDataset shards written by `python -m dcgan_dist.shards pack` (see stream.py).
 """
 

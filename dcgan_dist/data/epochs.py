@@ -11,7 +11,10 @@ of the stream fills it (the first good one, at a stream's start), counted in `re
 every stream gives exactly its planned number of batches, every rank the same number of steps (DDP
 never waits on a rank that ran dry), and batch k of a stream is always made of the same planned
 positions: a reader started at step t of an epoch (a resumed run) hands out what an uninterrupted
-one would from there on, without decoding what came before.
+one would from there on, without decoding what came before. A reader resumed after a resize
+reads its stream of the epoch's new segment (split.py: the samples no rank had read, split over
+the new ranks and loader workers); such a stream may hold many scattered pieces of a shard, read
+in one pass over it.
 """
 
 from __future__ import annotations

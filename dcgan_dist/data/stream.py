@@ -18,9 +18,10 @@ endless stream with replacement below; per rank, and per DataLoader worker insid
 
 Shards are resampled, so the stream never ends and every rank takes exactly the steps the loop
 asks for, however uneven the shards are: DDP cannot hang on a rank that ran dry. Nominal epochs
-are `num_samples // global batch` steps. A resumed run reseeds from its start step: the data
-order is statistically the same, not the exact continuation (the bundled digits and `--sampling
-epochs` replay exactly).
+are `num_samples // global batch` steps; each rank's batch is its share of the global batch
+(split.rank_batches). A resumed run reseeds from its start step: the data order is statistically
+the same, not the exact continuation (the bundled digits and `--sampling epochs` continue the
+epoch exactly, at any world size).
 """
 
 from __future__ import annotations
