@@ -131,7 +131,7 @@ def main() -> None:
     names = {"full": f"whole epoch, {args.ranks:,} x {args.loader_workers}", "resized": "whole epoch after both resizes (the last segment)",
              "one": "one loader worker's stream after both"}
     for what, row in results.items():
-        print(f"| {names[what]} | {row['streams']:,} | {row['pieces']:,} | {row['seconds']:.2f} | {row['traced_mib']:.0f} | {row['rss_mib']:.0f} |")
+        print(f"| {names[what]} | {row['streams']:,} | {row['pieces']:,} | {row['seconds']:.3f} | {row['traced_mib']:.0f} | {row['rss_mib']:.0f} |")
     if args.plan_cli:
         cli = plan_cli(args, steps)
         print(f"\n`shards plan --resume-step {steps // 2}` ({args.ranks:,} -> {args.ranks * 125 // 128:,} ranks): {cli['seconds']:.1f} s, "

@@ -122,6 +122,8 @@ def test_position_counts_epochs_and_resumes_from_the_checkpoint_entry():
         split.Position(1, 2, 5), (split.Segment(0, 2, 2),), "the checkpoint's data position is for 3 steps per epoch of 16 samples, not 5 of 16")
     assert "3 steps per epoch of 16 samples, not 3 of 15" in split.resume_position(state, 7, 3, 15, 2, 2)[2]
     assert split.resume_position(None, 7, 3, 16, 2, 2) == (split.Position(2, 1, 3), one, "")
+    resampled = split.Position(2, 1, 3).state("resampled", 16, one)  # a resampled run's position: no epoch to continue
+    assert split.resume_position(resampled, 7, 3, 16, 2, 2) == (split.Position(2, 1, 3), one, "sampling resampled -> epochs")
     # a data position written before elastic runs: one segment, and the per-rank samples read
     old = {"sampling": "epochs", "epoch": 2, "step_in_epoch": 1, "steps_per_epoch": 3, "world_size": 2, "loader_workers": 2,
            "samples_read_per_rank": 8}
