@@ -154,6 +154,27 @@ def test_three_then_two_then_three_ranks_with_two_loader_streams_read_each_sampl
     assert batches == [middle[1][6], middle[1][8]]
 
 
+@pytest.mark.slow  # DataLoader processes
+def test_loader_processes_after_a_resize_hand_out_the_planned_batches_in_step_order(tmp_path):
+    shards = manifest.read(write_shards(str(tmp_path), UNEVEN, image_size=8))
+    segments = (split.Segment(0, 3, 2), split.Segment(5, 2, 2))
+    planned = segment_reads(shards, 8, segments, 12)
+    for rank in range(2):
+        for start in (5, 6):  # at the resize, and resumed a step into its segment (the other worker's turn first)
+            reader = epochs.EpochBatches(shards, 8, rank, 2, 0, 0, start, 2, 16, 0, segments=segments)
+            batches = stream.ShardBatches(shards, 8, rank, 2, 0, start, loader_workers=2, epochs=reader)
+            keys = []
+            for _ in range(12 - start):
+                next(batches)
+                keys.append(batches.keys)
+                if len(keys) == 1:
+                    assert batches.data_position()["segments"] == [[0, 3, 2], [5, 2, 2]]
+            assert keys == [planned[rank][step] for step in range(start, 12)]
+            next(batches)  # the next epoch: one segment, this split
+            assert batches.data_position()["segments"] == [[0, 2, 2]] and len(batches.keys) == 4
+            del batches  # stops its DataLoader workers
+
+
 OPENED: list[str] | None = None  # the tar files opened while read_all() records them
 
 
