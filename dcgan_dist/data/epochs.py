@@ -293,8 +293,11 @@ def planned_keys(manifest: Manifest, seed: int, epoch: int, global_batch: int, s
     worker (worker 0 first), each in reading order. Reads the shards' tar headers."""
     counts = [shard["num_samples"] for shard in manifest.shards]
     urls, expected = manifest.shard_urls, manifest.expected_samples()
+    place = {shard: at for at, shard in enumerate(split.shard_order(len(counts), seed, epoch))}
     keys: dict[int, list[str]] = {}
     for plan in split.streams(counts, seed, epoch, global_batch, shuffle_buffer, segments):  # worker w reads stream w from there
+        if plan.pieces:  # the streams go through the epoch's shard sequence in order: drop the keys of shards behind
+            keys = {shard: held for shard, held in keys.items() if place[shard] >= place[plan.pieces[0].shard]}
         positions = [(piece.shard, member) for piece in plan.pieces for member in range(piece.start, piece.stop)]
         for position in split.reading_order(plan.num_samples, shuffle_buffer, seed, epoch, plan.rank, plan.index, plan.from_step):
             shard, member = positions[position]
