@@ -11,8 +11,8 @@ The plan is pure (split.py needs the manifest's sample counts only), so the synt
 counts. Each measurement runs in a fresh process (this script with --child): the time, then the
 same again under tracemalloc (its peak: Python and numpy allocations) and the process's RSS peak
 above its RSS after the imports (getrusage). --plan-cli DIR writes the shards there (members of
-0 bytes: the plan reads tar headers only, 1.5 GB for 3 M samples), then times the CLI with its
-output to /dev/null.
+0 bytes: the plan reads tar headers only, 1.5 GB for 3 M samples; kept there, for a rerun), then
+times the CLI with its output to /dev/null.
 """
 
 from __future__ import annotations
