@@ -59,7 +59,7 @@ def main() -> None:
         print("|---:|---:|---:|---:|---:|---:|")
         for buffer in (0, 1000, 10000):
             started = time.perf_counter()
-            plan = split.stream([s["num_samples"] for s in shards.shards], 0, 0, 1, 1, args.batch, 0, 0)
+            plan = split.stream([s["num_samples"] for s in shards.shards], 0, 0, args.batch, buffer, [split.Segment(0, 1, 1)], 0, 0)
             split.reading_order(plan.num_samples, buffer, 0, 0, 0, 0)
             plan_s = time.perf_counter() - started
             row = [plan_s, first_batch_s(shards, args.batch, buffer, 0, steps)]

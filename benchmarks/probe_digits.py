@@ -52,7 +52,7 @@ def main() -> None:
         start = time.perf_counter()
         generator.train(), discriminator.train()
         while step < target:
-            gan_step(generator, discriminator, opt_g, opt_d, next(batches),
+            gan_step(generator, discriminator, opt_g, opt_d, next(batches)[0],
                      sample_latent(args.batch_size, args.preset))
             step += 1
         train_s += time.perf_counter() - start

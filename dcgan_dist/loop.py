@@ -277,7 +277,7 @@ def run(w: Worker) -> None:
         if cfg.perf.compile != "off":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's CUDA-graph outputs may be overwritten
         real = next(w.batches).to(w.device, non_blocking=True, memory_format=memory_format)
-        w.sample_log.write(step, getattr(w.batches, "keys", []))  # --sample-log
+        w.sample_log.write(step, w.batches.keys)  # --sample-log
         z = sample_latent(w.rank_batch, cfg.model.preset, w.device)
         stats = gan_step(w.generator, w.discriminator, w.opt_g, w.opt_d, real, z, cfg.perf.precision, w.discriminator_local,
                          w.loss_weight)

@@ -4,6 +4,7 @@ epoch's split, remove near-duplicates, and time training's reader on a manifest.
     python -m dcgan_dist.shards pack --source lsun --in bedroom_train_lmdb --out s3://bucket/lsun64 --image-size 64
     python -m dcgan_dist.shards inspect s3://bucket/lsun64/manifest.json --preview lsun64.png
     python -m dcgan_dist.shards plan s3://bucket/lsun64/manifest.json --world-size 8 --loader-workers 4 --epoch 0
+    python -m dcgan_dist.shards plan s3://bucket/lsun64/manifest.json --world-size 6 --loader-workers 4 --resume-step 900 --from-world-size 8
     python -m dcgan_dist.shards dedup s3://bucket/lsun64/manifest.json --out s3://bucket/lsun64-dedup
     python -m dcgan_dist.shards bench s3://bucket/lsun64/manifest.json --loader-workers 4 --step-img-s 40000
 """
@@ -51,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch", type=int, default=0, help="which epoch, from 0 (default: 0)")
     p.add_argument("--batch-size", type=int, default=128, help="GLOBAL batch, as training's --batch-size (default: 128)")
     p.add_argument("--shuffle-buffer", type=int, default=1000, help="training's --shuffle-buffer (default: 1000)")
+    p.add_argument("--resume-step", type=int, help="print the rest of the epoch from this step of it, read by --world-size "
+                   "ranks after a resize there (an elastic run's restart) from --from-world-size ranks")
+    p.add_argument("--from-world-size", type=int, help="with --resume-step: the world size before it (default: --world-size)")
+    p.add_argument("--from-loader-workers", type=int, help="with --resume-step: the loader workers before it (default: --loader-workers)")
     p = commands.add_parser("dedup", help="drop near-duplicates (the paper's autoencoder hash): new shards, manifest.json, dedup-report.json")
     p.add_argument("url", help="PATH/manifest.json or s3://bucket/prefix/manifest.json")
     p.add_argument("--out", required=True, metavar="DIR_OR_S3_PREFIX")
@@ -108,18 +113,35 @@ def plan_command(args: argparse.Namespace) -> int:
     """One line per sample: rank, tab, key; rank by rank, loader worker by worker, in reading order."""
     from dcgan_dist.data import epochs, split  # torch: only needed here
 
+    resized = {"--from-world-size": args.from_world_size, "--from-loader-workers": args.from_loader_workers}
     if args.world_size < 1 or args.loader_workers < 0 or args.epoch < 0 or args.batch_size < 1:
         raise ValueError("--world-size and --batch-size must be >= 1, --loader-workers and --epoch >= 0")
-    if args.batch_size % args.world_size:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by --world-size {args.world_size}")
+    if args.world_size > args.batch_size:
+        raise ValueError(f"--world-size {args.world_size} is more ranks than --batch-size {args.batch_size} has samples")
+    if args.resume_step is None and any(value is not None for value in resized.values()):
+        raise ValueError(f"{' and '.join(flag for flag, value in resized.items() if value is not None)} need --resume-step")
     shards = manifest.read(args.url)
-    per_rank = args.batch_size // args.world_size
-    steps = split.check([shard["num_samples"] for shard in shards.shards], args.world_size, max(args.loader_workers, 1), per_rank)
-    lines = epochs.planned_keys(shards, args.seed, args.epoch, args.world_size, args.loader_workers, per_rank, args.shuffle_buffer)
+    counts = [shard["num_samples"] for shard in shards.shards]
+    steps = split.check(counts, args.world_size, max(args.loader_workers, 1), args.batch_size)
+    segments, resumed = (split.Segment(0, args.world_size, max(args.loader_workers, 1)),), ""
+    if args.resume_step is not None:
+        from_world_size = args.world_size if args.from_world_size is None else args.from_world_size
+        from_loader_workers = args.loader_workers if args.from_loader_workers is None else args.from_loader_workers
+        if not 0 < args.resume_step < steps:
+            raise ValueError(f"--resume-step {args.resume_step} is not a step inside the epoch (1 to {steps - 1} of its {steps})")
+        if not 1 <= from_world_size <= args.batch_size or from_loader_workers < 0:
+            raise ValueError("--from-world-size must be from 1 to --batch-size, --from-loader-workers >= 0")
+        before = split.Segment(0, from_world_size, max(from_loader_workers, 1))
+        segments = (before, split.Segment(args.resume_step, args.world_size, max(args.loader_workers, 1)))
+        resumed = (f" from step {args.resume_step}, after {before.world_size} ranks x {before.loader_streams} loader streams "
+                   f"read steps 0 to {args.resume_step - 1}")
+    lines = epochs.planned_keys(shards, args.seed, args.epoch, args.batch_size, args.shuffle_buffer, segments)
     for chunk in iter(lambda: list(itertools.islice(lines, 10000)), []):
         sys.stdout.write("".join(f"{rank}\t{key}\n" for rank, key in chunk))
-    print(f"epoch {args.epoch}: {steps} steps of {per_rank} samples on each of {args.world_size} ranks; "
-          f"{shards.num_samples - steps * args.batch_size} of {shards.num_samples} samples not read this epoch", file=sys.stderr)
+    batches = split.rank_batches(args.batch_size, args.world_size)
+    per_rank = f"{batches[0]}" if batches[0] == batches[-1] else f"{batches[-1]}-{batches[0]}"
+    print(f"epoch {args.epoch}{resumed}: {steps - segments[-1].from_step} steps of {per_rank} samples on each of {args.world_size} "
+          f"ranks; {shards.num_samples - steps * args.batch_size} of {shards.num_samples} samples not read this epoch", file=sys.stderr)
     return 0
 
 

@@ -272,7 +272,7 @@ def test_two_ranks_on_uneven_shards_take_the_same_number_of_steps(s3_bucket):
     shards = manifest.read(url)
     steps = []
     for rank in (0, 1):
-        batches = stream.ShardBatches(shards, 8, rank, 2, seed=0, loader_workers=2, shuffle_buffer=16)
+        batches = stream.ShardBatches(shards, 16, rank, 2, seed=0, loader_workers=2, shuffle_buffer=16)
         assert batches.steps_per_epoch == 90 // 16
         # one nominal epoch of this rank, each batch taken off its shared-memory slot (which frees it)
         steps.append(sum(1 for ticket, *_ in batches.loader if batches.ring.take(ticket, "cpu") is not None))
@@ -395,8 +395,8 @@ def test_two_workers_train_from_s3_on_uneven_shards_and_log_counts(ray_local, ml
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "epoch")] == [(3, 1.0), (6, 2.0)]
     with ray.train.Result.from_path(str(tmp_path / "ray_results" / "test")).checkpoint.as_directory() as directory:
         assert checkpoint.load_state(directory)["data_position"] == {
-            "sampling": "epochs", "epoch": 2, "step_in_epoch": 0, "steps_per_epoch": 3, "world_size": 2,
-            "loader_workers": 1, "samples_read_per_rank": 0}
+            "sampling": "epochs", "epoch": 2, "step_in_epoch": 0, "steps_per_epoch": 3, "global_batch": 32, "world_size": 2,
+            "loader_workers": 1, "segments": [[0, 2, 1]]}
     # the corrupt first image of each shard read keeps its place, filled by another image
     repeated = client.get_metric_history(run.info.run_id, "data/repeated_samples")
     assert max(m.value for m in repeated) == max(m.value for m in client.get_metric_history(run.info.run_id, "data/corrupt_samples"))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dcgan_dist import shards
-from dcgan_dist.data import dedup, epochs, manifest
+from dcgan_dist.data import dedup, epochs, manifest, split
 
 # What the hash finds on the planted digits after 3 epochs at the default threshold (2.0): the
 # same on 1 and 2 torch threads and in RESULTS' table. Of each kind's 100 (original, copy) pairs:
@@ -39,7 +39,7 @@ def test_dedup_finds_planted_near_duplicates_and_writes_a_manifest_training_read
     removed = {key for group in report["groups"] for key in group[1:]}
     assert kept.num_samples == report["kept"] == 1797 + 300 - len(removed) and report["removed"] == len(removed) > 0
     # the training reader's epoch plan reads every kept sample once, and none of the removed
-    read = [key for _, key in epochs.planned_keys(kept, 0, 0, 1, 0, 1, 0)]
+    read = [key for _, key in epochs.planned_keys(kept, 0, 0, 1, 0, (split.Segment(0, 1, 1),))]
     assert len(read) == len(set(read)) == kept.num_samples
     assert not removed & set(read) and {group[0] for group in report["groups"]} <= set(read)
 

@@ -26,7 +26,7 @@ def planned_positions(counts, seed, epoch, world_size, streams, batch):
     for rank in range(world_size):
         plan[rank] = []
         for index in range(streams):
-            part = split.stream(counts, seed, epoch, world_size, streams, batch, rank, index)
+            part = split.stream(counts, seed, epoch, world_size * batch, 0, [split.Segment(0, world_size, streams)], rank, index)
             plan[rank].append([(p.shard, m) for p in part.pieces for m in range(p.start, p.stop)])
             assert part.num_samples == part.num_batches * batch
     return plan
@@ -40,9 +40,9 @@ def test_every_rank_reads_the_same_number_of_samples_and_each_sample_at_most_onc
         batch = rng.randint(1, 6)
         if sum(counts) < world_size * batch:
             with pytest.raises(split.SplitError, match="larger than a rank's share"):
-                split.check(counts, world_size, streams, batch)
+                split.check(counts, world_size, streams, world_size * batch)
             continue
-        steps = split.check(counts, world_size, streams, batch)
+        steps = split.check(counts, world_size, streams, world_size * batch)
         assert steps == sum(counts) // (world_size * batch)
         for epoch in (0, 1):
             plan = planned_positions(counts, 7, epoch, world_size, streams, batch)
@@ -84,21 +84,24 @@ def test_reading_order_shuffles_within_blocks_of_the_shuffle_buffer():
 
 def test_loader_workers_in_round_robin_give_the_batches_in_step_order_from_any_start():
     """DataLoader hands out worker 0's next batch, then worker 1's, ...: with each worker serving
-    stream_of_worker() and skipping batches_before(), the run sees (epoch, step) in order."""
+    stream_of_worker() and skipping batches_before(), the run sees (epoch, step) in order, also
+    when the start epoch's last segment (a resize) began before the start step."""
     for steps in (1, 2, 5, 6, 7):
         for streams in (1, 2, 3):
             for start_epoch, start_step in ((0, 0), (1, min(3, steps - 1)), (2, steps - 1)):
-                queues = []
-                for worker in range(streams):
-                    queue = []
-                    for epoch in range(start_epoch, start_epoch + 4):
-                        index = split.stream_of_worker(worker, epoch, steps, streams, start_epoch, start_step)
-                        skip = split.batches_before(index, streams, start_step) if epoch == start_epoch else 0
-                        queue += [(epoch, step) for step in range(index, steps, streams)][skip:]
-                    queues.append(queue)
-                handed_out = [queues[d % streams][d // streams] for d in range(2 * steps)]
-                expected = [divmod(start_epoch * steps + start_step + d, steps) for d in range(2 * steps)]
-                assert handed_out == expected, (steps, streams, start_epoch, start_step)
+                for from_step in sorted({0, start_step // 2, start_step}):
+                    queues = []
+                    for worker in range(streams):
+                        queue = []
+                        for epoch in range(start_epoch, start_epoch + 4):
+                            first = from_step if epoch == start_epoch else 0  # the segment's stream j feeds first + j, ...
+                            index = split.stream_of_worker(worker, epoch, steps, streams, start_epoch, start_step, from_step)
+                            skip = split.batches_before(index, streams, start_step - first) if epoch == start_epoch else 0
+                            queue += [(epoch, step) for step in range(first + index, steps, streams)][skip:]
+                        queues.append(queue)
+                    handed_out = [queues[d % streams][d // streams] for d in range(2 * steps)]
+                    expected = [divmod(start_epoch * steps + start_step + d, steps) for d in range(2 * steps)]
+                    assert handed_out == expected, (steps, streams, start_epoch, start_step, from_step)
 
 
 def test_position_counts_epochs_and_resumes_from_the_checkpoint_entry():
@@ -106,13 +109,35 @@ def test_position_counts_epochs_and_resumes_from_the_checkpoint_entry():
     for _ in range(7):
         position = position.next()
     assert (position.epoch, position.step, position.epochs_done) == (2, 1, 2 + 1 / 3)
-    state = position.state("epochs", 2, 2, 8)
-    assert state["samples_read_per_rank"] == 8 and state["step_in_epoch"] == 1
-    assert split.resume_position(state, 999, 3, "epochs", 2, 2) == (split.Position(2, 1, 3), "")
-    resumed, note = split.resume_position(state, 7, 3, "epochs", 4, 2)
-    assert resumed == split.Position(2, 1, 3) and note == "world_size 2 -> 4"
-    assert split.resume_position(state, 7, 5, "epochs", 2, 2)[0] == split.Position(1, 2, 5)  # other steps per epoch
-    assert split.resume_position(None, 7, 3, "epochs", 2, 2) == (split.Position(2, 1, 3), "")
+    one = (split.Segment(0, 2, 2),)
+    state = position.state("epochs", 16, one)
+    assert state == {"sampling": "epochs", "epoch": 2, "step_in_epoch": 1, "steps_per_epoch": 3, "global_batch": 16,
+                     "world_size": 2, "loader_workers": 2, "segments": [[0, 2, 2]]}
+    assert split.resume_position(state, 999, 3, 16, 2, 2) == (split.Position(2, 1, 3), one, "")
+    # another world size or loader count: a new segment from the step, which continues the epoch exactly
+    assert split.resume_position(state, 7, 3, 16, 4, 2) == (split.Position(2, 1, 3), (*one, split.Segment(1, 4, 2)), "")
+    assert split.resume_position(state, 7, 3, 16, 2, 1) == (split.Position(2, 1, 3), (*one, split.Segment(1, 2, 1)), "")
+    # another steps per epoch or global batch cannot continue it: step 7 with a fresh split, and why
+    assert split.resume_position(state, 7, 5, 16, 2, 2) == (
+        split.Position(1, 2, 5), (split.Segment(0, 2, 2),), "the checkpoint's data position is for 3 steps per epoch of 16 samples, not 5 of 16")
+    assert "3 steps per epoch of 16 samples, not 3 of 15" in split.resume_position(state, 7, 3, 15, 2, 2)[2]
+    assert split.resume_position(None, 7, 3, 16, 2, 2) == (split.Position(2, 1, 3), one, "")
+    resampled = split.Position(2, 1, 3).state("resampled", 16, one)  # a resampled run's position: no epoch to continue
+    assert split.resume_position(resampled, 7, 3, 16, 2, 2) == (split.Position(2, 1, 3), one, "sampling resampled -> epochs")
+    # a data position written before elastic runs: one segment, and the per-rank samples read
+    old = {"sampling": "epochs", "epoch": 2, "step_in_epoch": 1, "steps_per_epoch": 3, "world_size": 2, "loader_workers": 2,
+           "samples_read_per_rank": 8}
+    assert split.resume_position(old, 7, 3, 16, 2, 2) == (split.Position(2, 1, 3), one, "")
+    assert split.resume_position(old, 7, 3, 16, 3, 2)[1] == (*one, split.Segment(1, 3, 2))
+    assert split.resume_position(old, 7, 3, 24, 2, 2)[2] != ""  # 8 per rank was a global batch of 16
+    # a chain: a later resize adds a segment; one at the same step (no step taken since) replaces the last
+    chain = split.Position(2, 2, 3).state("epochs", 16, (*one, split.Segment(1, 4, 2)))
+    assert split.resume_position(chain, 8, 3, 16, 3, 2)[1] == (*one, split.Segment(1, 4, 2), split.Segment(2, 3, 2))
+    again = split.Position(2, 1, 3).state("epochs", 16, (*one, split.Segment(1, 4, 2)))
+    assert split.resume_position(again, 7, 3, 16, 3, 2)[1] == (*one, split.Segment(1, 3, 2))
+    assert split.resume_position(again, 7, 3, 16, 2, 2)[1] == (*one, split.Segment(1, 2, 2))
+    # at an epoch's first step nothing of it was read: one fresh segment
+    assert split.resume_position(split.Position(3, 0, 3).state("epochs", 16, one), 9, 3, 16, 4, 1)[1] == (split.Segment(0, 4, 1),)
 
 
 # ---------------------------------------------------------------- the reader, in-process
@@ -120,8 +145,8 @@ def test_position_counts_epochs_and_resumes_from_the_checkpoint_entry():
 
 def read_keys(shards, rank, world_size, loader_workers, start, count, batch=8, buffer=16):
     """The keys of `count` batches one rank reads from `start` (epoch, step), and where it ends."""
-    reader = epochs.EpochBatches(shards, batch, rank, world_size, 0, *start, loader_workers, buffer, 0)
-    batches = stream.ShardBatches(shards, batch, rank, world_size, 0, loader_workers=loader_workers, epochs=reader)
+    reader = epochs.EpochBatches(shards, batch * world_size, rank, world_size, 0, *start, loader_workers, buffer, 0)
+    batches = stream.ShardBatches(shards, batch * world_size, rank, world_size, 0, loader_workers=loader_workers, epochs=reader)
     keys = []
     for _ in range(count):
         assert next(batches).shape == (batch, 3, 8, 8)
@@ -175,7 +200,7 @@ def test_corrupt_images_and_a_lost_shard_keep_their_places_and_are_counted(tmp_p
 def test_two_ranks_with_two_loader_workers_cover_the_epoch_and_resume_exactly(tmp_path):
     shards = manifest.read(write_shards(str(tmp_path), UNEVEN, image_size=8))
     steps = 101 // 16  # 6 steps of 8 per rank; 5 samples left out
-    planned = list(epochs.planned_keys(shards, 0, 0, 2, 2, 8, 16))
+    planned = list(epochs.planned_keys(shards, 0, 0, 16, 16, (split.Segment(0, 2, 2),)))
     for rank in (0, 1):
         straight, _, _ = read_keys(shards, rank, 2, 2, (0, 0), steps + 3)
         # a reader started where an interrupted one stopped (mid-epoch on the odd worker, and in
@@ -209,7 +234,7 @@ def test_shards_plan_prints_each_ranks_keys_and_rejects_bad_input(tmp_path, caps
 
     assert shards.main(["plan", url, "--world-size", "2", "--loader-workers", "2", "--epoch", "1", "--seed", "4"]) == 2
     assert "larger than a rank's share (50 of 101 samples over 2 ranks)" in capsys.readouterr().err  # batch 128
-    for bad in (["--world-size", "0", "--loader-workers", "1"], ["--world-size", "3", "--loader-workers", "1", "--batch-size", "16"]):
+    for bad in (["--world-size", "0", "--loader-workers", "1"], ["--world-size", "17", "--loader-workers", "1", "--batch-size", "16"]):
         assert shards.main(["plan", url, *bad]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "--world-size" in err

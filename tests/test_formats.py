@@ -16,7 +16,7 @@ import torch
 from dcgan_dist import config
 from dcgan_dist import shards as shards_cli
 from dcgan_dist.config import ConfigError
-from dcgan_dist.data import epochs, manifest, pack, raw, stream, tar
+from dcgan_dist.data import epochs, manifest, pack, raw, split, stream, tar
 from dcgan_dist.data.decode import as_tensor, decode, decode_on_device
 from dcgan_dist.data.preview import inspect_manifest
 from dcgan_dist.data.sources import open_source
@@ -88,7 +88,7 @@ def test_the_epoch_plan_counts_raw_images_not_groups_and_resumes_exactly(tmp_pat
     # uneven shards of uneven groups: 1797 = 4 x 450 - 3; 450 = 64 x 7 + 2
     url = pack.pack("digits", None, str(tmp_path), 8, "raw", shard_size=450, progress=False, group_size=64)["manifest"]
     shards = manifest.read(url)
-    planned = list(epochs.planned_keys(shards, 0, 0, 2, 2, 8, 16))
+    planned = list(epochs.planned_keys(shards, 0, 0, 16, 16, (split.Segment(0, 2, 2),)))
     keys = [key for _, key in planned]
     assert len(keys) == len(set(keys)) == 1797 // 16 * 16  # each image at most once; the remainder left out
     assert Counter(rank for rank, _ in planned) == {0: 1792 // 2, 1: 1792 // 2}  # balanced by images
@@ -117,7 +117,7 @@ def read_epoch_images(shards, batch: int, buffer: int, loader_workers: int = 0) 
 def test_raw_batches_hold_each_planned_keys_pixels_and_a_cut_groups_places_are_filled(tmp_path):
     url = pack.pack("digits", None, str(tmp_path), 8, "raw", shard_size=450, progress=False, group_size=64)["manifest"]
     shards, by_key = manifest.read(url), dict(enumerate(source_pixels(8)))
-    planned = [key for _, key in epochs.planned_keys(shards, 0, 0, 1, 1, 16, 100)]
+    planned = [key for _, key in epochs.planned_keys(shards, 0, 0, 16, 100, (split.Segment(0, 1, 1),))]
     keys, images, counts = read_epoch_images(shards, 16, 100)
     assert keys == planned  # the plan's order across groups, shards and shuffle blocks
     assert all(np.array_equal(image, by_key[int(key)]) for key, image in zip(keys, images, strict=True))
@@ -157,8 +157,8 @@ def test_grouped_jpegs_read_as_one_per_member_jpegs_do_and_a_corrupt_ones_place_
         return [(sample["__key__"], sample["jpg"]) for sample in found]
 
     assert samples(shards) == samples(single)  # the same JPEG files, in the same order
-    planned = [key for _, key in epochs.planned_keys(shards, 0, 0, 1, 1, 16, 100)]
-    assert planned == [key for _, key in epochs.planned_keys(single, 0, 0, 1, 1, 16, 100)]
+    planned = [key for _, key in epochs.planned_keys(shards, 0, 0, 16, 100, (split.Segment(0, 1, 1),))]
+    assert planned == [key for _, key in epochs.planned_keys(single, 0, 0, 16, 100, (split.Segment(0, 1, 1),))]
     keys, images, counts = read_epoch_images(single, 16, 100)
     assert keys == planned and counts["samples"] == len(planned) and counts["corrupt_samples"] == 0
     got_keys, got_images, got_counts = read_epoch_images(shards, 16, 100)  # decoded a batch at a time out of the groups

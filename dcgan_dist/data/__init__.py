@@ -1,8 +1,9 @@
 """Training data: a source of images in [-1, 1] (3 x H x W), and an endless, rank-sharded
 stream of batches from it.
 
-`--data digits` (scikit-learn's bundled 8x8 digits) is the default; it needs no download and
-replays its exact order on resume. `--data PATH/manifest.json` or `s3://bucket/prefix/manifest.json`
+`--data digits` (scikit-learn's bundled 8x8 digits) is the default; it needs no download, and
+split.py plans its epochs as it does a manifest's (each image a shard of one), so a resume
+continues the epoch exactly, at any world size. `--data PATH/manifest.json` or `s3://bucket/prefix/manifest.json`
 streams WebDataset shards written by `python -m dcgan_dist.shards pack` (see stream.py).
 """
 
@@ -13,7 +14,7 @@ import logging
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset, TensorDataset
 
 from dcgan_dist.data import split
 from dcgan_dist.data.digits import digits_dataset
@@ -44,42 +45,48 @@ def every_image(data: str, image_size: int, batch_size: int = 1024, loader_worke
     yield from stream.read_once(shards, batch_size, loader_workers)
 
 
-def batch_stream(
-    dataset: Dataset, per_worker_batch: int, rank: int, world_size: int, seed: int, start_step: int = 0,
-    pin_memory: bool = False,
-) -> Iterator[torch.Tensor]:
-    """Endless batches for one rank. Every rank takes the same number of steps per epoch
-    (DistributedSampler pads to equal shards; drop_last keeps batches full), and starting at
-    `start_step` replays the exact order an uninterrupted run would have seen."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    # Its own generator: a DataLoader iterator otherwise draws a seed from the global RNG, which
-    # would shift the latents of a resumed run against an uninterrupted one.
-    loader = DataLoader(dataset, batch_size=per_worker_batch, sampler=sampler, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed), pin_memory=pin_memory)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} images cannot fill one batch of {per_worker_batch} on each of {world_size} workers")
-    epoch, skip = divmod(start_step, steps_per_epoch)
-    while True:
-        sampler.set_epoch(epoch)
-        for (images,) in itertools.islice(loader, skip, None):
-            yield images
-        epoch, skip = epoch + 1, 0
+def batch_stream(dataset: TensorDataset, global_batch: int, rank: int, world_size: int, seed: int, start_step: int = 0,
+                 pin_memory: bool = False, segments: tuple[split.Segment, ...] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (images, their indices) batches of a bundled data set for one rank, from `start_step` on: split.py's plan
+    with each image as a shard of one sample (the shard order shuffles the whole set every epoch;
+    one stream per rank, no block shuffle on top), so every rank takes the same steps, the global
+    batch is the same at any world size, and the start epoch's `segments` (split.resume_position)
+    continue it exactly after a resize. Nothing is drawn from the global RNG."""
+    images = dataset.tensors[0]
+    counts = [1] * len(images)
+    steps = split.check(counts, world_size, 1, global_batch)
+    segments = segments or (split.Segment(0, world_size, 1),)
+    start_epoch, step = divmod(start_step, steps)
+    for epoch in itertools.count(start_epoch):
+        in_epoch = split.segments_in(epoch, start_epoch, segments)
+        plan = split.stream(counts, seed, epoch, global_batch, 1, in_epoch, rank, 0)
+        indices = torch.tensor([piece.shard for piece in plan.pieces])  # one-sample shards: the image indices, in order
+        batch = split.rank_batches(global_batch, world_size)[rank]
+        skip = step - in_epoch[-1].from_step if epoch == start_epoch else 0
+        for first in range(skip * batch, plan.num_batches * batch, batch):
+            chosen = indices[first:first + batch]
+            selected = images[chosen]
+            yield (selected.pin_memory() if pin_memory else selected), chosen
 
 
 class InMemoryBatches:
     """batch_stream() over a bundled data set; nothing there is ever skipped."""
 
-    def __init__(self, batches: Iterator[torch.Tensor], position: Position, per_rank_batch: int, world_size: int):
-        self._batches, self.position = batches, position
-        self.steps_per_epoch = position.steps_per_epoch
-        self._state = ("epochs", world_size, 1, per_rank_batch)
+    def __init__(self, dataset: TensorDataset, global_batch: int, rank: int, world_size: int, seed: int, position: Position,
+                 segments: tuple[split.Segment, ...], pin_memory: bool = False):
+        start_step = position.epoch * position.steps_per_epoch + position.step
+        self._batches = batch_stream(dataset, global_batch, rank, world_size, seed, start_step, pin_memory, segments)
+        self.position, self.start_epoch, self.segments = position, position.epoch, segments
+        self.steps_per_epoch, self.global_batch = position.steps_per_epoch, global_batch
+        self.batch_size = split.rank_batches(global_batch, world_size)[rank]
+        self.keys: list[str] = []  # the last batch's image indices, as --sample-log records them
 
     def __iter__(self):
         return self
 
     def __next__(self) -> torch.Tensor:
-        images = next(self._batches)
+        images, indices = next(self._batches)
+        self.keys = [str(index) for index in indices.tolist()]
         self.position = self.position.next()
         return images
 
@@ -89,42 +96,48 @@ class InMemoryBatches:
         return dict.fromkeys(COUNT_NAMES, 0)
 
     def data_position(self) -> dict:
-        return self.position.state(*self._state)
+        return self.position.state("epochs", self.global_batch, split.segments_in(self.position.epoch, self.start_epoch, self.segments))
 
 
 def open_batches(cfg, rank: int, world_size: int, start_step: int = 0, data_position: dict | None = None,
                  device: str | torch.device = "cpu"):
     """The batch iterator the training loop uses for `cfg.data.data`: an iterator of NCHW
-    batches with `counts()` ({"corrupt_samples", "bad_shards", "samples", "repeated_samples"}
-    so far), `position` (a split.Position: epoch and step of the next batch) and
-    `data_position()` (the checkpoint's entry). A resumed run passes its checkpoint's
-    `data_position` (shard manifests continue from it) and its step. Shard batches arrive on
-    `device` (scaled there from uint8)."""
+    batches of this rank's share of the global batch (`batch_size`: split.rank_batches) with
+    `counts()` ({"corrupt_samples", "bad_shards", "samples", "repeated_samples"} so far),
+    `position` (a split.Position: epoch and step of the next batch) and `data_position()` (the
+    checkpoint's entry). A resumed run passes its checkpoint's `data_position` and its step: the
+    bundled sets and `--sampling epochs` continue the epoch exactly from it, at any world size and
+    loader count. Shard batches arrive on `device` (scaled there from uint8)."""
     # Pinned host memory lets the loop's .to(device, non_blocking=True) copy without a host sync.
-    pin_memory = cfg.cluster.use_gpu
-    per_rank_batch = split.rank_batches(cfg.loop.batch_size, world_size)[rank]
+    pin_memory, global_batch = cfg.cluster.use_gpu, cfg.loop.batch_size
     if cfg.data.data in SOURCES:
         dataset = open_dataset(cfg.data.data, cfg.model.image_size)
-        position = Position(*divmod(start_step, len(dataset) // cfg.loop.batch_size), len(dataset) // cfg.loop.batch_size)
-        return InMemoryBatches(batch_stream(dataset, per_rank_batch, rank, world_size, cfg.loop.seed, start_step,
-                                            pin_memory), position, per_rank_batch, world_size)
+        position, segments = resume(data_position, start_step, len(dataset), global_batch, world_size, 1)
+        return InMemoryBatches(dataset, global_batch, rank, world_size, cfg.loop.seed, position, segments, pin_memory)
     from dcgan_dist.data import epochs, manifest, stream
 
     shards = manifest.read(cfg.data.data)
-    streams = max(cfg.data.loader_workers, 1)
     epoch_batches = None
     if cfg.data.sampling == "epochs":
-        steps = split.steps_per_epoch(shards.num_samples, cfg.loop.batch_size)
-        position, changed = split.resume_position(data_position, start_step, steps, "epochs", world_size, streams)
-        if changed:
-            log.warning("resuming at epoch %d step %d, but %s: this epoch's split differs from the interrupted one's "
-                        "(some of its samples may be read twice or not at all)", position.epoch, position.step, changed)
-        epoch_batches = epochs.EpochBatches(shards, per_rank_batch, rank, world_size, cfg.loop.seed, position.epoch,
-                                            position.step, cfg.data.loader_workers, cfg.data.shuffle_buffer, cfg.data.shard_retries,
-                                            cfg.data.decode)
+        position, segments = resume(data_position, start_step, shards.num_samples, global_batch, world_size,
+                                    max(cfg.data.loader_workers, 1))
+        epoch_batches = epochs.EpochBatches(shards, global_batch, rank, world_size, cfg.loop.seed, position.epoch, position.step,
+                                            cfg.data.loader_workers, cfg.data.shuffle_buffer, cfg.data.shard_retries, cfg.data.decode,
+                                            segments)
     return stream.ShardBatches(
-        shards, per_rank_batch, rank, world_size, cfg.loop.seed, start_step,
+        shards, global_batch, rank, world_size, cfg.loop.seed, start_step,
         loader_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer,
         shard_retries=cfg.data.shard_retries, pin_memory=pin_memory, epochs=epoch_batches, device=device,
         decode=cfg.data.decode, prefetch_batches=cfg.data.prefetch_batches,
     )
+
+
+def resume(data_position: dict | None, start_step: int, num_samples: int, global_batch: int, world_size: int,
+           loader_streams: int) -> tuple[Position, tuple[split.Segment, ...]]:
+    """split.resume_position(), warning when the epoch cannot continue exactly."""
+    steps = split.steps_per_epoch(num_samples, global_batch)
+    position, segments, changed = split.resume_position(data_position, start_step, steps, global_batch, world_size, loader_streams)
+    if changed:
+        log.warning("resuming at epoch %d step %d, but %s: this epoch's split differs from the interrupted one's "
+                    "(some of its samples may be read twice or not at all)", position.epoch, position.step, changed)
+    return position, segments

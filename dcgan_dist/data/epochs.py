@@ -11,7 +11,10 @@ of the stream fills it (the first good one, at a stream's start), counted in `re
 every stream gives exactly its planned number of batches, every rank the same number of steps (DDP
 never waits on a rank that ran dry), and batch k of a stream is always made of the same planned
 positions: a reader started at step t of an epoch (a resumed run) hands out what an uninterrupted
-one would from there on, without decoding what came before.
+one would from there on, without decoding what came before. A reader resumed after a resize
+reads its stream of the epoch's new segment (split.py: the samples no rank had read, split over
+the new ranks and loader workers); such a stream may hold many scattered pieces of a shard, read
+in one pass over it.
 """
 
 from __future__ import annotations
@@ -30,16 +33,26 @@ from dcgan_dist.data.manifest import Manifest
 
 
 class EpochBatches(IterableDataset):
-    """Endless (images, counts, keys) batches of one rank, in plan order, from (start_epoch, start_step) on."""
+    """Endless (images, counts, keys) batches of one rank, in plan order, from (start_epoch, start_step) on.
 
-    def __init__(self, manifest: Manifest, per_rank_batch: int, rank: int, world_size: int, seed: int,
+    `global_batch` is split over the ranks (split.rank_batches); `segments`: the start epoch's
+    (split.resume_position), by default one from step 0 with this world size and loader count;
+    the last must be this reader's."""
+
+    def __init__(self, manifest: Manifest, global_batch: int, rank: int, world_size: int, seed: int,
                  start_epoch: int = 0, start_step: int = 0, loader_workers: int = 2, shuffle_buffer: int = 1000,
-                 shard_retries: int = 3, decode: str = "cpu"):
+                 shard_retries: int = 3, decode: str = "cpu", segments: tuple[split.Segment, ...] | None = None):
         self.urls, self.expected = manifest.shard_urls, manifest.expected_samples()
         self.counts = [shard["num_samples"] for shard in manifest.shards]
-        self.image_size, self.batch, self.rank, self.world_size, self.seed = manifest.image_size, per_rank_batch, rank, world_size, seed
+        self.image_size, self.global_batch, self.rank, self.world_size, self.seed = manifest.image_size, global_batch, rank, world_size, seed
         self.loader_streams = max(loader_workers, 1)
-        self.steps = split.check(self.counts, world_size, self.loader_streams, per_rank_batch)
+        self.steps = split.check(self.counts, world_size, self.loader_streams, global_batch)
+        self.batch = split.rank_batches(global_batch, world_size)[rank]
+        self.segments = segments or (split.Segment(0, world_size, self.loader_streams),)
+        if (self.segments[-1].world_size, self.segments[-1].loader_streams) != (world_size, self.loader_streams) or \
+                self.segments[-1].from_step > start_step:
+            raise split.SplitError(f"the last segment {self.segments[-1]} is not one of {world_size} ranks x {self.loader_streams} "
+                                   f"streams begun by step {start_step}")
         self.start_epoch, self.start_step = start_epoch, start_step
         self.shuffle_buffer, self.shard_retries, self.decode = shuffle_buffer, shard_retries, decode
         # Where a batch is built: `batch_buffer(channels_last)` gives an N x 3 x H x W uint8 tensor
@@ -48,19 +61,21 @@ class EpochBatches(IterableDataset):
         self.batch_buffer = None
 
     def plan(self, epoch: int, index: int) -> split.Stream:
-        return split.stream(self.counts, self.seed, epoch, self.world_size, self.loader_streams, self.batch, self.rank, index)
+        segments = split.segments_in(epoch, self.start_epoch, self.segments)
+        return split.stream(self.counts, self.seed, epoch, self.global_batch, self.shuffle_buffer, segments, self.rank, index)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         worker, counters = stream._worker_id(), stream.Counters()
+        from_step = self.segments[-1].from_step  # the start epoch's steps count from there
         for epoch in itertools.count(self.start_epoch):
-            index = split.stream_of_worker(worker, epoch, self.steps, self.loader_streams, self.start_epoch, self.start_step)
-            skip = split.batches_before(index, self.loader_streams, self.start_step) if epoch == self.start_epoch else 0
+            index = split.stream_of_worker(worker, epoch, self.steps, self.loader_streams, self.start_epoch, self.start_step, from_step)
+            skip = split.batches_before(index, self.loader_streams, self.start_step - from_step) if epoch == self.start_epoch else 0
             for images, keys in self.stream_batches(self.plan(epoch, index), skip, counters):
                 yield images, stream.counts_row(counters), "\n".join(keys)  # one string: the DataLoader converts each item
 
     def stream_batches(self, plan: split.Stream, skip: int, counters: stream.Counters) -> Iterator[tuple[torch.Tensor, list[str]]]:
         """The stream's batches from batch `skip` on."""
-        order = split.reading_order(plan.num_samples, self.shuffle_buffer, self.seed, plan.epoch, plan.rank, plan.index)
+        order = split.reading_order(plan.num_samples, self.shuffle_buffer, self.seed, plan.epoch, plan.rank, plan.index, plan.from_step)
         wanted = bytearray(plan.num_samples)  # positions still to hand out
         for position in order[skip * self.batch:]:
             wanted[position] = 1
@@ -88,32 +103,49 @@ class EpochBatches(IterableDataset):
 def read_positions(plan: split.Stream, wanted: bytearray, urls: list[str], expected: dict[str, int],
                    counters: stream.Counters, retries: int) -> Iterator[tuple[int, dict | raw.Group | None]]:
     """(position, sample) for every wanted position of the stream, in position order; a grouped
-    member's images in the piece that hold a wanted one come as one (first position, raw.Group);
-    None for a sample its shard could not give. Shards with nothing wanted are not opened."""
+    member's images in a piece that holds a wanted one come as one (first position, raw.Group);
+    None for a sample its shard could not give. Shards with nothing wanted are not opened, and a
+    shard is opened once for the consecutive pieces the stream has of it (after a resize, a
+    stream may hold many scattered pieces of one shard)."""
     offset = 0
-    for piece in plan.pieces:
-        size = piece.stop - piece.start
-        if any(wanted[offset:offset + size]):
-            reached = member = 0  # members of the piece passed so far; images of the shard passed
-            samples = stream.read_shards(iter([{"url": urls[piece.shard]}]), counters, expected, retries, groups=True)
-            try:
-                for sample in samples:
-                    count = len(sample) if isinstance(sample, raw.Group) else 1
-                    low, high = max(member, piece.start), min(member + count, piece.stop)  # its images in the piece
-                    if high > low:
-                        position, reached = offset + low - piece.start, high - piece.start
-                        if count == 1:
-                            if wanted[position]:
-                                yield position, sample
-                        elif any(wanted[position:position + high - low]):
-                            yield position, sample.part(low - member, high - member)
-                    member += count
-                    if reached == size:
-                        break
-            finally:
-                samples.close()  # a piece may end before its shard does
-            yield from ((position, None) for position in range(offset + reached, offset + size) if wanted[position])
-        offset += size
+    for shard, pieces in itertools.groupby(plan.pieces, key=lambda piece: piece.shard):
+        spans = []  # (piece, its first position) of the shard's pieces that hold a wanted position
+        for piece in pieces:
+            if any(wanted[offset:offset + piece.stop - piece.start]):
+                spans.append((piece, offset))
+            offset += piece.stop - piece.start
+        if spans:
+            yield from read_pieces(urls[shard], spans, wanted, expected, counters, retries)
+
+
+def read_pieces(url: str, spans: list[tuple[split.Piece, int]], wanted: bytearray, expected: dict[str, int],
+                counters: stream.Counters, retries: int) -> Iterator[tuple[int, dict | raw.Group | None]]:
+    """read_positions() of one shard's pieces (in member order, each with its first position)."""
+    done = member = 0  # pieces finished; images of the shard passed
+    samples = stream.read_shards(iter([{"url": url}]), counters, expected, retries, groups=True)
+    try:
+        for sample in samples:
+            count = len(sample) if isinstance(sample, raw.Group) else 1
+            for piece, first in spans[done:]:  # a group may hold images of several pieces
+                low, high = max(member, piece.start), min(member + count, piece.stop)  # its images in the piece
+                if high > low:
+                    position = first + low - piece.start
+                    if count == 1:
+                        if wanted[position]:
+                            yield position, sample
+                    elif any(wanted[position:position + high - low]):
+                        yield position, sample.part(low - member, high - member)
+                if piece.stop > member + count:
+                    break
+                done += 1
+            member += count
+            if done == len(spans):
+                break
+    finally:
+        samples.close()  # the pieces may end before the shard does
+    for piece, first in spans[done:]:  # what the shard could not give
+        yield from ((position, None) for position in range(first + max(member, piece.start) - piece.start,
+                                                           first + piece.stop - piece.start) if wanted[position])
 
 
 class Run:
@@ -254,19 +286,21 @@ def shard_keys(url: str, expected: dict[str, int], retries: int = 3) -> list[str
     return keys
 
 
-def planned_keys(manifest: Manifest, seed: int, epoch: int, world_size: int, loader_workers: int, per_rank_batch: int,
-                 shuffle_buffer: int) -> Iterator[tuple[int, str]]:
-    """(rank, key) of every sample read in `epoch` by a run started at its beginning, per rank,
-    per loader worker (worker 0 first), each in reading order. Reads the shards' tar headers."""
-    reader = EpochBatches(manifest, per_rank_batch, 0, world_size, seed, epoch, 0, loader_workers, shuffle_buffer)
+def planned_keys(manifest: Manifest, seed: int, epoch: int, global_batch: int, shuffle_buffer: int,
+                 segments: tuple[split.Segment, ...]) -> Iterator[tuple[int, str]]:
+    """(rank, key) of every sample read in `epoch` from the start of the last of its `segments`
+    (the whole epoch: one segment from step 0) by a run started there, per rank, per loader
+    worker (worker 0 first), each in reading order. Reads the shards' tar headers."""
+    counts = [shard["num_samples"] for shard in manifest.shards]
+    urls, expected = manifest.shard_urls, manifest.expected_samples()
+    place = {shard: at for at, shard in enumerate(split.shard_order(len(counts), seed, epoch))}
     keys: dict[int, list[str]] = {}
-    for rank in range(world_size):
-        reader.rank = rank
-        for worker in range(reader.loader_streams):
-            plan = reader.plan(epoch, split.stream_of_worker(worker, epoch, reader.steps, reader.loader_streams, epoch, 0))
-            positions = [(piece.shard, member) for piece in plan.pieces for member in range(piece.start, piece.stop)]
-            for position in split.reading_order(plan.num_samples, shuffle_buffer, seed, epoch, rank, plan.index):
-                shard, member = positions[position]
-                if shard not in keys:
-                    keys[shard] = shard_keys(reader.urls[shard], reader.expected)
-                yield rank, keys[shard][member]
+    for plan in split.streams(counts, seed, epoch, global_batch, shuffle_buffer, segments):  # worker w reads stream w from there
+        if plan.pieces:  # the streams go through the epoch's shard sequence in order: drop the keys of shards behind
+            keys = {shard: held for shard, held in keys.items() if place[shard] >= place[plan.pieces[0].shard]}
+        positions = [(piece.shard, member) for piece in plan.pieces for member in range(piece.start, piece.stop)]
+        for position in split.reading_order(plan.num_samples, shuffle_buffer, seed, epoch, plan.rank, plan.index, plan.from_step):
+            shard, member = positions[position]
+            if shard not in keys:
+                keys[shard] = shard_keys(urls[shard], expected)
+            yield plan.rank, keys[shard][member]

@@ -18,9 +18,10 @@ endless stream with replacement below; per rank, and per DataLoader worker insid
 
 Shards are resampled, so the stream never ends and every rank takes exactly the steps the loop
 asks for, however uneven the shards are: DDP cannot hang on a rank that ran dry. Nominal epochs
-are `num_samples // global batch` steps. A resumed run reseeds from its start step: the data
-order is statistically the same, not the exact continuation (the bundled digits and `--sampling
-epochs` replay exactly).
+are `num_samples // global batch` steps; each rank's batch is its share of the global batch
+(split.rank_batches). A resumed run reseeds from its start step: the data order is statistically
+the same, not the exact continuation (the bundled digits and `--sampling epochs` continue the
+epoch exactly, at any world size).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.utils import make_seed
 
-from dcgan_dist.data import raw, s3, tar
+from dcgan_dist.data import raw, s3, split, tar
 from dcgan_dist.data.decode import (
     IMAGE_KEYS,
     JPEG_KEYS,
@@ -244,7 +245,7 @@ def counts_row(counters: Counters) -> tuple[int, ...]:
     return (_worker_id(), *(getattr(counters, name) for name in COUNT_NAMES))
 
 
-def pipeline(manifest: Manifest, per_worker_batch: int, rank: int, seed: int, start_step: int,
+def pipeline(manifest: Manifest, per_rank_batch: int, rank: int, seed: int, start_step: int,
              shuffle_buffer: int, shard_retries: int, batches_per_epoch: int, decode: str = "cpu") -> wds.DataPipeline:
     counters = Counters()
     decoded = partial(decode_samples, counters=counters, image_size=manifest.image_size) if decode == "cpu" else \
@@ -255,7 +256,7 @@ def pipeline(manifest: Manifest, per_worker_batch: int, rank: int, seed: int, st
         partial(read_shards, counters=counters, expected=manifest.expected_samples(), retries=shard_retries),
         partial(shuffle_samples, bufsize=shuffle_buffer, seed=seed, rank=rank, start_step=start_step),
         decoded,
-        wds.batched(per_worker_batch, collation_fn=stack_images if decode == "cpu" else list, partial=False),
+        wds.batched(per_rank_batch, collation_fn=stack_images if decode == "cpu" else list, partial=False),
         partial(with_counts, counters=counters),
     ).with_epoch(batches_per_epoch)
 
@@ -276,28 +277,32 @@ def read_once(manifest: Manifest, batch_size: int, loader_workers: int = 0, shar
 
 
 class ShardBatches:
-    """Endless batches for one rank, the counts of what was skipped on the way, and where in the
-    epochs the rank is. `epochs`: an epochs.EpochBatches to load (--sampling epochs); without
-    it, the resampled pipeline above. Batches come out on `device`, as floats in [-1, 1];
-    `decode="gpu"`: the loader processes hand over each batch's JPEGs encoded, decoded here."""
+    """Endless batches for one rank (its share of `global_batch`: split.rank_batches), the counts
+    of what was skipped on the way, and where in the epochs the rank is. `epochs`: an
+    epochs.EpochBatches to load (--sampling epochs); without it, the resampled pipeline above.
+    Batches come out on `device`, as floats in [-1, 1]; `decode="gpu"`: the loader processes
+    hand over each batch's JPEGs encoded, decoded here."""
 
-    def __init__(self, manifest: Manifest, per_worker_batch: int, rank: int, world_size: int, seed: int,
+    def __init__(self, manifest: Manifest, global_batch: int, rank: int, world_size: int, seed: int,
                  start_step: int = 0, loader_workers: int = 2, shuffle_buffer: int = 1000, shard_retries: int = 3,
                  pin_memory: bool = False, epochs=None, device: str | torch.device = "cpu", decode: str = "cpu",
                  prefetch_batches: int = 8):
-        steps_per_epoch = max(1, manifest.num_samples // (per_worker_batch * world_size))
+        steps_per_epoch = max(1, split.steps_per_epoch(manifest.num_samples, global_batch))
+        self.batch_size = split.rank_batches(global_batch, world_size)[rank]
         if epochs is None:
-            dataset = pipeline(manifest, per_worker_batch, rank, seed, start_step, shuffle_buffer, shard_retries,
+            dataset = pipeline(manifest, self.batch_size, rank, seed, start_step, shuffle_buffer, shard_retries,
                                batches_per_epoch=math.ceil(steps_per_epoch / max(loader_workers, 1)), decode=decode)
             self.position = Position(*divmod(start_step, steps_per_epoch), steps_per_epoch)
+            self.segments = (split.Segment(0, world_size, max(loader_workers, 1)),)
         else:  # one endless pass: worker w gives this rank's batches w, w+L, ... across epochs
-            dataset, self.position = epochs, Position(epochs.start_epoch, epochs.start_step, steps_per_epoch)
+            dataset, self.position, self.segments = epochs, Position(epochs.start_epoch, epochs.start_step, steps_per_epoch), epochs.segments
+        self.start_epoch = self.position.epoch
         # The DataLoader sends a loader process a request per batch it takes: with only 2 requests
         # out, the process waited for the next one a third to half of the time (raw shards, one
         # process; 8 gave 1.3-1.8x the rate of 2 in alternating runs, see benchmarks/RESULTS.md).
         # Loader processes put decoded batches into shared memory allocated once (handover.py);
         # encoded JPEGs (--decode gpu) are lists of any length and travel as tensors do.
-        self.ring = BatchRing(loader_workers, prefetch_batches + 1, per_worker_batch, manifest.image_size) \
+        self.ring = BatchRing(loader_workers, prefetch_batches + 1, self.batch_size, manifest.image_size) \
             if loader_workers > 0 and decode == "cpu" else None
         # persistent workers keep each pipeline's counters and shard RNG epoch across epochs.
         # Its own generator: each DataLoader iterator draws its workers' base seed, and without one
@@ -309,7 +314,7 @@ class ShardBatches:
                                  prefetch_factor=prefetch_batches if loader_workers > 0 else None,
                                  generator=torch.Generator().manual_seed(_seed(seed, rank, start_step, LOADER_SEEDS)))
         self.steps_per_epoch = steps_per_epoch
-        self._state = ("resampled" if epochs is None else "epochs", world_size, max(loader_workers, 1), per_worker_batch)
+        self._state = ("resampled" if epochs is None else "epochs", global_batch)
         self.keys: list[str] = []  # the sample keys of the last batch (--sampling epochs)
         self.device = device  # where uint8 batches become [-1, 1] floats: 4x fewer bytes to copy there
         self.decode, self.image_size = decode, manifest.image_size
@@ -349,7 +354,7 @@ class ShardBatches:
 
     def data_position(self) -> dict:
         """The checkpoint's entry: Position.state() of the next batch."""
-        return self.position.state(*self._state)
+        return self.position.state(*self._state, split.segments_in(self.position.epoch, self.start_epoch, self.segments))
 
 
 def check_corrupt_share(corrupt_samples: float, samples: float, max_corrupt_fraction: float) -> None:
