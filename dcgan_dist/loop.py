@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from tqdm import tqdm
 from dcgan_dist import checkpoint, config, data, sync_bn
 from dcgan_dist.champion import Champion, holds_final_models, log_final_models
 from dcgan_dist.checkpoint import unwrap
+from dcgan_dist.checkpoint_upload import CheckpointUploads
 from dcgan_dist.config import Config
 from dcgan_dist.data.stream import COUNT_NAMES, check_corrupt_share
 from dcgan_dist.models import build_models, sample_latent
@@ -71,6 +71,7 @@ class Worker:
     start_step: int
     logger: RunLogger | None  # rank 0 only
     champion: Champion  # evaluation, the best snapshot, collapse detection and rollback
+    uploads: CheckpointUploads  # where checkpoints are staged, reported and uploaded; the waits they cost
     last_progress: float = 0.0  # rank 0: when the last progress line was printed
 
 
@@ -188,7 +189,7 @@ def setup(cfg: Config, launch: dict[str, Any]) -> Worker:
         logger.set_tags({"train.unreadable_checkpoints": "; ".join(state["unreadable_checkpoints"])})
     champion = Champion.build(cfg, rank, device, logger, state.get("best") if state is not None else None)
     return Worker(cfg, rank, world_size, device, generator, discriminator, discriminator_local, opt_g, opt_d, batches,
-                  z_fixed.to(device), start_step, logger, champion)
+                  z_fixed.to(device), start_step, logger, champion, CheckpointUploads.for_worker(cfg.loop.checkpoint_upload, rank, world_size))
 
 
 def open_run(cfg: Config, launch: dict[str, Any], checkpoint_run_id: str | None, start_step: int,
@@ -307,7 +308,7 @@ def run(w: Worker) -> None:
             if step % cfg.loop.checkpoint_every == 0 or last_step:
                 save_checkpoint(w, step, {"step": step} | latest | w.champion.last_eval)
             elif window_closed:
-                ray.train.report(with_run_id({"step": step} | latest | w.champion.last_eval, w.logger))
+                w.uploads.report_metrics(with_run_id({"step": step} | latest | w.champion.last_eval, w.logger))
 
 
 def close_window(w: Worker, step: int, window: list[torch.Tensor], clock: StepClock) -> dict[str, float]:
@@ -381,15 +382,16 @@ def with_run_id(metrics: dict[str, Any], logger: RunLogger | None) -> dict[str, 
 
 
 def save_checkpoint(w: Worker, step: int, metrics: dict[str, Any]) -> None:
-    """Every rank writes its part and reports; Ray Train merges them into one checkpoint."""
+    """Every rank writes its part and reports it (checkpoint_upload: uploaded, verified, in the
+    background to remote storage); Ray Train merges the parts into one. The last is waited for."""
     spread = replica_spread((w.generator, w.discriminator), w.world_size, w.cfg.cluster.bn_sync, step)
-    if w.logger is not None and w.world_size > 1:
-        w.logger.log_metrics([(step, {"ddp/replica_spread": spread})])
     run_id = w.logger.run_id if w.logger is not None else None
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint.save(
-            directory, rank=w.rank, device=w.device, step=step, generator=w.generator, discriminator=w.discriminator,
-            opt_g=w.opt_g, opt_d=w.opt_d, mlflow_run_id=run_id, config=config.flatten(w.cfg), architecture=w.champion.architecture,
-            best=w.champion.best.state() if w.champion.best is not None else None, data_position=w.batches.data_position(),
-        )
-        ray.train.report(with_run_id(metrics, w.logger), checkpoint=ray.train.Checkpoint.from_directory(directory))
+    directory = w.uploads.stage(step)  # waits only while the previous checkpoint still uploads
+    checkpoint.save(
+        directory, rank=w.rank, device=w.device, step=step, generator=w.generator, discriminator=w.discriminator,
+        opt_g=w.opt_g, opt_d=w.opt_d, mlflow_run_id=run_id, config=config.flatten(w.cfg), architecture=w.champion.architecture,
+        best=w.champion.best.state() if w.champion.best is not None else None, data_position=w.batches.data_position(),
+    )
+    w.uploads.report(with_run_id(metrics, w.logger), directory, final=step == w.cfg.loop.max_steps)
+    if w.logger is not None:
+        w.logger.log_metrics([(step, w.uploads.metrics() | ({"ddp/replica_spread": spread} if w.world_size > 1 else {}))])
