@@ -34,10 +34,12 @@ class RayReport:
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.reported: list[tuple[dict, ray.train.Checkpoint | None]] = []
         self.uploads: list[Future] = []
+        self.names: list[str] = []  # each checkpoint's folder name, as Ray Train's timestamps
 
     def __call__(self, metrics, checkpoint=None, checkpoint_upload_mode=CheckpointUploadMode.SYNC, checkpoint_upload_fn=None,
                  **_):
-        name = f"checkpoint_2026-12-07_06-00-{len(self.reported) + len(self.uploads):02d}.000001"
+        name = f"checkpoint_2026-12-07_06-00-{len(self.names):02d}.000001"
+        self.names.append(name)
 
         def upload_and_report():
             persisted = checkpoint_upload_fn(checkpoint, name) if checkpoint is not None else None
@@ -47,6 +49,18 @@ class RayReport:
             self.uploads.append(self.pool.submit(upload_and_report))
         else:
             upload_and_report()
+
+
+def save_small(directory, step: int):
+    """Rank 0's part of a one-rank run's checkpoint (21 MB: the 32 px pytorch-examples G, D, Adam) in `directory`."""
+    from dcgan_dist.models import Architecture, build_models
+
+    generator, discriminator = build_models("pytorch-examples", 32, "paper")
+    opt_g, opt_d = torch.optim.Adam(generator.parameters()), torch.optim.Adam(discriminator.parameters())
+    checkpoint.save(directory, rank=0, device=torch.device("cpu"), step=step, generator=generator, discriminator=discriminator,
+                    opt_g=opt_g, opt_d=opt_d, mlflow_run_id="r", config={"cluster.num_workers": 1},
+                    architecture=Architecture.of("pytorch-examples", 32, "paper"))
+    return directory
 
 
 def cut(path, size: int = 100) -> None:
