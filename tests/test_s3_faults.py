@@ -17,6 +17,7 @@ import pytest
 import webdataset as wds
 from mlflow import MlflowClient
 
+from dcgan_dist.checkpoint_upload import staging_root
 from dcgan_dist.data import manifest, s3, stream
 from dcgan_dist.train import check_manifest, main, storage
 from tests.conftest import start_local_ray, train_args
@@ -345,11 +346,15 @@ def test_training_with_data_and_checkpoints_on_a_faulty_s3_completes(restarted_r
         Fault("stall", times=1, method="PUT", path="checkpoint_manager_snapshot", seconds=4),
         Fault("slowdown", times=2, method="PUT", path="/checkpoints/test/checkpoint_(?!manager)"),
     )
-    args = train_args(tmp_path, mlflow_sqlite, data=url, max_steps=6, log_every=3, sample_every=6, checkpoint_every=6,
+    args = train_args(tmp_path, mlflow_sqlite, data=url, max_steps=6, log_every=3, sample_every=6, checkpoint_every=3,
                       batch_size=16, loader_workers=0, shuffle_buffer=20, storage_path=f"s3://{s3_bucket}/checkpoints",
                       eval_every=0)
     assert main(args) == 0
     assert fault_proxy.injected == {"slowdown": 2 + 3 + 2, "cut": 2, "stall": 1}
+    # both checkpoints uploaded in the background (auto: async to S3), each with its manifest, none left on the node's disk
+    listing = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="checkpoints/test/checkpoint_2")["Contents"]
+    assert sum(item["Key"].endswith("/manifest-rank0.json") for item in listing) == 2, [item["Key"] for item in listing]
+    assert not any(staging_root(f"{s3_bucket}/checkpoints/test", 0).iterdir())
 
     client = MlflowClient(mlflow_sqlite)
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
@@ -358,6 +363,8 @@ def test_training_with_data_and_checkpoints_on_a_faulty_s3_completes(restarted_r
     retries = client.get_metric_history(run.info.run_id, "data/s3_retries")
     assert max(m.value for m in retries) >= 2 + 2  # every shard fault, retried and counted
     assert [m.value for m in client.get_metric_history(run.info.run_id, "data/bad_shards")] == [0.0, 0.0]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "checkpoint/stall_s")) == [3, 6]
+    assert run.data.params["loop.checkpoint_upload"] == "auto"
 
 
 # Kept after the training run: once, in a whole-suite run, the next Ray Train controller started
