@@ -187,14 +187,15 @@ class CheckpointUploads:
         self.raise_failure()
         return Path(tempfile.mkdtemp(prefix=f"step{step}-", dir=self.root))
 
-    def report(self, metrics: dict[str, Any], directory: Path, final: bool = False) -> None:
+    def report(self, metrics: dict[str, Any], directory: Path, wait: bool = False) -> None:
         """Report the staged checkpoint; Ray Train uploads it with `upload`, in its thread when
-        async. `final`: the run's last checkpoint, waited for (complete before the worker returns)."""
+        async. `wait`: complete before this returns (the run's last checkpoint: before the worker
+        returns; one taken for a preemption notice: before the node goes)."""
         self.done.clear()
         self.report_fn(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)), checkpoint_upload_mode=self.mode,
                        delete_local_checkpoint_after_upload=False, checkpoint_upload_fn=self.upload)
         self.stall_s = self.clock() - self.stage_started
-        if final:
+        if wait:
             self.wait()
             self.raise_failure()
 

@@ -392,6 +392,6 @@ def save_checkpoint(w: Worker, step: int, metrics: dict[str, Any]) -> None:
         opt_g=w.opt_g, opt_d=w.opt_d, mlflow_run_id=run_id, config=config.flatten(w.cfg), architecture=w.champion.architecture,
         best=w.champion.best.state() if w.champion.best is not None else None, data_position=w.batches.data_position(),
     )
-    w.uploads.report(with_run_id(metrics, w.logger), directory, final=step == w.cfg.loop.max_steps)
+    w.uploads.report(with_run_id(metrics, w.logger), directory, wait=step == w.cfg.loop.max_steps)
     if w.logger is not None:
         w.logger.log_metrics([(step, w.uploads.metrics() | ({"ddp/replica_spread": spread} if w.world_size > 1 else {}))])

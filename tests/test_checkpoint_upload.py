@@ -129,7 +129,7 @@ def test_the_next_checkpoint_waits_for_an_upload_only_while_it_runs_and_counts_i
         assert list(uploads.root.iterdir()) == [staged[-1]]  # the one being written, alone on this disk
         (staged[-1] / "state.pt").write_bytes(os.urandom(1_500_000))  # 0.75 s up at 2 MB/s
         started = time.perf_counter()
-        uploads.report({"step": step}, staged[-1], final=step == 3)
+        uploads.report({"step": step}, staged[-1], wait=step == 3)
         if step == 1:
             assert time.perf_counter() - started < 0.5  # the step goes on while it uploads
         if step == 2:  # this one ends before the next checkpoint: no wait
