@@ -4,7 +4,9 @@ Rank 0 writes `state.pt` (G, D, both Adam states, the step, the MLflow run id, t
 with credentials dropped from its URIs (a resume takes its tracking URI from its own command
 line), the architecture, the best snapshot by evaluation score, the data position: epoch and step in it);
 every rank writes its own RNG state to `rng-rank{N}.pt`. Ray Train merges the ranks'
-directories into one checkpoint. Everything is loaded with weights_only=True: tensors and
+directories into one checkpoint, and each rank's upload adds its manifest last
+(checkpoint_upload.py); `state.pt` says so (MANIFESTS), so that a reader refuses such a checkpoint
+without them and still reads one written before them. Everything is loaded with weights_only=True: tensors and
 plain containers only, no pickled code.
 """
 
@@ -20,6 +22,7 @@ from dcgan_dist.models import Architecture
 from dcgan_dist.util import redact
 
 STATE_FILE = "state.pt"
+MANIFESTS = "manifests"  # state.pt's key: the checkpoint was uploaded with manifests (checkpoint_upload.py)
 
 
 def rng_file(rank: int) -> str:
@@ -84,6 +87,7 @@ def save(
         "architecture": architecture.to_dict(),
         "best": best,  # the best snapshot by evaluation score (evaluate.Best.state()), or None
         "data_position": data_position,  # data.split.Position.state(): where the ranks are in the epoch
+        MANIFESTS: True,
     }
     torch.save(state, directory / STATE_FILE)
 

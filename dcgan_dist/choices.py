@@ -19,6 +19,8 @@ STATS_BATCHES, STATS_BATCH = 8, 128
 # step.py
 PRECISIONS = ("fp32", "bf16")  # step.PRECISIONS
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # torch.compile modes, or off
+# checkpoint_upload.py: how --storage-path gets each checkpoint (auto: async unless it is a local/NFS path)
+CHECKPOINT_UPLOADS = ("auto", "sync", "async")
 # data/
 SOURCES = ("digits", "cifar10", "lsun", "imagenet", "folder")  # data/sources/: what `shards pack --source` reads
 FORMATS = ("jpeg", "png", "raw")  # data/pack.FORMATS: how `shards pack --format` writes the images

@@ -23,7 +23,7 @@ import yaml
 from dcgan_dist import worker_flags
 
 # The choices' names only (torch-free): --help and a bad flag answer before torch loads.
-from dcgan_dist.choices import BACKBONES, BN_PLACEMENTS, COMPILE_MODES, DECODERS, IMAGE_SIZES, NEEDS_WEIGHTS, PRECISIONS, PRESETS, SAMPLINGS
+from dcgan_dist.choices import BACKBONES, BN_PLACEMENTS, CHECKPOINT_UPLOADS, COMPILE_MODES, DECODERS, IMAGE_SIZES, NEEDS_WEIGHTS, PRECISIONS, PRESETS, SAMPLINGS
 from dcgan_dist.util import OneLineErrorParser
 
 BN_CHOICES = BN_PLACEMENTS
@@ -75,6 +75,8 @@ class LoopConfig:
     sample_every: int = option(100, "log a sample grid from a fixed latent batch every N steps")
     checkpoint_every: int = option(200, "checkpoint the full training state every N steps (and at the end)")
     keep_checkpoints: int = option(2, "how many of the latest checkpoints Ray Train keeps (>= 2: a fallback)")
+    checkpoint_upload: str = option("auto", "async: checkpoints upload while training goes on (a step waits only if the previous upload "
+                                            "still runs); sync; auto: async unless --storage-path is a local/NFS path", CHECKPOINT_UPLOADS)
     verbose: bool = option(False, "print every Ray Train report and MLflow's INFO lines and download bars; "
                                   "default: the progress bar, evaluations, warnings and the summary")
 

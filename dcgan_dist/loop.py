@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from tqdm import tqdm
 from dcgan_dist import checkpoint, config, data, elastic, sync_bn
 from dcgan_dist.champion import Champion, holds_final_models, log_final_models
 from dcgan_dist.checkpoint import unwrap
+from dcgan_dist.checkpoint_upload import CheckpointUploads
 from dcgan_dist.config import Config
 from dcgan_dist.data.sample_log import SampleLog, new_attempt
 from dcgan_dist.data.split import rank_batches
@@ -75,7 +75,9 @@ class Worker:
     logger: RunLogger | None  # rank 0 only
     champion: Champion  # evaluation, the best snapshot, collapse detection and rollback
     sample_log: SampleLog  # --sample-log (writes nothing without it)
+    uploads: CheckpointUploads  # where checkpoints are staged, reported and uploaded; the waits they cost
     preemption: elastic.Preemption = field(default_factory=elastic.Preemption)
+    report_windows: bool = False  # each window's means to Ray Train (a sweep's scheduler reads them)
     last_progress: float = 0.0  # rank 0: when the last progress line was printed
 
 
@@ -195,7 +197,8 @@ def setup(cfg: Config, launch: dict[str, Any]) -> Worker:
     rank_batch = rank_batches(cfg.loop.batch_size, world_size)[rank]
     return Worker(cfg, rank, world_size, rank_batch, rank_batch * world_size / cfg.loop.batch_size, device, generator,
                   discriminator, discriminator_local, opt_g, opt_d, batches, z_fixed.to(device), start_step, logger, champion,
-                  open_sample_log(cfg.data.sample_log, rank, world_size, device))
+                  open_sample_log(cfg.data.sample_log, rank, world_size, device),
+                  CheckpointUploads.for_worker(cfg.loop.checkpoint_upload, rank, world_size), report_windows=launch.get("report_windows", False))
 
 
 def open_sample_log(directory: str, rank: int, world_size: int, device: torch.device) -> SampleLog:
@@ -297,9 +300,9 @@ def run(w: Worker) -> None:
             # Every rank asks and reports at the same steps (both are barriers across workers).
             notice = w.preemption.notice() if window_closed and not last_step else None
             if step % cfg.loop.checkpoint_every == 0 or last_step or notice:
-                save_checkpoint(w, step, {"step": step} | latest | w.champion.last_eval)
-            elif window_closed:
-                ray.train.report(with_run_id({"step": step} | latest | w.champion.last_eval, w.logger))
+                save_checkpoint(w, step, {"step": step} | latest | w.champion.last_eval, wait=notice is not None)
+            elif window_closed and w.report_windows:
+                w.uploads.report_metrics(with_run_id({"step": step} | latest | w.champion.last_eval, w.logger))
             if notice:  # checkpointed at this step: nothing is redone when Ray Train restarts the group from it
                 w.preemption.wait_for_restart(notice, step)
 
@@ -378,16 +381,18 @@ def with_run_id(metrics: dict[str, Any], logger: RunLogger | None) -> dict[str, 
     return metrics | ({"mlflow_run_id": logger.run_id} if logger is not None else {})
 
 
-def save_checkpoint(w: Worker, step: int, metrics: dict[str, Any]) -> None:
-    """Every rank writes its part and reports; Ray Train merges them into one checkpoint."""
+def save_checkpoint(w: Worker, step: int, metrics: dict[str, Any], wait: bool = False) -> None:
+    """Every rank writes its part and reports it (checkpoint_upload: uploaded, verified, in the
+    background to remote storage); Ray Train merges the parts into one. The last one, and one
+    written on a preemption notice (`wait`), are waited for."""
     spread = replica_spread((w.generator, w.discriminator), w.world_size, w.cfg.cluster.bn_sync, step)
-    if w.logger is not None and w.world_size > 1:
-        w.logger.log_metrics([(step, {"ddp/replica_spread": spread})])
     run_id = w.logger.run_id if w.logger is not None else None
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint.save(
-            directory, rank=w.rank, device=w.device, step=step, generator=w.generator, discriminator=w.discriminator,
-            opt_g=w.opt_g, opt_d=w.opt_d, mlflow_run_id=run_id, config=config.flatten(w.cfg), architecture=w.champion.architecture,
-            best=w.champion.best.state() if w.champion.best is not None else None, data_position=w.batches.data_position(),
-        )
-        ray.train.report(with_run_id(metrics, w.logger), checkpoint=ray.train.Checkpoint.from_directory(directory))
+    directory = w.uploads.stage(step)  # waits only while the previous checkpoint still uploads
+    checkpoint.save(
+        directory, rank=w.rank, device=w.device, step=step, generator=w.generator, discriminator=w.discriminator,
+        opt_g=w.opt_g, opt_d=w.opt_d, mlflow_run_id=run_id, config=config.flatten(w.cfg), architecture=w.champion.architecture,
+        best=w.champion.best.state() if w.champion.best is not None else None, data_position=w.batches.data_position(),
+    )
+    w.uploads.report(with_run_id(metrics, w.logger), directory, wait=wait or step == w.cfg.loop.max_steps)
+    if w.logger is not None:
+        w.logger.log_metrics([(step, w.uploads.metrics() | ({"ddp/replica_spread": spread} if w.world_size > 1 else {}))])

@@ -2,6 +2,11 @@
 file cut short or missing: a node lost while it was written, a disk that filled), the newest
 readable one before it.
 
+A checkpoint counts only when each rank's manifest is there and storage lists every file they
+name at its size (checkpoint_upload.check_complete: an upload can fail without a word); one
+written before manifests (its state.pt lacks checkpoint.MANIFESTS) is read as before, every file
+loaded.
+
 Ray Train hands every worker its latest registered checkpoint only; the older ones it keeps
 (--keep-checkpoints, at least 2) are its siblings on the same filesystem. Rank 0 checks them
 newest first and every rank resumes from the one it picked, so all ranks agree even when a read
@@ -19,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from dcgan_dist import checkpoint
+from dcgan_dist.checkpoint_upload import IncompleteCheckpoint, check_complete, manifest_file
 from dcgan_dist.util import first_line
 
 log = logging.getLogger(__name__)
@@ -76,9 +82,15 @@ def newest_readable(candidates: list[ray.train.Checkpoint]) -> tuple[int, dict[s
 
 
 def read_checked(candidate: ray.train.Checkpoint) -> dict[str, Any]:
-    """The checkpoint's state, after checking every file the run wrote into it loads."""
+    """The checkpoint's state, after checking that storage holds every file its manifests list
+    (before anything is downloaded) and that every file the run wrote into it loads."""
+    complete = check_complete(candidate.filesystem, candidate.path)
     with candidate.as_directory() as directory:
         state = checkpoint.load_state(directory)
+        if not complete and state.get(checkpoint.MANIFESTS):
+            raise IncompleteCheckpoint(f"{manifest_file(0)} is missing: its upload did not finish")
+        if not complete:
+            log.info("checkpoint %s predates upload manifests: checked by loading its files", candidate.path)
         missing = [key for key in ("step", "generator", "discriminator", "opt_g", "opt_d") if key not in state]
         if missing:
             raise ValueError(f"{checkpoint.STATE_FILE} lacks {', '.join(missing)}")

@@ -228,7 +228,10 @@ def build_trainer(cfg: Config, callbacks: list | None = None, entry_point: str =
 
     return TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.flatten(cfg), **(launch or launch_info(cfg, entry_point)), "env": worker_env(cfg)},
+        # Window reports only for a listener (a sweep's Tune scheduler): Ray Train 2.60 takes a
+        # worker's report at its poll, every 2 s, and a synchronous one holds the step until then.
+        train_loop_config={"config": config.flatten(cfg), **(launch or launch_info(cfg, entry_point)), "env": worker_env(cfg),
+                           "report_windows": bool(callbacks)},
         scaling_config=ray.train.ScalingConfig(
             # (MIN, MAX): Ray Train starts once MIN workers fit, checks every --resize-interval-s
             # whether more fit (and then restarts larger from a checkpoint), restarts smaller after a loss.

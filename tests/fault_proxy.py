@@ -6,6 +6,9 @@ endpoint (moto, `mlflow server`), except where a scheduled fault says otherwise:
     cut        forward, send the headers (Content-Length kept) and `after_bytes` of the body, close
     stall      forward, send `after_bytes` of the body (0: nothing, not even the headers), wait
                `seconds`, then send the rest
+    stall_upload  read `after_bytes` of the request's body, wait `seconds` reading nothing more (the
+               client's send blocks, as on a network path gone silent), then drop the connection
+               unanswered: the request never reaches S3 (e.g. UploadPart: `PUT ...?partNumber=`)
 
 A fault applies to the next `times` requests (None: every one) matching its method and path
 pattern; `injected` counts what was done, `requests` what came in. A cut or stall may call `then()`
@@ -14,6 +17,7 @@ next request sees the new one). Uploads the AWS C++ SDK sends (pyarrow: `Transfe
 chunked` bodies in `aws-chunked` encoding, `Expect: 100-continue`, which http.server answers) are
 forwarded whole, with a Content-Length. Bounded: socket timeouts, daemon threads, stalls that
 end at stop(), and stop() also cuts the connections clients keep alive (an outage is an outage).
+`upload_bytes_per_s` limits how fast each request's body is read (a slow uplink; None: no limit).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import http.client
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,22 +41,27 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length",
 
 @dataclass
 class Fault:
-    kind: str  # "slowdown", "cut" or "stall"
+    kind: str  # "slowdown", "cut", "stall" or "stall_upload"
     times: int | None = 1  # how many matching requests get it; None = all of them
     method: str = ""  # "GET", "PUT", ...; "" = any
     path: str = ""  # a regex searched in the request's path and query; "" = any
-    after_bytes: int = 0  # cut/stall: the body bytes sent first
-    seconds: float = 0.0  # stall: how long
+    after_bytes: int = 0  # cut/stall: the body bytes sent first; stall_upload: the request body bytes read first
+    seconds: float = 0.0  # stall, stall_upload: how long
     then: Callable[[], None] | None = None  # cut/stall: called after the first after_bytes, before the cut or the wait
 
     def matches(self, method: str, path: str) -> bool:
         return (self.times is None or self.times > 0) and self.method in ("", method) and re.search(self.path, path) is not None
 
 
+class DroppedRequest(OSError):
+    """A stall_upload fault's end: the connection is closed without an answer."""
+
+
 class FaultProxy:
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, upload_bytes_per_s: float | None = None):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
+        self.upload_bytes_per_s = upload_bytes_per_s
         self.faults: list[Fault] = []
         self.injected: collections.Counter = collections.Counter()
         self.requests: collections.Counter = collections.Counter()  # by method
@@ -126,7 +136,8 @@ class FaultProxy:
 
             do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = do_GET  # PATCH: MLflow finalises a logged model
 
-            def read_body(self) -> bytes:
+            def read_body(self, fault: Fault | None) -> bytes:
+                reader = BodyReader(self.rfile, proxy, fault if fault is not None and fault.kind == "stall_upload" else None)
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
                     chunks = []
                     while True:
@@ -135,14 +146,14 @@ class FaultProxy:
                             while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                                 pass
                             return b"".join(chunks)
-                        chunks.append(self.rfile.read(size + 2)[:size])
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                        chunks.append(reader.read(size + 2)[:size])
+                return reader.read(int(self.headers.get("Content-Length") or 0))
 
             def forward(self):
                 fault = proxy._take_fault(self.command, self.path)
                 if fault is not None and fault.kind == "stall" and fault.after_bytes == 0:
                     proxy._stopping.wait(fault.seconds)  # before the request body: an upload stalls too
-                body = self.read_body()
+                body = self.read_body(fault)
                 if proxy._stopping.is_set():
                     self.close_connection = True
                     return
@@ -191,3 +202,34 @@ class FaultProxy:
                     upstream.close()
 
         return Handler
+
+
+class BodyReader:
+    """Reads a request's body in pieces: at the proxy's upload rate, and for a stall_upload fault
+    up to its `after_bytes`, then silent for its `seconds`, then DroppedRequest."""
+
+    PIECE = 64 * 1024
+
+    def __init__(self, rfile, proxy: FaultProxy, stall: Fault | None):
+        self.rfile, self.proxy, self.stall = rfile, proxy, stall
+        self.done = 0
+        self.started = time.monotonic()
+
+    def read(self, size: int) -> bytes:
+        pieces = []
+        while size > 0:
+            piece = min(size, self.PIECE)
+            if self.stall is not None:
+                if self.done >= self.stall.after_bytes:
+                    self.proxy._stopping.wait(self.stall.seconds)
+                    raise DroppedRequest("stall_upload: dropped unanswered")
+                piece = min(piece, self.stall.after_bytes - self.done)
+            data = self.rfile.read(piece)
+            if not data:
+                break
+            pieces.append(data)
+            self.done += len(data)
+            size -= len(data)
+            if self.proxy.upload_bytes_per_s:  # the time these bytes take on the slow uplink
+                self.proxy._stopping.wait(self.started + self.done / self.proxy.upload_bytes_per_s - time.monotonic())
+        return b"".join(pieces)

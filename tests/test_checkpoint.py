@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -55,16 +56,21 @@ def test_architecture_saved_in_the_checkpoint_or_read_from_an_older_ones_config(
 
 
 def write_checkpoint(folder, step: int, world_size: int = 2):
-    """A checkpoint folder as the loop writes it (rank 0's state.pt, every rank's RNG file)."""
+    """A checkpoint folder as the loop writes and uploads it: rank 0's state.pt, every rank's RNG
+    file, each rank's part staged apart and uploaded with its manifest (checkpoint_upload)."""
+    from pyarrow import fs
+
+    from dcgan_dist.checkpoint_upload import upload_verified
     from dcgan_dist.models import build_models
 
-    folder.mkdir(parents=True)
     generator, discriminator = build_models("pytorch-examples", 32, "paper")
     optimizer = torch.optim.Adam(generator.parameters())
     for rank in range(world_size):
-        checkpoint.save(folder, rank=rank, device=torch.device("cpu"), step=step, generator=generator,
-                        discriminator=discriminator, opt_g=optimizer, opt_d=optimizer, mlflow_run_id="r",
-                        config={"cluster.num_workers": world_size}, architecture=Architecture.of("pytorch-examples", 32, "paper"))
+        with tempfile.TemporaryDirectory() as staging:
+            checkpoint.save(staging, rank=rank, device=torch.device("cpu"), step=step, generator=generator,
+                            discriminator=discriminator, opt_g=optimizer, opt_d=optimizer, mlflow_run_id="r",
+                            config={"cluster.num_workers": world_size}, architecture=Architecture.of("pytorch-examples", 32, "paper"))
+            upload_verified(staging, fs.LocalFileSystem(), str(folder), rank, world_size)
     return folder
 
 

@@ -77,7 +77,7 @@ def test_an_abbreviated_flag_exits_2_naming_it(module, capsys):
 
 def test_the_choice_names_are_the_tables_keys():
     """choices.py holds the names apart from the tables keyed by them (which load torch)."""
-    from dcgan_dist import authors, models, probe_protocol, step
+    from dcgan_dist import authors, checkpoint_upload, models, probe_protocol, step
     from dcgan_dist.data import pack
 
     assert choices.PRESETS == tuple(models.PRESETS)
@@ -86,6 +86,7 @@ def test_the_choice_names_are_the_tables_keys():
     assert choices.PRECISIONS == tuple(step.PRECISIONS)
     assert choices.FORMATS == tuple(pack.FORMATS)
     assert choices.FEATURE_DTYPES == tuple(probe_protocol.FEATURE_DTYPES)
+    assert choices.CHECKPOINT_UPLOADS == ("auto", *checkpoint_upload.MODES)
 
 
 # Runs the entry point as `python -m` does, with --help and then with an unknown flag after valid

@@ -17,6 +17,7 @@ import pytest
 import webdataset as wds
 from mlflow import MlflowClient
 
+from dcgan_dist.checkpoint_upload import staging_root
 from dcgan_dist.data import manifest, s3, stream
 from dcgan_dist.train import check_manifest, main, storage
 from tests.conftest import start_local_ray, train_args
@@ -238,6 +239,86 @@ def write_objects(filesystem, folder: str, count: int) -> list[str]:
     return paths
 
 
+# ---------------------------------------------------------------- checkpoint uploads through stalled part uploads
+
+STALL_S = 2.0  # then the proxy drops the part upload unanswered; a stall past the request timeout ends the same way
+
+
+def stalling_checkpoint_storage(monkeypatch, bucket: str) -> tuple:
+    """(the checkpoint filesystem as train.py builds it and Ray's workers receive it: pickled, its
+    run folder). Its SDK gives a part up after one attempt: the shipped 10 take minutes through stalls."""
+    import dcgan_dist.train
+
+    monkeypatch.setattr(dcgan_dist.train, "S3_MAX_ATTEMPTS", 1)
+    options = storage(f"s3://{bucket}/checkpoints")
+    return pickle.loads(pickle.dumps(options["storage_filesystem"])), f"{options['storage_path']}/test"
+
+
+def stall_part_uploads(name: str, times: int | None) -> Fault:
+    return Fault("stall_upload", times=times, method="PUT", path=rf"/{name}\?partNumber=", after_bytes=64 * 1024, seconds=STALL_S)
+
+
+def test_a_stalled_part_upload_that_copy_files_swallows_is_caught_by_the_listing_and_sent_again(fault_proxy, s3_bucket, monkeypatch,
+                                                                                             tmp_path, capfd, caplog):
+    from pyarrow import fs
+
+    from dcgan_dist.checkpoint_upload import check_complete, manifest_file, stored_sizes, upload_verified
+
+    filesystem, run = stalling_checkpoint_storage(monkeypatch, s3_bucket)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "state.pt").write_bytes(random.randbytes(3_000_000))
+    (staged / "rng-rank0.pt").write_bytes(random.randbytes(2_000))
+
+    # pyarrow alone, as Ray Train copies a checkpoint: the part upload fails, copy_files returns
+    fault_proxy.schedule(stall_part_uploads("state.pt", times=1))
+    fs.copy_files(str(staged), f"{run}/copied", destination_filesystem=filesystem, use_threads=False)
+    error = capfd.readouterr().err
+    assert "Error ignored when destroying file" in error and "UploadPart" in error, error
+    assert stored_sizes(filesystem, f"{run}/copied") == {"rng-rank0.pt": 2_000}  # no state.pt, and no word of it
+
+    fault_proxy.schedule(stall_part_uploads("state.pt", times=1))
+    with caplog.at_level(logging.WARNING):
+        files = upload_verified(staged, filesystem, f"{run}/checkpoint_1", rank=0, world_size=1)
+    assert fault_proxy.injected == {"stall_upload": 2}
+    assert "attempt 1 of 3: state.pt is missing, manifest-rank0.json is missing" in caplog.text
+    assert files == {"rng-rank0.pt": 2_000, "state.pt": 3_000_000}
+    assert stored_sizes(filesystem, f"{run}/checkpoint_1").keys() == {*files, manifest_file(0)}
+    assert check_complete(filesystem, f"{run}/checkpoint_1")
+
+
+def test_a_checkpoint_whose_part_uploads_keep_stalling_is_neither_reported_nor_resumed_from(fault_proxy, s3_bucket, monkeypatch):
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    from dcgan_dist import checkpoint_upload
+    from dcgan_dist.checkpoint_upload import CheckpointUploads, UploadError, stored_sizes
+    from dcgan_dist.restore import newest_readable, older_checkpoints
+    from tests.test_checkpoint_upload import RayReport, save_small
+
+    filesystem, run = stalling_checkpoint_storage(monkeypatch, s3_bucket)
+    report = RayReport()
+    uploads = CheckpointUploads(0, 1, CheckpointUploadMode.ASYNC, filesystem, run, report_fn=report)
+    uploads.report({"step": 10}, save_small(uploads.stage(10), 10))
+    report.uploads[-1].result(timeout=60)  # uploaded whole
+    fault_proxy.schedule(stall_part_uploads("state.pt", times=None))  # the endpoint stalls every part of it from now on
+    uploads.report({"step": 20}, save_small(uploads.stage(20), 20))
+    with pytest.raises(UploadError, match="incomplete after 3 attempts: state.pt is missing, manifest-rank0.json is missing"):
+        report.uploads[-1].result(timeout=60)  # what Ray Train's upload thread raises: the worker fails
+    assert fault_proxy.injected == {"stall_upload": checkpoint_upload.UPLOAD_ATTEMPTS}
+    assert [metrics["step"] for metrics, _ in report.reported] == [10]  # not reported
+    with pytest.raises(UploadError, match="the previous checkpoint's upload failed"):
+        uploads.stage(30)  # nor trained on from here
+
+    (_, first), unfinished = report.reported[0], f"{run}/{report.names[-1]}"
+    assert set(stored_sizes(filesystem, unfinished)) == {"rng-rank0.pt"}
+    candidates = [ray.train.Checkpoint(unfinished, filesystem=filesystem)]  # as if Ray Train's latest, or a sibling
+    candidates += older_checkpoints(candidates[0])
+    index, state = newest_readable(candidates)
+    assert candidates[index].path == first.path and state["step"] == 10
+    assert "state.pt is missing" in state["unreadable_checkpoints"][0]
+
+
 # ---------------------------------------------------------------- a training run through the faults
 
 
@@ -265,11 +346,15 @@ def test_training_with_data_and_checkpoints_on_a_faulty_s3_completes(restarted_r
         Fault("stall", times=1, method="PUT", path="checkpoint_manager_snapshot", seconds=4),
         Fault("slowdown", times=2, method="PUT", path="/checkpoints/test/checkpoint_(?!manager)"),
     )
-    args = train_args(tmp_path, mlflow_sqlite, data=url, max_steps=6, log_every=3, sample_every=6, checkpoint_every=6,
+    args = train_args(tmp_path, mlflow_sqlite, data=url, max_steps=6, log_every=3, sample_every=6, checkpoint_every=3,
                       batch_size=16, loader_workers=0, shuffle_buffer=20, storage_path=f"s3://{s3_bucket}/checkpoints",
                       eval_every=0)
     assert main(args) == 0
     assert fault_proxy.injected == {"slowdown": 2 + 3 + 2, "cut": 2, "stall": 1}
+    # both checkpoints uploaded in the background (auto: async to S3), each with its manifest, none left on the node's disk
+    listing = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="checkpoints/test/checkpoint_2")["Contents"]
+    assert sum(item["Key"].endswith("/manifest-rank0.json") for item in listing) == 2, [item["Key"] for item in listing]
+    assert not any(staging_root(f"{s3_bucket}/checkpoints/test", 0).iterdir())
 
     client = MlflowClient(mlflow_sqlite)
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
@@ -278,6 +363,8 @@ def test_training_with_data_and_checkpoints_on_a_faulty_s3_completes(restarted_r
     retries = client.get_metric_history(run.info.run_id, "data/s3_retries")
     assert max(m.value for m in retries) >= 2 + 2  # every shard fault, retried and counted
     assert [m.value for m in client.get_metric_history(run.info.run_id, "data/bad_shards")] == [0.0, 0.0]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "checkpoint/stall_s")) == [3, 6]
+    assert run.data.params["loop.checkpoint_upload"] == "auto"
 
 
 # Kept after the training run: once, in a whole-suite run, the next Ray Train controller started

@@ -42,6 +42,8 @@ def latest_checkpoint_state(storage: Path, run_name: str = "test") -> dict:
 
 
 def test_training_leaves_metrics_samples_and_registered_models(ray_local, mlflow_sqlite, tmp_path):
+    import ray.train
+
     assert main(train_args(tmp_path, mlflow_sqlite)) == 0
 
     client = MlflowClient(mlflow_sqlite)
@@ -60,6 +62,8 @@ def test_training_leaves_metrics_samples_and_registered_models(ray_local, mlflow
     for metric in ("loss_d", "loss_g", "d_real", "d_fake"):
         assert steps_of(client, run.info.run_id, metric) == list(range(1, 13)), metric
     assert steps_of(client, run.info.run_id, "img_per_s") == [4, 8, 12]
+    assert steps_of(client, run.info.run_id, "checkpoint/stall_s") == [6, 12]  # local storage: synchronous, with manifests
+    assert (Path(ray.train.Result.from_path(str(tmp_path / "ray_results" / "test")).checkpoint.path) / "manifest-rank0.json").is_file()
     assert all(np.isfinite(m.value) for m in client.get_metric_history(run.info.run_id, "loss_d"))
 
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
