@@ -40,7 +40,7 @@ from tests.test_train import only_run, steps_of
 pytestmark = pytest.mark.slow
 
 SHARD_SIZES = [27, 13, 20]  # uneven shards; 60 samples are 12 global batches of 5, none left over
-BATCH, EPOCHS = 5, 15
+BATCH, EPOCHS = 5, 35
 DRAIN_TIMEOUT_S = 8  # the drained node's `ray start` waits this long before it stops its workers
 
 
