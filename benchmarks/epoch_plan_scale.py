@@ -88,11 +88,11 @@ def write_shards(folder: Path, shards: int, shard_size: int) -> str:
     return url
 
 
-def plan_cli(args: argparse.Namespace, steps: int) -> dict:
+def plan_cli(args: argparse.Namespace, steps: int, *flags: str) -> dict:
     url = write_shards(Path(args.plan_cli), args.shards, args.shard_size)
     command = [sys.executable, "-m", "dcgan_dist.shards", "plan", url, "--world-size", str(args.ranks * 125 // 128),
                "--loader-workers", str(args.loader_workers), "--batch-size", str(args.batch_size),
-               "--shuffle-buffer", str(args.shuffle_buffer), "--resume-step", str(steps // 2), "--from-world-size", str(args.ranks)]
+               "--shuffle-buffer", str(args.shuffle_buffer), "--resume-step", str(steps // 2), "--from-world-size", str(args.ranks), *flags]
     started = time.perf_counter()
     with open(os.devnull, "w") as devnull:
         process = subprocess.Popen(command, stdout=devnull, stderr=subprocess.PIPE, text=True)
@@ -133,9 +133,10 @@ def main() -> None:
     for what, row in results.items():
         print(f"| {names[what]} | {row['streams']:,} | {row['pieces']:,} | {row['seconds']:.3f} | {row['traced_mib']:.0f} | {row['rss_mib']:.0f} |")
     if args.plan_cli:
-        cli = plan_cli(args, steps)
-        print(f"\n`shards plan --resume-step {steps // 2}` ({args.ranks:,} -> {args.ranks * 125 // 128:,} ranks): {cli['seconds']:.1f} s, "
-              f"max RSS {cli['rss_mib']:.0f} MiB; {cli['summary']}")
+        for flags in ((), ("--pieces",)):  # the keys (every tar header read), or the pieces (the manifest alone)
+            cli = plan_cli(args, steps, *flags)
+            print(f"\n`shards plan --resume-step {steps // 2}{' --pieces' if flags else ''}` ({args.ranks:,} -> {args.ranks * 125 // 128:,} "
+                  f"ranks): {cli['seconds']:.1f} s, max RSS {cli['rss_mib']:.0f} MiB; {cli['summary']}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "ranks after a resize there (an elastic run's restart) from --from-world-size ranks")
     p.add_argument("--from-world-size", type=int, help="with --resume-step: the world size before it (default: --world-size)")
     p.add_argument("--from-loader-workers", type=int, help="with --resume-step: the loader workers before it (default: --loader-workers)")
+    p.add_argument("--pieces", action="store_true", help="print each loader worker's pieces of shards instead, RANK<TAB>LOADER "
+                   "WORKER<TAB>SHARD<TAB>FIRST<TAB>STOP (tar members FIRST to STOP-1): no shard is read, fast at any size")
     p = commands.add_parser("dedup", help="drop near-duplicates (the paper's autoencoder hash): new shards, manifest.json, dedup-report.json")
     p.add_argument("url", help="PATH/manifest.json or s3://bucket/prefix/manifest.json")
     p.add_argument("--out", required=True, metavar="DIR_OR_S3_PREFIX")
@@ -135,9 +137,15 @@ def plan_command(args: argparse.Namespace) -> int:
         segments = (before, split.Segment(args.resume_step, args.world_size, max(args.loader_workers, 1)))
         resumed = (f" from step {args.resume_step}, after {before.world_size} ranks x {before.loader_streams} loader streams "
                    f"read steps 0 to {args.resume_step - 1}")
-    lines = epochs.planned_keys(shards, args.seed, args.epoch, args.batch_size, args.shuffle_buffer, segments)
-    for chunk in iter(lambda: list(itertools.islice(lines, 10000)), []):
-        sys.stdout.write("".join(f"{rank}\t{key}\n" for rank, key in chunk))
+    if args.pieces:  # the plan itself, from the manifest's counts: each stream's pieces in the order it reads them
+        urls = shards.shard_urls
+        for plan in split.streams(counts, args.seed, args.epoch, args.batch_size, args.shuffle_buffer, segments):
+            sys.stdout.write("".join(f"{plan.rank}\t{plan.index}\t{urls[piece.shard]}\t{piece.start}\t{piece.stop}\n"
+                                     for piece in plan.pieces))
+    else:
+        lines = epochs.planned_keys(shards, args.seed, args.epoch, args.batch_size, args.shuffle_buffer, segments)
+        for chunk in iter(lambda: list(itertools.islice(lines, 10000)), []):
+            sys.stdout.write("".join(f"{rank}\t{key}\n" for rank, key in chunk))
     batches = split.rank_batches(args.batch_size, args.world_size)
     per_rank = f"{batches[0]}" if batches[0] == batches[-1] else f"{batches[-1]}-{batches[0]}"
     print(f"epoch {args.epoch}{resumed}: {steps - segments[-1].from_step} steps of {per_rank} samples on each of {args.world_size} "

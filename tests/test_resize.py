@@ -282,6 +282,15 @@ def test_shards_plan_after_a_resize_prints_what_the_new_ranks_read_and_rejects_b
     earlier = {key for rank in before.values() for keys in rank.values() for key in keys}
     assert earlier.isdisjoint(key for _, key in lines) and len(earlier) + len(lines) == 96
     assert "epoch 0 from step 5, after 2 ranks x 1 loader streams read steps 0 to 4: 7 steps of 2-3 samples on each of 3 ranks" in err
+    # --pieces: the same plan as pieces of shards, from the manifest alone: the members each rank's
+    # loader workers read are the keys above (the keys' order within a piece is the shuffle's)
+    assert shards.main([*common, "--world-size", "3", "--resume-step", "5", "--from-world-size", "2", "--from-loader-workers", "1",
+                        "--pieces"]) == 0
+    pieces = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    members = {url: epochs.shard_keys(url, shards_read.expected_samples()) for url in shards_read.shard_urls}
+    by_pieces = sorted((int(rank), key) for rank, _, url, first, stop in pieces for key in members[url][int(first):int(stop)])
+    assert by_pieces == sorted((int(rank), key) for rank, key in lines)
+    assert {(rank, index) for rank, index, *_ in pieces} == {(str(rank), str(index)) for rank in range(3) for index in range(2)}
     for bad, named in ((["--world-size", "3", "--from-world-size", "2"], "--from-world-size need --resume-step"),
                        (["--world-size", "3", "--resume-step", "0"], "--resume-step 0 is not a step inside the epoch"),
                        (["--world-size", "3", "--resume-step", "12"], "--resume-step 12 is not a step inside the epoch"),
