@@ -67,7 +67,7 @@ class DataConfig:
 @dataclass
 class LoopConfig:
     batch_size: int = option(128, "GLOBAL batch size, the same at every world size: each worker takes batch_size // workers, "
-                                  "the first batch_size % workers one more, their gradients weighted by it (paper: 128)")
+                                  "the first (batch_size mod workers) one more, their gradients weighted by it (paper: 128)")
     max_steps: int = option(600, "train until this many G/D updates in total (a resumed run continues to it)")
     max_epochs: int = option(0, "train this many epochs instead (num_samples // --batch-size steps each); 0 = --max-steps decides")
     seed: int = option(0, "random seed; worker k uses seed + k")

@@ -167,3 +167,10 @@ def test_a_worker_range_reaches_every_layer_as_one_value():
     for name, value in (("resize_interval_s", "-1"), ("max_preemptions", "-2")):
         with pytest.raises(ConfigError, match="--" + name.replace("_", "-")):
             configured("--" + name.replace("_", "-"), value)
+
+
+def test_every_flag_help_formats():
+    """argparse %-formats each help text: a bare '%' in an option's help breaks --help (in-process,
+    so the fast tier catches it; the --help tests start a process)."""
+    text = config.build_parser().format_help()
+    assert all("--" + path.rsplit(".", 1)[1].replace("_", "-") in text for path in config.LEAVES)
