@@ -23,9 +23,7 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 import argparse
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -83,23 +81,16 @@ def train_fn(config: dict) -> None:
 
 def start_s3(uplink_mb_s: float):
     """moto_server in its own process, the proxy in front of it; AWS_* set for train.storage."""
+    from loopback_s3 import start_moto_server
+
     from tests.fault_proxy import FaultProxy
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    proxy = FaultProxy(f"http://127.0.0.1:{port}", upload_bytes_per_s=uplink_mb_s * 1e6).start()
+    server, url = start_moto_server()
+    proxy = FaultProxy(url, upload_bytes_per_s=uplink_mb_s * 1e6).start()
     os.environ.update(AWS_ENDPOINT_URL=proxy.url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     import boto3
 
-    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="bench")
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="bench")
     return server, proxy
 
 

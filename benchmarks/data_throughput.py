@@ -18,14 +18,13 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 import argparse
 import io
 import os
-import socket
-import subprocess
 import tempfile
 import time
 
 import numpy as np
 import torch
 import webdataset as wds
+from loopback_s3 import start_moto_server
 from PIL import Image
 
 from dcgan_dist.data import manifest, pack, s3, stream
@@ -116,20 +115,8 @@ def main() -> None:
     rows = [("decode+scale, torchvision decode_image, 1 thread", f"{rate(lambda d: decode(d, args.image_size), images):,.0f} img/s/core"),
             ("decode+scale, PIL Image.open+convert, 1 thread", f"{rate(pil_decode, images):,.0f} img/s/core")]
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # its own process, as a real endpoint would be: a server thread here would share our GIL
-    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    server, url = start_moto_server()  # its own process, as a real endpoint would be
+    os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="bench")
