@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--folder", default=str(REPO.parent / "shared" / "authors-dcgan"))
     parser.add_argument("--out", default=str(REPO / "docs"))
     parser.add_argument("--samples", type=int, default=512, help="samples per G for the table")

@@ -109,7 +109,7 @@ def fit(storage_path: str, cases: list, args, out: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", type=int, default=4, help="checkpoints per case")
     parser.add_argument("--uplink-mb-s", type=float, default=40.0, help="the proxy's upload rate to loopback S3")
     parser.add_argument("--interval-s", type=float, default=6.0, help="the long interval between checkpoints (past an upload)")

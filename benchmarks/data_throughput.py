@@ -102,7 +102,7 @@ def train_rate(url: str, image_size: int, steps: int, batch: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--shard-size", type=int, default=500)

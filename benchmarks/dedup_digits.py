@@ -23,7 +23,7 @@ from dcgan_dist.data import dedup, manifest
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, nargs="+", default=[3, 10])
     parser.add_argument("--thresholds", type=float, nargs="+", default=[1.0, 2.0, 3.0])
     args = parser.parse_args()

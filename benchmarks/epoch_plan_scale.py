@@ -104,7 +104,7 @@ def plan_cli(args: argparse.Namespace, steps: int, *flags: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, default=1024)
     parser.add_argument("--loader-workers", type=int, default=8)
     parser.add_argument("--shards", type=int, default=3000)

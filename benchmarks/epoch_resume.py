@@ -45,7 +45,7 @@ def first_batch_s(shards: manifest.Manifest, batch: int, buffer: int, step: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", type=int, default=20)
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--batch", type=int, default=64)

@@ -52,7 +52,7 @@ def measure(backbone: backbones.Backbone, samples: int, generator, cfg: Config) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--samples", type=int, default=Config().eval.eval_samples)
     parser.add_argument("--inception-samples", type=int, default=200)
     parser.add_argument("--device", default="cpu")

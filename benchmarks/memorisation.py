@@ -32,7 +32,7 @@ def timed(function):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--queries", type=int, nargs="+", default=[1000, 5000])
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()

@@ -28,7 +28,7 @@ from dcgan_dist.tracking.registry import LoadedNetwork
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--steps", default="0,50,100,200,300")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--preset", default="pytorch-examples")

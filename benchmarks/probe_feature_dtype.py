@@ -27,7 +27,7 @@ from dcgan_dist.probe_protocol import extract_features, few_labels, full_fit, se
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--preset", default="imagenet32")
     parser.add_argument("--c-grid", default=",".join(f"{c:g}" for c in C_GRID))
     parser.add_argument("--draws", type=int, default=DATASETS["digits"].draws)

@@ -130,7 +130,7 @@ def packed_jpegs(url: str) -> list[torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--images", type=int, default=8000)
     parser.add_argument("--rounds", type=int, default=8, help="alternating blocks of the decoder and the reader")
     parser.add_argument("--block", type=float, default=1.5, help="seconds of the reader per block (the decoder: as long)")

@@ -30,7 +30,7 @@ from dcgan_dist.tracking import registry
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--preset", default="pytorch-examples")
     parser.add_argument("--image-size", type=int, default=32)

@@ -47,7 +47,7 @@ def measure(num_workers: int, args: argparse.Namespace, folder: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
     parser.add_argument("--batch-size", type=int, default=128, help="global batch, split over the workers")

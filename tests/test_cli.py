@@ -137,3 +137,17 @@ def test_the_failure_summary_names_the_lowest_ranks_error_without_credentials():
     assert failure_summary(workers) == f"rank 0: {request.format('RetryError').replace('dcgan:s3cret@', '')}"
     controller = ControllerError(RuntimeError("Traceback ...\n  File x\n" + request.format("timeout")))
     assert failure_summary(controller) == f"Ray Train's controller: {request.format('timeout').replace('dcgan:s3cret@', '')}"
+
+
+def test_every_benchmark_script_refuses_abbreviated_flags():
+    """The benchmark scripts are CLIs too: `--round 2` must not run as `--rounds 2`. Their parsers
+    are plain argparse (they run on the GPU image, which may lack our package): each must set
+    allow_abbrev=False."""
+    allowing = []
+    for path in sorted((REPO / "benchmarks").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "ArgumentParser":
+                flag = next((k.value for k in node.keywords if k.arg == "allow_abbrev"), None)
+                if not (isinstance(flag, ast.Constant) and flag.value is False):
+                    allowing.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not allowing, f"parsers that accept abbreviated flags: {allowing}"

@@ -113,7 +113,7 @@ def verify_same_weights(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="verify_run.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="verify_run.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="metrics, registered models, system metrics, steady img/s of one run")
     run.add_argument("--tracking-uri", required=True)
