@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -185,7 +186,16 @@ def read_list(url: str) -> list[str]:
     names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not names:
         raise ValueError(f"{redact(url)}: an empty list of shard URLs")
-    return [shard for name in names for shard in expand_one(s3.join(s3.parent(url), name), listed=True)]
+    return [shard for name in names for shard in expand_one(relative_to(url, name), listed=True)]
+
+
+def relative_to(list_url: str, name: str) -> str:
+    """A name in a list file, relative to the list's folder or prefix (`..` resolved in S3 keys too)."""
+    joined = s3.join(s3.parent(list_url), name)
+    if not s3.is_s3(joined):
+        return joined
+    bucket, key = s3.split(joined)
+    return f"s3://{bucket}/{posixpath.normpath(key)}"
 
 
 def state_url(out: str) -> str:
