@@ -128,6 +128,9 @@ def index_command(args: argparse.Namespace) -> int:
 
 
 def inspect_command(args: argparse.Namespace) -> int:
+    if manifest.read(args.url).original_size:
+        raise ValueError(f"{redact(args.url)} is an indexed manifest (`shards index`: original-size images); inspect checks packed "
+                         "shards: read it with `shards bench --image-size` or `shards plan`")
     report = run_inspect(args.url, args.preview)
     width = max(len(k) for k in report)
     for key, value in report.items():

@@ -4,10 +4,11 @@
 The shards are named by brace patterns (`train-{000000..001023}.tar`, expanded as webdataset
 does, by the braceexpand package), lists of URLs (files of one URL or pattern a line), folders or
 s3:// prefixes (every `.tar` under them), on disk or in S3. Each shard is read by ranges (range
-GETs on S3, seeks on disk): a header, then a jump over the member's bytes to the next header.
-A range runs on after the header, HEADER_WINDOW bytes at first, doubling while the headers keep
-falling just past its end (small members: the shard read in few, large requests) and starting
-again at HEADER_WINDOW after a jump (large members: their bytes never fetched). Members are grouped
+GETs on S3, seeks on disk): a header, then the next one past the member's bytes. A range runs
+on after the header, HEADER_WINDOW bytes at first, doubling while the next header lies within
+READ_THROUGH of its end (small members: the shard read whole in a few large requests, cheaper
+than a round trip per header) and back to HEADER_WINDOW after a jump over a larger member (its
+bytes never fetched). Members are grouped
 into samples by WebDataset's rule (tar.grouped: the key is the path up to the first dot of the
 file name), and the samples holding one of `image_keys` are counted: the reader passes over the
 others in the same way, so the manifest's counts are what training reads.
@@ -36,6 +37,9 @@ from dcgan_dist.util import redact
 
 HEADER_WINDOW = 64 << 10  # bytes a range fetches after a jump: a header and its small neighbours
 MAX_WINDOW = 8 << 20  # the most one range fetches, doubling while the headers follow each other
+# A gap up to this size between a range and the next header is read, not jumped: on S3 a GET's
+# round trip (tens of ms) costs about as much time as this many bytes at one connection's rate.
+READ_THROUGH = 256 << 10
 STATE_SUFFIX = ".index-state.json"
 STATE_EVERY_S = 2.0  # the state is rewritten at most this often (and at the end)
 SOURCE = "webdataset"
@@ -92,10 +96,12 @@ class RangedReader:
 
     def take(self, size: int, allow_short: bool = False) -> bytes:
         end, buffer_end = self.position + size, self.buffer_start + len(self.buffer)
-        if not (self.buffer_start <= self.position and end <= buffer_end):
-            if self.buffer_start <= self.position <= buffer_end:  # runs on from the last range: keep its tail, fetch more
+        if end > buffer_end:
+            gap = self.position - buffer_end
+            if gap <= READ_THROUGH:  # runs on from the last range (through a small gap): keep its tail, fetch more
                 self.window = min(self.window * 2, MAX_WINDOW)
-                self.buffer = self.buffer[self.position - self.buffer_start:] + self.fetch(buffer_end, max(self.window, end - buffer_end))
+                fetched = self.fetch(buffer_end, max(self.window, end - buffer_end))
+                self.buffer = self.buffer[self.position - self.buffer_start:] + fetched if gap <= 0 else fetched[gap:]
             else:  # a jump over members' bytes
                 self.window = HEADER_WINDOW
                 self.buffer = self.fetch(self.position, max(self.window, size))
