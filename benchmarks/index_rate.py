@@ -77,11 +77,11 @@ def index_row(name: str, bucket: str, prefix: str, shards: int, workers: int) ->
             f"({report['bytes_read'] / report['bytes']:.0%}) | {report['requests'] / report['shards']:.0f} |")
 
 
-def reader_row(name: str, url: str, image_size: int, seconds: float) -> str:
+def reader_row(name: str, url: str, image_size: int, seconds: float, step_img_s: float) -> str:
     cfg = throughput.reader_config(url, 1, 64, "epochs", 1000, image_size)
     result = throughput.measure(cfg, seconds)
     per_cpu = result["images"] / result["loader_cpu_s"] if result.get("loader_cpu_s") else float("nan")
-    return f"| {name} | {result['img_s']:,.0f} | {per_cpu:,.0f} |"
+    return f"| {name} | {result['img_s']:,.0f} | {per_cpu:,.0f} | {throughput.processes_needed(step_img_s, result['img_s'])} |"
 
 
 def main() -> None:
@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--step-img-s", type=float, default=20000, help="a GPU step's rate: loader processes it needs, as shards bench says")
     args = parser.parse_args()
     server, endpoint = start_moto_server()
     os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
@@ -112,11 +113,13 @@ def main() -> None:
             print(index_row("~2000x1500 JPEGs", bucket, "large", max(args.shards // 4, 1), args.workers))
             packed = pack.pack("folder", str(root / "photos"), f"s3://{bucket}/packed", args.image_size, "jpeg",
                                shard_size=args.per_shard, workers=1, progress=False)["manifest"]
-            print(f"\n| training's reader, 1 loader process, {args.image_size} px out | img/s delivered | img/s per loader CPU second |")
-            print("|---|---|---|")
+            print(f"\n| training's reader, 1 loader process, {args.image_size} px out | img/s delivered | img/s per loader CPU second "
+                  f"| loader processes for a {args.step_img_s:,.0f} img/s step |")
+            print("|---|---|---|---|")
             print(reader_row(f"indexed: full-size JPEGs, PIL decode + crop + bicubic to {args.image_size}",
-                             f"s3://{bucket}/imagenet/manifest.json", args.image_size, args.seconds))
-            print(reader_row(f"packed: {args.image_size} px JPEGs of the same photos, torchvision decode", packed, args.image_size, args.seconds))
+                             f"s3://{bucket}/imagenet/manifest.json", args.image_size, args.seconds, args.step_img_s))
+            print(reader_row(f"packed: {args.image_size} px JPEGs of the same photos, torchvision decode", packed, args.image_size, args.seconds,
+                             args.step_img_s))
     finally:
         s3._clients.clear()
         server.terminate()
