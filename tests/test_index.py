@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -212,6 +213,8 @@ def test_plan_resume_and_bench_work_on_an_indexed_manifest(tmp_path, capsys):
     assert float(re.fullmatch(r"shards bench: (\d+) img/s with 0 loader processes", lines[-1]).group(1)) > 0
     assert shards_cli.main(["bench", out, "--loader-workers", "0"]) == 2
     assert "is one: give training's --image-size" in capsys.readouterr().err
+    assert shards_cli.main(["inspect", out]) == 2 and "is an indexed manifest" in capsys.readouterr().err
+    assert pickle.loads(pickle.dumps(shards)) == shards and shards.image_keys == ("jpg", "jpeg", "png", "webp")  # loader processes get it pickled
 
 
 @pytest.mark.parametrize("image_format", ["jpeg", "png"])
