@@ -50,7 +50,8 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    data: str = option("digits", "'digits' (bundled), or a shard manifest: PATH/manifest.json or s3://bucket/prefix/manifest.json")
+    data: str = option("digits", "'digits' (bundled), or a shard manifest (of `shards pack` or `shards index`): PATH/manifest.json "
+                                 "or s3://bucket/prefix/manifest.json")
     loader_workers: int = option(2, "DataLoader processes per Ray worker that read and decode shards (0 = in the training process)")
     shuffle_buffer: int = option(1000, "samples each reader shuffles together: a shuffle buffer, or with --sampling epochs "
                                        "consecutive blocks of this many (shards are also shuffled)")

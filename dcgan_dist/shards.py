@@ -1,7 +1,8 @@
-"""`python -m dcgan_dist.shards`: pack images into WebDataset shards, inspect a manifest, print an
-epoch's split, remove near-duplicates, and time training's reader on a manifest.
+"""`python -m dcgan_dist.shards`: pack images into WebDataset shards or index shards you have, inspect a
+manifest, print an epoch's split, remove near-duplicates, and time training's reader on a manifest.
 
     python -m dcgan_dist.shards pack --source lsun --in bedroom_train_lmdb --out s3://bucket/lsun64 --image-size 64
+    python -m dcgan_dist.shards index 's3://bucket/imagenet/train-{000000..001023}.tar' --out s3://bucket/imagenet/manifest.json
     python -m dcgan_dist.shards inspect s3://bucket/lsun64/manifest.json --preview lsun64.png
     python -m dcgan_dist.shards plan s3://bucket/lsun64/manifest.json --world-size 8 --loader-workers 4 --epoch 0
     python -m dcgan_dist.shards plan s3://bucket/lsun64/manifest.json --world-size 6 --loader-workers 4 --resume-step 900 --from-world-size 8
@@ -41,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "jpeg (default 1, one sample per JPEG as WebDataset writes them; more: read like raw groups, see docs/data.md)")
     p.add_argument("--workers", type=int, default=1, help="processes building shards (default: 1)")
     p.add_argument("--no-progress", action="store_true")
+    x = commands.add_parser("index", help="a manifest for WebDataset shards written elsewhere, from their tar headers; "
+                            "images stay at their original size, resized as training reads them")
+    x.add_argument("sources", nargs="+", metavar="PATTERN_OR_LIST", help="brace patterns (s3://bucket/train-{000000..001023}.tar), "
+                   "shard URLs, folders or s3:// prefixes ending in /, or files listing them one a line")
+    x.add_argument("--out", required=True, metavar="MANIFEST", help="PATH/manifest.json or s3://bucket/prefix/manifest.json")
+    x.add_argument("--image-key", default="jpg,jpeg,png,webp", help="the fields that hold a sample's image, in the order "
+                   "they are looked for; samples with none are passed over and counted (default: jpg,jpeg,png,webp)")
+    x.add_argument("--workers", type=int, default=8, help="shards read at once, on threads (default: 8)")
+    x.add_argument("--no-progress", action="store_true")
     i = commands.add_parser("inspect", help="read every shard back: counts, sizes, sha256, a preview grid")
     i.add_argument("url", help="PATH/manifest.json or s3://bucket/prefix/manifest.json")
     i.add_argument("--preview", metavar="PNG", default="preview.png", help="where the preview grid goes (default: preview.png)")
@@ -72,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sampling", default="epochs", choices=SAMPLINGS, help="training's --sampling (default: epochs)")
     b.add_argument("--shuffle-buffer", type=int, default=1000, help="training's --shuffle-buffer (default: 1000)")
     b.add_argument("--decode", default="cpu", choices=DECODERS, help="training's --decode; gpu needs CUDA here (default: cpu)")
+    b.add_argument("--image-size", type=int, choices=IMAGE_SIZES, help="training's --image-size: needed for an indexed manifest "
+                   "(images at their original size, resized as they are read)")
     return parser
 
 
@@ -83,7 +95,7 @@ from dcgan_dist.data import manifest, pack, s3  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"pack": pack_command, "inspect": inspect_command, "plan": plan_command, "bench": bench_command,
+    command = {"pack": pack_command, "index": index_command, "inspect": inspect_command, "plan": plan_command, "bench": bench_command,
                "dedup": dedup_command}[args.command]
     return run_cli("python -m dcgan_dist.shards", lambda: command(args), (s3.StorageError, manifest.ManifestError, FileNotFoundError, ValueError))
 
@@ -100,7 +112,25 @@ def pack_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def index_command(args: argparse.Namespace) -> int:
+    from dcgan_dist.data import index
+
+    if args.workers < 1:
+        raise ValueError("--workers must be >= 1")
+    image_keys = tuple(key.strip().lower() for key in args.image_key.split(",") if key.strip())
+    report = index.index(args.sources, args.out, image_keys, args.workers, progress=not args.no_progress)
+    for shard in report["unreadable_shards"]:
+        print(f"unreadable shard, skipped: {redact(shard['url'])}: {redact(shard['error'])}", file=sys.stderr)
+    print(f"{report['samples']} images in {report['shards']} shards ({report['indexed_now']} indexed now, "
+          f"{len(report['unreadable_shards'])} unreadable shards skipped, {report['samples_without_image']} samples without "
+          f"{'/'.join(image_keys)} passed over; {report['bytes_read']} of {report['bytes']} shard bytes read): {redact(report['manifest'])}")
+    return 0
+
+
 def inspect_command(args: argparse.Namespace) -> int:
+    if manifest.read(args.url).original_size:
+        raise ValueError(f"{redact(args.url)} is an indexed manifest (`shards index`: original-size images); inspect checks packed "
+                         "shards: read it with `shards bench --image-size` or `shards plan`")
     report = run_inspect(args.url, args.preview)
     width = max(len(k) for k in report)
     for key, value in report.items():
@@ -173,18 +203,24 @@ def bench_command(args: argparse.Namespace) -> int:
     if not args.seconds > 0 or (args.step_img_s is not None and not args.step_img_s > 0):
         raise ValueError("--seconds and --step-img-s must be > 0")
     shards = manifest.read(args.url)
+    if shards.original_size != (args.image_size is not None):
+        raise ValueError(f"--image-size is for an indexed manifest (images at their original size), and {redact(args.url)} "
+                         + ("is one: give training's --image-size" if shards.original_size else f"holds {shards.image_size} px images"))
+    shards = shards.at_size(args.image_size) if shards.original_size else shards
     if args.decode == "gpu":
         import torch
 
         if not torch.cuda.is_available():
             raise ValueError("--decode gpu decodes on a CUDA device, and this machine has none")
-        if shards.image_format != "jpeg":
-            raise ValueError(f"--decode gpu decodes JPEG shards; {redact(args.url)} holds {shards.image_format}")
+        if not set(shards.image_keys or ()) <= {"jpg", "jpeg"} or shards.image_format not in ("jpeg", manifest.ORIGINAL):
+            held = "/".join(shards.image_keys) if shards.original_size else shards.image_format
+            raise ValueError(f"--decode gpu decodes JPEG shards; {redact(args.url)} holds {held}")
     if args.sampling == "epochs":  # the split's own check, before any process starts
         from dcgan_dist.data import split
 
         split.check([shard["num_samples"] for shard in shards.shards], 1, max(args.loader_workers, 1), args.batch_size)
-    print(f"{redact(args.url)}: {shards.num_samples} {shards.image_size} px {shards.image_format} images in {len(shards.shards)} shards")
+    resized = " (original-size images, resized as read)" if shards.original_size else ""
+    print(f"{redact(args.url)}: {shards.num_samples} {shards.image_size} px {shards.image_format} images{resized} in {len(shards.shards)} shards")
     cfg = throughput.reader_config(args.url, args.loader_workers, args.batch_size, args.sampling, args.shuffle_buffer, shards.image_size,
                                    args.decode)
     result = throughput.measure(cfg, args.seconds)

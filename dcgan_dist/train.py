@@ -62,6 +62,10 @@ def preflight(cfg: Config) -> Config:
         num_images = len(data.open_dataset(cfg.data.data, cfg.model.image_size))
     elif manifest.is_manifest_url(cfg.data.data):
         num_images = check_manifest(cfg)
+    elif is_shard_pattern(cfg.data.data):  # never a scan of the shards here: a million objects would take hours
+        raise ConfigError("data", f"{redact(cfg.data.data)} names shards without a manifest; index them once with "
+                                  f"`python -m dcgan_dist.shards index '{redact(cfg.data.data)}' --out PATH/manifest.json` "
+                                  "and train with --data PATH/manifest.json")
     else:
         raise ConfigError("data", f"unknown data set {cfg.data.data!r}; available: {', '.join(data.SOURCES)}, "
                                   "or a shard manifest (PATH/manifest.json, s3://bucket/prefix/manifest.json)")
@@ -156,12 +160,22 @@ def check_manifest(cfg: Config) -> int:
         raise ConfigError("data", str(e)) from None
     except manifest.ManifestError as e:
         raise ConfigError("data", str(e)) from None
+    if shards.original_size:  # indexed shards: resized to --image-size as they are read
+        if cfg.data.decode == "gpu" and not set(shards.image_keys) <= {"jpg", "jpeg"}:
+            raise ConfigError("decode", f"gpu decodes JPEGs; manifest {redact(cfg.data.data)} counts {'/'.join(shards.image_keys)} images "
+                                        "(index the shards with --image-key jpg,jpeg)")
+        return shards.num_samples
     if shards.image_size != cfg.model.image_size:
         raise ConfigError("image_size", f"{cfg.model.image_size} disagrees with field 'image_size' = {shards.image_size} "
                                         f"of manifest {redact(cfg.data.data)}")
     if cfg.data.decode == "gpu" and shards.image_format != "jpeg":
         raise ConfigError("decode", f"gpu decodes JPEG shards; manifest {redact(cfg.data.data)} holds {shards.image_format}")
     return shards.num_samples
+
+
+def is_shard_pattern(data: str) -> bool:
+    """--data naming tar shards (a brace pattern, a .tar URL or an s3:// prefix) rather than a manifest."""
+    return data.endswith((".tar", "/")) or "{" in data or data.startswith("s3://")
 
 
 def training_data(cfg: Config) -> dict[str, str]:

@@ -4,7 +4,8 @@ stream of batches from it.
 `--data digits` (scikit-learn's bundled 8x8 digits) is the default; it needs no download, and
 split.py plans its epochs as it does a manifest's (each image a shard of one), so a resume
 continues the epoch exactly, at any world size. `--data PATH/manifest.json` or `s3://bucket/prefix/manifest.json`
-streams WebDataset shards written by `python -m dcgan_dist.shards pack` (see stream.py).
+streams WebDataset shards written by `python -m dcgan_dist.shards pack`, or indexed by `shards
+index` (see stream.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def every_image(data: str, image_size: int, batch_size: int = 1024, loader_worke
     from dcgan_dist.data import manifest, stream
 
     shards = manifest.read(data)
+    if shards.original_size:  # indexed shards: resized as they are read
+        shards = shards.at_size(image_size)
     if shards.image_size != image_size:
         raise ValueError(f"{data}: its images are {shards.image_size} px, not {image_size}")
     yield from stream.read_once(shards, batch_size, loader_workers)
@@ -117,6 +120,8 @@ def open_batches(cfg, rank: int, world_size: int, start_step: int = 0, data_posi
     from dcgan_dist.data import epochs, manifest, stream
 
     shards = manifest.read(cfg.data.data)
+    if shards.original_size:  # indexed shards (`shards index`): every image centre-cropped and resized as it is read
+        shards = shards.at_size(cfg.model.image_size)
     epoch_batches = None
     if cfg.data.sampling == "epochs":
         position, segments = resume(data_position, start_step, shards.num_samples, global_batch, world_size,

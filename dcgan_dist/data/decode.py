@@ -7,9 +7,12 @@ on the training process's device (loader processes hand over uint8: a quarter of
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+from dcgan_dist.data.resize import crop_resize
 
 PIXELS = "pixels"  # a raw image: a 3 x H x W uint8 tensor, one of its group's (stream.tar_samples unpacks groups)
 JPEG_KEYS = ("jpg", "jpeg")
@@ -91,14 +94,17 @@ def decode_jpegs(samples: list[dict | None], image_size: int) -> list[torch.Tens
     return images
 
 
-def decode_on_device(jpegs: list[torch.Tensor], image_size: int, device: str | torch.device) -> tuple[torch.Tensor, int]:
+def decode_on_device(jpegs: list[torch.Tensor], image_size: int, device: str | torch.device,
+                     resize: bool = False) -> tuple[torch.Tensor, int]:
     """--decode gpu: a batch of encoded JPEGs -> (N x 3 x H x W uint8 on `device`, how many were
     corrupt). A corrupt one's place takes the image before it in the batch (the first good one,
-    at the start), as the epoch reader fills places; ValueError when none decodes."""
-    images = decode_jpeg_list(jpegs, image_size, device)
+    at the start), as the epoch reader fills places; ValueError when none decodes. `resize`:
+    JPEGs of any size, each centre-cropped and resized on the device (resize.crop_resize)."""
+    decode_list = partial(decode_resized_list, device=device) if resize else partial(decode_jpeg_list, device=device)
+    images = decode_list(jpegs, image_size)
     if images is not None:
         return torch.stack(images), 0
-    one_by_one = [decode_jpeg_list([jpeg], image_size, device) for jpeg in jpegs]
+    one_by_one = [decode_list([jpeg], image_size) for jpeg in jpegs]
     good = [decoded[0] for decoded in one_by_one if decoded is not None]
     if not good:
         raise ValueError(f"none of the {len(jpegs)} JPEGs of a batch decodes on {device}")
@@ -107,6 +113,12 @@ def decode_on_device(jpegs: list[torch.Tensor], image_size: int, device: str | t
         last = decoded[0] if decoded is not None else last
         filled.append(last)
     return torch.stack(filled), len(jpegs) - len(good)
+
+
+def decode_resized_list(jpegs: list[torch.Tensor], image_size: int, device: str | torch.device = "cpu") -> list[torch.Tensor] | None:
+    """decode_jpeg_list() of JPEGs of any size, each centre-cropped and resized to image_size on `device`."""
+    decoded = decode_jpeg_call(jpegs, device)
+    return None if decoded is None else [crop_resize(image, image_size) for image in decoded]
 
 
 def stack_images(images: list[torch.Tensor], new_batch=None) -> torch.Tensor:

@@ -55,6 +55,7 @@ class EpochBatches(IterableDataset):
                                    f"streams begun by step {start_step}")
         self.start_epoch, self.start_step = start_epoch, start_step
         self.shuffle_buffer, self.shard_retries, self.decode = shuffle_buffer, shard_retries, decode
+        self.image_keys, self.resize = manifest.image_keys, manifest.original_size  # an indexed manifest's (original-size images)
         # Where a batch is built: `batch_buffer(channels_last)` gives an N x 3 x H x W uint8 tensor
         # (handover.HandedOver sets it to the ring's `claim`: a loader worker builds each batch in
         # the shared-memory slot it hands over); None: a new tensor per batch.
@@ -79,7 +80,8 @@ class EpochBatches(IterableDataset):
         wanted = bytearray(plan.num_samples)  # positions still to hand out
         for position in order[skip * self.batch:]:
             wanted[position] = 1
-        held = Held(read_positions(plan, wanted, self.urls, self.expected, counters, self.shard_retries), wanted, self.image_size)
+        held = Held(read_positions(plan, wanted, self.urls, self.expected, counters, self.shard_retries, self.image_keys),
+                    wanted, self.image_size)
         fill = Filler(self.batch, counters, plan, partial(stack_images, new_batch=self.batch_buffer) if self.decode == "cpu" else list)
         for first in range(skip * self.batch, plan.num_batches * self.batch, self.batch):
             positions = order[first:first + self.batch]
@@ -93,15 +95,15 @@ class EpochBatches(IterableDataset):
                 continue
             samples = held.take_samples(positions)
             if self.decode == "cpu":  # a batch's JPEGs decoded in one call
-                images = stream.decode_batch(samples, counters, self.image_size)
+                images = stream.decode_batch(samples, counters, self.image_size, self.resize)
             else:  # --decode gpu: the JPEGs go out encoded, the training process decodes them
                 images = [sample and stream.encoded_jpeg(sample, counters) for sample in samples]
             yield from fill.add([sample and sample["__key__"] for sample in samples], images)
         fill.finish()
 
 
-def read_positions(plan: split.Stream, wanted: bytearray, urls: list[str], expected: dict[str, int],
-                   counters: stream.Counters, retries: int) -> Iterator[tuple[int, dict | raw.Group | None]]:
+def read_positions(plan: split.Stream, wanted: bytearray, urls: list[str], expected: dict[str, int], counters: stream.Counters,
+                   retries: int, image_keys: tuple[str, ...] | None = None) -> Iterator[tuple[int, dict | raw.Group | None]]:
     """(position, sample) for every wanted position of the stream, in position order; a grouped
     member's images in a piece that holds a wanted one come as one (first position, raw.Group);
     None for a sample its shard could not give. Shards with nothing wanted are not opened, and a
@@ -115,14 +117,14 @@ def read_positions(plan: split.Stream, wanted: bytearray, urls: list[str], expec
                 spans.append((piece, offset))
             offset += piece.stop - piece.start
         if spans:
-            yield from read_pieces(urls[shard], spans, wanted, expected, counters, retries)
+            yield from read_pieces(urls[shard], spans, wanted, expected, counters, retries, image_keys)
 
 
-def read_pieces(url: str, spans: list[tuple[split.Piece, int]], wanted: bytearray, expected: dict[str, int],
-                counters: stream.Counters, retries: int) -> Iterator[tuple[int, dict | raw.Group | None]]:
+def read_pieces(url: str, spans: list[tuple[split.Piece, int]], wanted: bytearray, expected: dict[str, int], counters: stream.Counters,
+                retries: int, image_keys: tuple[str, ...] | None = None) -> Iterator[tuple[int, dict | raw.Group | None]]:
     """read_positions() of one shard's pieces (in member order, each with its first position)."""
     done = member = 0  # pieces finished; images of the shard passed
-    samples = stream.read_shards(iter([{"url": url}]), counters, expected, retries, groups=True)
+    samples = stream.read_shards(iter([{"url": url}]), counters, expected, retries, groups=True, image_keys=image_keys)
     try:
         for sample in samples:
             count = len(sample) if isinstance(sample, raw.Group) else 1
@@ -276,10 +278,10 @@ class Filler:
                                    f"in stream {plan.index} of epoch {plan.epoch}; check the shards with `shards inspect`")
 
 
-def shard_keys(url: str, expected: dict[str, int], retries: int = 3) -> list[str]:
-    """The sample keys of one shard, in tar order (the images are not decoded)."""
+def shard_keys(url: str, expected: dict[str, int], retries: int = 3, image_keys: tuple[str, ...] | None = None) -> list[str]:
+    """The sample keys of one shard, in tar order (the images are not decoded; `image_keys`: an indexed manifest's)."""
     counters = stream.Counters()
-    keys = [sample["__key__"] for sample in stream.read_shards(iter([{"url": url}]), counters, expected, retries)]
+    keys = [sample["__key__"] for sample in stream.read_shards(iter([{"url": url}]), counters, expected, retries, image_keys=image_keys)]
     if counters.bad_shards:
         raise ValueError(f"shard {url} gave {len(keys)} of the {expected.get(url)} samples its manifest lists; "
                          "check it with `python -m dcgan_dist.shards inspect`")
@@ -302,5 +304,5 @@ def planned_keys(manifest: Manifest, seed: int, epoch: int, global_batch: int, s
         for position in split.reading_order(plan.num_samples, shuffle_buffer, seed, epoch, plan.rank, plan.index, plan.from_step):
             shard, member = positions[position]
             if shard not in keys:
-                keys[shard] = shard_keys(urls[shard], expected)
+                keys[shard] = shard_keys(urls[shard], expected, image_keys=manifest.image_keys)
             yield plan.rank, keys[shard][member]

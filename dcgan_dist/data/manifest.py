@@ -7,12 +7,19 @@ stream and the preflight).
 
 Shard URLs are relative to the manifest's folder/prefix (absolute paths and URLs also work),
 so a packed folder can be synced to a bucket as it is.
+
+A manifest written by `shards index` (shards someone else wrote, images at their original size)
+says so: `"original_size": true`, `"image_size": 0`, `"image_format": "original"`, the fields
+that count as an image (`"image_keys": ["jpg", ...]`; a sample with none of them is passed over
+by the index and the reader alike) and a `"report"` (unreadable shards, samples without an
+image). Training reads it at its --image-size (Manifest.at_size), each image centre-cropped and
+resized as the packer does (resize.py).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dcgan_dist.data import s3
 from dcgan_dist.util import redact
@@ -25,6 +32,8 @@ RAW_PIXELS, RAW_KEYS = "u8.npy", "keys.npy"
 # KEY.sizes.npy (their N byte lengths, int64) and KEY.keys.npy; with N = 1 (the default) one
 # KEY.jpg per sample, as WebDataset writes them
 JPEG_GROUP, JPEG_SIZES = "jpgs", "sizes.npy"
+INDEXABLE_KEYS = ("jpg", "jpeg", "png", "webp")  # the image fields `shards index` may count (the decoders' own)
+ORIGINAL = "original"  # image_format of an indexed manifest
 
 
 class ManifestError(ValueError):
@@ -42,6 +51,12 @@ class Manifest:
     image_size: int
     image_format: str
     shards: list[dict]
+    image_keys: tuple[str, ...] | None = None  # an indexed manifest's image fields (None: a packed one, every sample an image)
+    original_size: bool = False  # images at their original size (`shards index`), resized when read
+
+    def at_size(self, image_size: int) -> Manifest:
+        """An indexed manifest read at a training size: every image centre-cropped and resized to it."""
+        return replace(self, image_size=image_size)
 
     @property
     def num_samples(self) -> int:
@@ -79,11 +94,17 @@ def read(url: str, fast: bool = False) -> Manifest:
         if not (isinstance(shard, dict) and isinstance(shard.get("url"), str)
                 and isinstance(shard.get("num_samples"), int) and shard["num_samples"] >= 0):
             raise ManifestError(url, f"shards[{i}] needs a 'url' and a 'num_samples' >= 0", "shards")
-    return Manifest(url, doc["source"], doc["image_size"], doc["image_format"], doc["shards"])
+    image_keys = doc.get("image_keys")
+    if doc.get("original_size") is True and not (isinstance(image_keys, list) and image_keys and set(image_keys) <= set(INDEXABLE_KEYS)):
+        raise ManifestError(url, f"field 'image_keys' must list some of {', '.join(INDEXABLE_KEYS)}", "image_keys")
+    return Manifest(url, doc["source"], doc["image_size"], doc["image_format"], doc["shards"],
+                    tuple(image_keys) if doc.get("original_size") is True else None, doc.get("original_size") is True)
 
 
-def write(url: str, manifest: Manifest, tool_version: str) -> None:
+def write(url: str, manifest: Manifest, tool_version: str, report: dict | None = None) -> None:
     doc = {"format": FORMAT, "tool_version": tool_version, "source": manifest.source,
            "image_size": manifest.image_size, "image_format": manifest.image_format,
            "num_samples": manifest.num_samples, "shards": manifest.shards}
+    if manifest.original_size:
+        doc = {**doc, "original_size": True, "image_keys": list(manifest.image_keys), "report": report or {}}
     s3.write_bytes(url, json.dumps(doc, indent=1).encode())

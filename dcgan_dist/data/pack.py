@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from dcgan_dist.choices import RAW_GROUP_SIZE
 from dcgan_dist.data import manifest, s3
+from dcgan_dist.data.resize import preprocess  # the one crop + resize, shared with the reader of indexed shards
 from dcgan_dist.data.sources import Source, open_source
 
 TOOL_VERSION = "0.1.0"
@@ -54,17 +55,6 @@ class PackSettings:
     shard_size: int
     num_items: int
     group_size: int = 1  # images per tar member (raw, or jpeg with --group-size)
-
-
-def preprocess(image: Image.Image, image_size: int) -> Image.Image:
-    """Centre-crop to a square, resize to image_size (antialiased); grey stays grey."""
-    image = image.convert("L" if image.mode in ("L", "1", "I;16", "I") else "RGB")
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    if side != image_size:
-        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return image
 
 
 def encode(image: Image.Image, image_format: str) -> bytes:

@@ -53,6 +53,7 @@ from dcgan_dist.data.decode import (
 )
 from dcgan_dist.data.handover import BatchRing, HandedOver
 from dcgan_dist.data.manifest import JPEG_GROUP, RAW_PIXELS, Manifest
+from dcgan_dist.data.resize import decode_resized
 from dcgan_dist.data.split import Position
 from dcgan_dist.util import redact
 
@@ -88,13 +89,22 @@ def _seed(seed: int, rank: int, start_step: int, *more) -> int:
     return make_seed(seed, rank, _worker_id(), start_step, *more)
 
 
-def tar_samples(fileobj, url: str, groups: bool = False) -> Iterator[dict | raw.Group]:
+def tar_samples(fileobj, url: str, groups: bool = False, image_keys: tuple[str, ...] | None = None) -> Iterator[dict | raw.Group]:
     """The samples of one tar stream, grouped by key ({"__key__", "__url__", "jpg", ...}); a
     grouped member (raw pixels, or JPEGs packed with --group-size) is handed out as its images
     ({"__key__", "__url__", "pixels" or "jpg"}), one sample each, or with `groups` as one
-    raw.Group (the epoch reader takes its images a batch at a time)."""
+    raw.Group (the epoch reader takes its images a batch at a time). `image_keys` (an indexed
+    manifest's): only the samples holding one of them, as `shards index` counted them, with that
+    field as their only image."""
     for sample in tar.samples(fileobj, url):
-        if RAW_PIXELS in sample or JPEG_GROUP in sample:
+        if image_keys is not None:
+            if (found := next((key for key in image_keys if key in sample), None)) is None:
+                continue
+            for other in IMAGE_KEYS:
+                if other != found:
+                    sample.pop(other, None)
+            yield sample
+        elif RAW_PIXELS in sample or JPEG_GROUP in sample:
             group = raw.read_group(sample)
             if groups:
                 yield group
@@ -104,7 +114,8 @@ def tar_samples(fileobj, url: str, groups: bool = False) -> Iterator[dict | raw.
             yield sample
 
 
-def read_shard(url: str, counters: Counters, retries: int, groups: bool = False) -> Iterator[dict | raw.Group]:
+def read_shard(url: str, counters: Counters, retries: int, groups: bool = False,
+               image_keys: tuple[str, ...] | None = None) -> Iterator[dict | raw.Group]:
     """One shard's samples (tar_samples; with `groups`, raw groups whole). A failure to open, or
     an S3 read that fails mid-shard (s3.py has already resumed the body a few times), is retried
     with backoff, `retries` times, going on after the samples already yielded, in the version of
@@ -128,7 +139,7 @@ def read_shard(url: str, counters: Counters, retries: int, groups: bool = False)
             continue
         opened, skip, error, etag = True, count, None, s3.etag_of(stream)
         try:
-            for sample in tar_samples(stream, url, groups):
+            for sample in tar_samples(stream, url, groups, image_keys):
                 size = len(sample) if isinstance(sample, raw.Group) else 1  # a group is read whole or not at all
                 if skip:
                     skip -= size
@@ -148,14 +159,14 @@ def read_shard(url: str, counters: Counters, retries: int, groups: bool = False)
 
 
 def read_shards(shards: Iterator[dict], counters: Counters, expected: dict[str, int], retries: int,
-                groups: bool = False) -> Iterator[dict | raw.Group]:
-    """Samples ({"__key__", "jpg"/"png"...}; raw groups whole with `groups`) of each shard;
-    failures are counted and skipped."""
+                groups: bool = False, image_keys: tuple[str, ...] | None = None) -> Iterator[dict | raw.Group]:
+    """Samples ({"__key__", "jpg"/"png"...}; raw groups whole with `groups`; with `image_keys`,
+    those holding one) of each shard; failures are counted and skipped."""
     s3.register()  # in this process (DataLoader workers may be fresh interpreters)
     failures_in_a_row = 0
     for shard in shards:
         url = shard["url"]
-        count, opened, error = yield from read_shard(url, counters, retries, groups)
+        count, opened, error = yield from read_shard(url, counters, retries, groups, image_keys)
         if not opened or count < expected.get(url, 0):
             counters.bad_shards += 1
             reason = f"read {count} of {expected.get(url, '?')} samples" if opened else "could not open"
@@ -177,13 +188,14 @@ def shuffle_samples(samples: Iterator[dict], bufsize: int, seed: int, rank: int,
     yield from wds.shuffle(bufsize, initial=bufsize, rng=rng)(samples)
 
 
-def decode_sample(sample: dict, counters: Counters, image_size: int) -> torch.Tensor | None:
-    """The sample's uint8 image; None (counted and logged) when it is corrupt or has none."""
+def decode_sample(sample: dict, counters: Counters, image_size: int, resize: bool = False) -> torch.Tensor | None:
+    """The sample's uint8 image (`resize`: of any size, centre-cropped and resized to image_size
+    as `shards pack` does); None (counted and logged) when it is corrupt or has none."""
     key = image_key(sample)
     try:
         if key is None:
             raise KeyError(f"no image ({'/'.join(IMAGE_KEYS)}) among {sorted(sample)}")
-        image = decode_pixels(sample[key], image_size)
+        image = decode_resized(sample[key], image_size) if resize else decode_pixels(sample[key], image_size)
     except Exception as e:  # noqa: BLE001 - a corrupt image or a missing key
         counters.corrupt_samples += 1
         log.warning("skipping sample %s of %s: %s", sample.get("__key__"), redact(sample.get("__url__", "?")), e)
@@ -192,11 +204,12 @@ def decode_sample(sample: dict, counters: Counters, image_size: int) -> torch.Te
     return image
 
 
-def decode_batch(samples: list[dict | None], counters: Counters, image_size: int) -> list[torch.Tensor | None]:
-    """decode_sample() of each sample (None stays None), the JPEGs first tried all in one call."""
-    images = decode_jpegs(samples, image_size)
+def decode_batch(samples: list[dict | None], counters: Counters, image_size: int, resize: bool = False) -> list[torch.Tensor | None]:
+    """decode_sample() of each sample (None stays None), the JPEGs first tried all in one call
+    (`resize`: one by one, through PIL as the packer decodes them)."""
+    images = [None] * len(samples) if resize else decode_jpegs(samples, image_size)
     counters.samples += sum(image is not None for image in images)
-    return [image if image is not None or sample is None else decode_sample(sample, counters, image_size)
+    return [image if image is not None or sample is None else decode_sample(sample, counters, image_size, resize)
             for sample, image in zip(samples, images)]
 
 
@@ -219,11 +232,11 @@ def encoded_samples(samples: Iterator[dict], counters: Counters) -> Iterator[tor
             yield jpeg
 
 
-def decode_samples(samples: Iterator[dict], counters: Counters, image_size: int) -> Iterator[torch.Tensor]:
+def decode_samples(samples: Iterator[dict], counters: Counters, image_size: int, resize: bool = False) -> Iterator[torch.Tensor]:
     """uint8 3 x H x W images; corrupt ones and samples without an image skipped and counted."""
     corrupt_in_a_row = 0
     for sample in samples:
-        image = decode_sample(sample, counters, image_size)
+        image = decode_sample(sample, counters, image_size, resize)
         if image is None:
             corrupt_in_a_row += 1
             if corrupt_in_a_row >= MAX_CORRUPT_IN_A_ROW:
@@ -248,12 +261,13 @@ def counts_row(counters: Counters) -> tuple[int, ...]:
 def pipeline(manifest: Manifest, per_rank_batch: int, rank: int, seed: int, start_step: int,
              shuffle_buffer: int, shard_retries: int, batches_per_epoch: int, decode: str = "cpu") -> wds.DataPipeline:
     counters = Counters()
-    decoded = partial(decode_samples, counters=counters, image_size=manifest.image_size) if decode == "cpu" else \
+    decoded = partial(decode_samples, counters=counters, image_size=manifest.image_size, resize=manifest.original_size) if decode == "cpu" else \
         partial(encoded_samples, counters=counters)
     return wds.DataPipeline(
         wds.ResampledShards(manifest.shard_urls, seed=seed, deterministic=True,
                             worker_seed=partial(_seed, seed, rank, start_step)),
-        partial(read_shards, counters=counters, expected=manifest.expected_samples(), retries=shard_retries),
+        partial(read_shards, counters=counters, expected=manifest.expected_samples(), retries=shard_retries,
+                image_keys=manifest.image_keys),
         partial(shuffle_samples, bufsize=shuffle_buffer, seed=seed, rank=rank, start_step=start_step),
         decoded,
         wds.batched(per_rank_batch, collation_fn=stack_images if decode == "cpu" else list, partial=False),
@@ -269,8 +283,9 @@ def read_once(manifest: Manifest, batch_size: int, loader_workers: int = 0, shar
     counters = Counters()
     once = wds.DataPipeline(
         wds.SimpleShardList(manifest.shard_urls), wds.split_by_worker,
-        partial(read_shards, counters=counters, expected=manifest.expected_samples(), retries=shard_retries),
-        partial(decode_samples, counters=counters, image_size=manifest.image_size),
+        partial(read_shards, counters=counters, expected=manifest.expected_samples(), retries=shard_retries,
+                image_keys=manifest.image_keys),
+        partial(decode_samples, counters=counters, image_size=manifest.image_size, resize=manifest.original_size),
         wds.batched(batch_size, collation_fn=torch.stack, partial=True),
     )
     yield from DataLoader(once, batch_size=None, num_workers=loader_workers, prefetch_factor=2 if loader_workers > 0 else None)
@@ -317,7 +332,7 @@ class ShardBatches:
         self._state = ("resampled" if epochs is None else "epochs", global_batch)
         self.keys: list[str] = []  # the sample keys of the last batch (--sampling epochs)
         self.device = device  # where uint8 batches become [-1, 1] floats: 4x fewer bytes to copy there
-        self.decode, self.image_size = decode, manifest.image_size
+        self.decode, self.image_size, self.resize = decode, manifest.image_size, manifest.original_size
         self._found_corrupt_here = 0  # --decode gpu: JPEGs that failed on the device, their places filled
         self._batches = iter(self.loader)
         self._counts: dict[int, tuple[int, ...]] = {}
@@ -340,7 +355,7 @@ class ShardBatches:
         if self.ring is not None:  # a ticket for a batch in shared memory
             return self.ring.take(images, self.device)
         if self.decode == "gpu":  # a list of encoded JPEGs
-            images, corrupt = decode_on_device(images, self.image_size, self.device)
+            images, corrupt = decode_on_device(images, self.image_size, self.device, self.resize)
             self._found_corrupt_here += corrupt
         return to_unit_range(images.to(self.device, non_blocking=True))
 

@@ -93,9 +93,15 @@ def pax_records(data: bytes) -> dict[str, str]:
 
 def tar_members(fileobj) -> Iterator[tuple[str, bytes]]:
     """(name, data) of every regular file in the tar stream, in order."""
+    return walk(Blocks(fileobj))
+
+
+def walk(blocks, skip_bodies: bool = False) -> Iterator[tuple[str, bytes | int]]:
+    """(name, data) of every regular file read through `blocks` (a Blocks, or anything with its
+    take(size, allow_short) and skip(size)); with `skip_bodies`, (name, size): the files' bytes
+    are passed over with skip() (`shards index` reads headers only)."""
     pax: dict[str, str] = {}
     long_name = None
-    blocks = Blocks(fileobj)
     while True:
         header = blocks.take(BLOCK, allow_short=True)
         if len(header) < BLOCK or header.count(0) == BLOCK:  # the end (two zero blocks), or a stream cut at a block
@@ -106,12 +112,16 @@ def tar_members(fileobj) -> Iterator[tuple[str, bytes]]:
             raise TarError("a tar header without the ustar magic: not a tar, or misaligned")
         kind, size = header[156:157], header_number(header[124:136])
         size = int(pax.get("size", size))
-        data = blocks.take(-(-size // BLOCK) * BLOCK)
-        if len(data) > size:
-            if isinstance(data, bytearray):
-                del data[size:]  # in place: no copy of a large member
-            else:
-                data = data[:size]
+        if skip_bodies and kind not in (b"x", b"g", b"L"):
+            blocks.skip(-(-size // BLOCK) * BLOCK)
+            data = size
+        else:
+            data = blocks.take(-(-size // BLOCK) * BLOCK)
+            if len(data) > size:
+                if isinstance(data, bytearray):
+                    del data[size:]  # in place: no copy of a large member
+                else:
+                    data = data[:size]
         if kind in (b"x", b"g"):  # pax: this (x) or every (g, ignored) following member's fields
             if kind == b"x" and (b"path=" in data or b"size=" in data):  # others (mtime, ...) change nothing here
                 pax = pax_records(data)
@@ -142,8 +152,13 @@ def split_key(name: str) -> tuple[str, str] | None:
 def samples(fileobj, url: str) -> Iterator[dict]:
     """Consecutive members of one key as a sample {"__key__", "__url__", suffix: bytes, ...}, as
     WebDataset's group_by_keys makes them (metadata members such as `__x__` are passed over)."""
+    return grouped(tar_members(fileobj), url)
+
+
+def grouped(members: Iterator[tuple[str, bytes | int]], url: str) -> Iterator[dict]:
+    """samples() of (name, data) members: the one rule of keys, for the reader and for `shards index`."""
     sample = None
-    for name, data in tar_members(fileobj):
+    for name, data in members:
         parts = split_key(name)
         if parts is None or "__" in name and name.rsplit("/", 1)[-1].startswith("__"):
             continue

@@ -105,7 +105,7 @@ def real_config(source: str, image_size: int, seed: int, loader_workers: int) ->
     if not manifest.is_manifest_url(source):
         raise EvaluateError(f"{source!r} is neither a bundled data set ({', '.join(data.SOURCES)}) nor a manifest (.json)")
     shards = manifest.read(source)
-    if shards.image_size != image_size:
+    if shards.image_size != image_size and not shards.original_size:  # indexed shards are resized as they are read
         raise EvaluateError(f"{source}: its images are {shards.image_size} px, the generator's {image_size} px")
     return cfg, shards.num_samples
 
