@@ -22,7 +22,7 @@ import torch
 from dcgan_dist.choices import C_GRID
 from dcgan_dist.data import batch_stream, open_dataset
 from dcgan_dist.models import Architecture, build_models, sample_latent
-from dcgan_dist.probe import DATASETS, load_digits_splits, run_probe
+from dcgan_dist.probe.__main__ import DATASETS, load_digits_splits, run_probe
 from dcgan_dist.step import gan_step, make_optimizers
 from dcgan_dist.tracking.registry import LoadedNetwork
 

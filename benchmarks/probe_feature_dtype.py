@@ -22,8 +22,8 @@ import torch
 
 from dcgan_dist.choices import C_GRID
 from dcgan_dist.models import build_models
-from dcgan_dist.probe_data import DATASETS, load_digits_splits
-from dcgan_dist.probe_protocol import extract_features, few_labels, full_fit, set_bn_statistics
+from dcgan_dist.probe.data import DATASETS, load_digits_splits
+from dcgan_dist.probe.protocol import extract_features, few_labels, full_fit, set_bn_statistics
 
 
 def main() -> None:

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from dcgan_dist import checkpoint, choices, probe, probe_protocol
+from dcgan_dist import checkpoint, choices
 from dcgan_dist.data.sources import cifar10
 from dcgan_dist.models import Architecture, build_models
+from dcgan_dist.probe import __main__ as probe
+from dcgan_dist.probe import protocol as probe_protocol
 from dcgan_dist.step import make_optimizers
 
 REPO = Path(__file__).resolve().parents[1]

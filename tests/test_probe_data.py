@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from scipy.io import savemat
 
-from dcgan_dist import probe, probe_data
 from dcgan_dist.models import build_models
+from dcgan_dist.probe import __main__ as probe
+from dcgan_dist.probe import data as probe_data
 from tests.test_authors import SHARED, needs_shared
 from tests.test_probe import write_checkpoint
 

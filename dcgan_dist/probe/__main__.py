@@ -7,7 +7,7 @@ Table 2: 22.48 % test error on SVHN with 1,000 labels).
         --dataset cifar10 --data-path cifar-10-python.tar.gz --output-json probe.json
     python -m dcgan_dist.probe --discriminator authors:../shared/authors-dcgan --dataset svhn --data-path svhn/
 
-The protocol (probe_protocol.py; the data sets and their splits: probe_data.py):
+The protocol (protocol.py; the solvers: svm.py; the data sets and their splits: data.py):
 - BatchNorm (`--bn-stats`): `running` = the statistics D kept in training; `reestimate` (the
   default for `authors:` weights, whose files hold none) = the authors' way, the mean over
   batches of 128 training images of each batch's mean and biased variance. D then runs in eval
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from dcgan_dist.choices import BN_STATS, C_GRID, FEATURE_DTYPES, PRESETS
-from dcgan_dist.probe_data import DATASETS, ProbeError, Splits, check_data_path, load_digits_splits, load_splits
+from dcgan_dist.probe.data import DATASETS, ProbeError, Splits, check_data_path, load_digits_splits, load_splits
 from dcgan_dist.util import OneLineErrorParser, redact, run_cli
 
 
@@ -78,8 +78,9 @@ if __name__ == "__main__":  # --help and a bad flag answer before torch and MLfl
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dcgan_dist import authors, probe_protocol  # noqa: E402
-from dcgan_dist.probe_protocol import extract_features, probe_feature_set, raw_pixels, set_bn_statistics  # noqa: E402
+from dcgan_dist.authors import weights as authors  # noqa: E402
+from dcgan_dist.probe import protocol  # noqa: E402
+from dcgan_dist.probe.protocol import extract_features, probe_feature_set, raw_pixels, set_bn_statistics  # noqa: E402
 from dcgan_dist.tracking.registry import LoadedNetwork, load_network  # noqa: E402
 from dcgan_dist.tracking.store import TrackingError, check_reachable, ensure_experiment, resolve_tracking_uri  # noqa: E402
 
@@ -103,7 +104,7 @@ def run_probe(model: LoadedNetwork, splits: Splits, per_class: int, subsets: int
         raise ProbeError(f"--per-class {per_class}: the training split has only {smallest} images of its rarest class")
     torch.manual_seed(seed)
     _, random_d = model.architecture.build()
-    dtype = probe_protocol.FEATURE_DTYPES[feature_dtype]  # the name's numpy type
+    dtype = protocol.FEATURE_DTYPES[feature_dtype]  # the name's numpy type
     for discriminator in (model.network, random_d):
         set_bn_statistics(discriminator, splits.train[0], bn_stats, device)
     feature_sets = {

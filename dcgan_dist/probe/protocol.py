@@ -1,5 +1,5 @@
 """The probe's protocol on one set of features: D's BatchNorm statistics, the features (every conv
-block max-pooled to 4x4), and the L2-SVM with C chosen on validation (probe.py runs it on the
+block max-pooled to 4x4), and the L2-SVM with C chosen on validation (__main__.py runs it on the
 trained D, a random D and the raw pixels; fidelity.md says why each choice is made).
 
 Torch, numpy and scikit-learn only.
@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
-from dcgan_dist.authors import reestimate_statistics
+from dcgan_dist.authors.weights import reestimate_statistics
 from dcgan_dist.models import Discriminator
-from dcgan_dist.probe_data import ProbeError
+from dcgan_dist.probe.data import ProbeError
 
 POOLED_SIDE = 4  # every block's features are max-pooled to 4x4
 FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
