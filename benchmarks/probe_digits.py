@@ -57,7 +57,7 @@ def main() -> None:
             step += 1
         train_s += time.perf_counter() - start
         start = time.perf_counter()
-        r = run_probe(LoadedNetwork(discriminator, architecture, None, step), splits, DATASETS["digits"].per_class, args.subsets,
+        r = run_probe(LoadedNetwork(discriminator, architecture, None, step), splits, DATASETS["digits"].per_class, (args.subsets, 0),
                       tuple(float(c) for c in args.c_grid.split(",")))
         d, few = r["discriminator"], r["discriminator"]["few"]
         print(f"| {step} | {train_s:.0f} | {d['accuracy']:.1%} | {few['mean']:.1%} +/- {few['std']:.1%} "

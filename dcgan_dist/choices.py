@@ -29,6 +29,7 @@ DECODERS = ("cpu", "gpu")  # --decode: JPEGs in the loader processes, or a batch
 SAMPLINGS = ("epochs", "resampled")  # --sampling: each sample once per epoch / shards with replacement
 # the linear probe: probe/protocol.py (its data sets are probe/data.DATASETS, which loads no torch)
 BN_STATS = ("running", "reestimate")  # D's BatchNorm statistics: those kept in training, or re-estimated on the probe's images
+SVM_SOLVERS = ("torch", "liblinear")  # probe.svm.SOLVERS: the L2-SVM's solvers
 FEATURE_DTYPES = ("float32", "float16")  # probe.protocol.FEATURE_DTYPES: how the features are held
 # The SVM's C values the probe chooses from (--c-grid): the authors' (svhn/svhn_semisup_analysis.py)
 # for their unscaled features, one decade further each way: our own D's and the raw pixels' features have other scales.

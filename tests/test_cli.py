@@ -82,6 +82,7 @@ def test_the_choice_names_are_the_tables_keys():
     from dcgan_dist.authors import weights as authors
     from dcgan_dist.data import pack
     from dcgan_dist.probe import protocol as probe_protocol
+    from dcgan_dist.probe import svm
 
     assert choices.PRESETS == tuple(models.PRESETS)
     assert choices.AUTHORS_PRESETS == authors.AUTHORS_PRESETS
@@ -89,6 +90,7 @@ def test_the_choice_names_are_the_tables_keys():
     assert choices.PRECISIONS == tuple(step.PRECISIONS)
     assert choices.FORMATS == tuple(pack.FORMATS)
     assert choices.FEATURE_DTYPES == tuple(probe_protocol.FEATURE_DTYPES)
+    assert choices.SVM_SOLVERS == svm.SOLVERS
     assert choices.CHECKPOINT_UPLOADS == ("auto", *checkpoint_upload.MODES)
 
 

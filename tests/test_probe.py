@@ -120,7 +120,7 @@ def test_probe_on_a_cifar_archive_writes_the_json_document(tmp_path, capsys):
     archive = write_cifar_archive(tmp_path / "cifar-10-python.tar.gz")
     output = tmp_path / "probe.json"
     code = probe.main(["--discriminator", str(write_checkpoint(tmp_path / "ckpt")), "--dataset", "cifar10",
-                       "--data-path", str(archive), "--per-class", "5", "--subsets", "2", "--no-mlflow", "--c-grid", "1e-3,1e-2",
+                       "--data-path", str(archive), "--per-class", "5", "--draws-for-c", "1", "--draws", "2", "--no-mlflow", "--c-grid", "1e-3,1e-2",
                        "--output-json", str(output)])
     assert code == 0
     result = json.loads(output.read_text())
@@ -129,7 +129,8 @@ def test_probe_on_a_cifar_archive_writes_the_json_document(tmp_path, capsys):
     assert set(result["accuracy_5"]) == {"mean", "std", "C"} and set(result["baselines"]) == {"raw_pixels", "random_d"}
     assert result["feature_dims"] == 7168
     assert result["protocol"] | {"c_grid": None} == {"bn_stats": "running", "feature_dtype": "float16", "c_grid": None,
-                                                     "per_class": 5, "draws": 2}
+                                                     "solver": "torch", "per_class": 5, "draws_for_c": 1, "draws": 2,
+                                                     "fresh_draws": True}
     baselines = [v for b in result["baselines"].values() for v in b.values()]
     assert all(0.0 <= value <= 1.0 for value in (result["accuracy"], *baselines))
     assert result["baselines"]["raw_pixels"]["accuracy"] >= 0.9  # the colours: proof that images and labels line up
@@ -147,7 +148,8 @@ def test_probe_logs_to_the_checkpoints_run(tmp_path, mlflow_sqlite):
     torch.save(state, folder / checkpoint.STATE_FILE)
     archive = write_cifar_archive(tmp_path / "cifar.tar.gz")
     assert probe.main(["--discriminator", str(folder), "--dataset", "cifar10", "--data-path", str(archive),
-                       "--per-class", "5", "--subsets", "1", "--c-grid", "1e-3,1e-2", "--tracking-uri", mlflow_sqlite, "--no-full-fit"]) == 0
+                       "--per-class", "5",
+                       "--draws-for-c", "1", "--draws", "1", "--c-grid", "1e-3,1e-2", "--tracking-uri", mlflow_sqlite, "--no-full-fit"]) == 0
     [metric] = client.get_metric_history(run_id, "probe/cifar10/accuracy_5_mean")
     assert metric.step == 7 and 0.0 <= metric.value <= 1.0
     metrics = client.get_run(run_id).data.metrics

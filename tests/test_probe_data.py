@@ -61,7 +61,7 @@ def test_svhn32_features_are_the_authors_pools_4_2_1():
 def test_svhn_protocol_with_the_authors_d_end_to_end(tmp_path, capsys):
     output = tmp_path / "svhn.json"
     assert probe.main(["--discriminator", f"authors:{SHARED}", "--dataset", "svhn", "--data-path", str(write_svhn(tmp_path / "svhn")),
-                       "--per-class", "5", "--subsets", "2", "--c-grid", "1e-3", "--no-mlflow", "--output-json", str(output)]) == 0
+                       "--per-class", "5", "--draws-for-c", "1", "--draws", "2", "--c-grid", "1e-3", "--no-mlflow", "--output-json", str(output)]) == 0
     result = json.loads(output.read_text())
     assert result["feature_dims"] == 7168
     assert result["accuracy"] is None  # Table 2 has no full-training-set SVM

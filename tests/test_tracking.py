@@ -88,7 +88,8 @@ def test_training_on_a_server_registers_models_that_load_and_probe(ray_local, ml
     output = tmp_path / "probe.json"
     probe = subprocess.run(
         [sys.executable, "-m", "dcgan_dist.probe", "--discriminator", "models:/dcgan-discriminator@latest",
-         "--dataset", "digits", "--tracking-uri", mlflow_server.uri, "--output-json", str(output), "--subsets", "1", "--c-grid", "1e-4,1e-3,1e-2"],
+         "--dataset", "digits", "--tracking-uri", mlflow_server.uri, "--output-json", str(output),
+         "--draws-for-c", "1", "--draws", "1", "--c-grid", "1e-4,1e-3,1e-2"],
         capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONPATH": str(REPO)},
     )
     assert probe.returncode == 0, probe.stderr[-3000:]

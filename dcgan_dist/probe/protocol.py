@@ -1,24 +1,24 @@
 """The probe's protocol on one set of features: D's BatchNorm statistics, the features (every conv
-block max-pooled to 4x4), and the L2-SVM with C chosen on validation (__main__.py runs it on the
+block max-pooled to 4x4), and the L2-SVM (svm.py) with C chosen on validation over the authors' draws (__main__.py runs it on the
 trained D, a random D and the raw pixels; fidelity.md says why each choice is made).
 
-Torch, numpy and scikit-learn only.
+Torch and numpy (scikit-learn for the liblinear solver).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.svm import LinearSVC
 
 from dcgan_dist.authors.weights import reestimate_statistics
 from dcgan_dist.models import Discriminator
+from dcgan_dist.probe import svm
 from dcgan_dist.probe.data import ProbeError
 
 POOLED_SIDE = 4  # every block's features are max-pooled to 4x4
@@ -68,24 +68,41 @@ def raw_pixels(images: torch.Tensor, dtype: type = np.float32) -> np.ndarray:
 # ---------------------------------------------------------------- the SVM
 
 
-def fit_svm(features: np.ndarray, labels: np.ndarray, c: float, counter: dict[str, int]) -> LinearSVC:
-    """One-vs-rest L2-SVM (squared hinge) on the features as they are, as the authors fit theirs."""
-    svm = LinearSVC(C=c, loss="squared_hinge", random_state=0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        svm.fit(features, labels)
-    counter["not_converged"] += sum(issubclass(w.category, ConvergenceWarning) for w in caught)
-    counter["fits"] += 1
-    return svm
+@dataclass
+class SvmFits:
+    """How every SVM of a probe is fit (svm.py's solvers) and how many fits did not converge."""
+
+    solver: str = "torch"
+    device: str = "cpu"
+    fits: int = 0
+    not_converged: int = 0
+
+    def fit(self, features: np.ndarray, labels: np.ndarray, c: float) -> svm.LinearSvm:
+        """One-vs-rest L2-SVM (squared hinge) on the features as they are, as the authors fit theirs."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", svm.SvmNotConverged)
+            if self.solver == "torch":
+                model = svm.fit_torch(features, labels, c, self.device)
+            else:
+                model = svm.fit_liblinear(features, labels, c)
+        self.fits += 1
+        self.not_converged += not model.converged
+        for warning in caught:
+            if not issubclass(warning.category, svm.SvmNotConverged):
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        return model
+
+    def counts(self) -> dict[str, Any]:
+        return {"fits": self.fits, "not_converged": self.not_converged, "solver": self.solver}
 
 
-def accuracy(svm: LinearSVC, features: np.ndarray, labels: np.ndarray) -> float:
-    """svm.score, a chunk of float32 at a time (sklearn would copy the split to float64)."""
-    weights, bias = svm.coef_.T.astype(np.float32), svm.intercept_.astype(np.float32)
+def accuracy(model: svm.LinearSvm, features: np.ndarray, labels: np.ndarray) -> float:
+    """The fraction of `labels` predicted, a chunk of float32 at a time (never a float64 copy of the split)."""
+    weights, bias = model.coef_.T.astype(np.float32), model.intercept_.astype(np.float32)
     correct = 0
     for start in range(0, len(features), SCORE_CHUNK):
         scores = features[start : start + SCORE_CHUNK].astype(np.float32) @ weights + bias
-        correct += int((svm.classes_[scores.argmax(1)] == labels[start : start + SCORE_CHUNK]).sum())
+        correct += int((model.classes_[scores.argmax(1)] == labels[start : start + SCORE_CHUNK]).sum())
     return correct / len(labels)
 
 
@@ -95,44 +112,50 @@ def per_class_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarra
 
 
 def full_fit(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], c_grid: tuple[float, ...],
-             counter: dict[str, int]) -> dict[str, float]:
+             fits: SvmFits) -> dict[str, float]:
     """An SVM per C on the whole training split; the best on validation, scored on test."""
     best = (-1.0, 0.0, 0.0)
     for c in c_grid:
-        svm = fit_svm(features["train"], labels["train"], c, counter)
-        val_accuracy = accuracy(svm, features["val"], labels["val"])
+        model = fits.fit(features["train"], labels["train"], c)
+        val_accuracy = accuracy(model, features["val"], labels["val"])
         if val_accuracy > best[0]:
-            best = (val_accuracy, c, accuracy(svm, features["test"], labels["test"]))
+            best = (val_accuracy, c, accuracy(model, features["test"], labels["test"]))
     return {"accuracy": best[2], "C": best[1], "val_accuracy": best[0]}
 
 
-def few_labels(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], per_class: int, draws: int,
-               c_grid: tuple[float, ...], counter: dict[str, int]) -> dict[str, Any]:
-    """The authors' protocol: `draws` draws of `per_class` labelled training images per class; for
-    each C an SVM per draw; the C of the best mean validation accuracy; that C's test accuracies
-    over the draws (mean, std)."""
-    val_accuracies = np.zeros((len(c_grid), draws))
-    test_accuracies = np.zeros((len(c_grid), draws))
-    for draw in range(draws):
-        chosen = per_class_subset(labels["train"], per_class, draw)
-        train = (np.asarray(features["train"][chosen]), labels["train"][chosen])
-        for index, c in enumerate(c_grid):
-            svm = fit_svm(*train, c, counter)
-            val_accuracies[index, draw] = accuracy(svm, features["val"], labels["val"])
-            test_accuracies[index, draw] = accuracy(svm, features["test"], labels["test"])
-    best = int(val_accuracies.mean(1).argmax())
-    return {"mean": float(test_accuracies[best].mean()), "std": float(test_accuracies[best].std()), "C": c_grid[best],
-            "val_accuracy": float(val_accuracies[best].mean()), "per_class": per_class, "draws": draws}
+def fit_draw(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], per_class: int, seed: int, c: float,
+             fits: SvmFits) -> tuple[float, float]:
+    """(validation, test) accuracy of an SVM on draw `seed` of `per_class` training images per class."""
+    chosen = per_class_subset(labels["train"], per_class, seed)
+    model = fits.fit(np.asarray(features["train"][chosen]), labels["train"][chosen], c)
+    return accuracy(model, features["val"], labels["val"]), accuracy(model, features["test"], labels["test"])
 
 
-def probe_feature_set(featurize: Callable[[torch.Tensor], np.ndarray], splits, per_class: int, draws: int,
-                      c_grid: tuple[float, ...], with_full_fit: bool, counter: dict[str, int]) -> dict[str, Any]:
+def few_labels(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], per_class: int, draws_for_c: int,
+               draws: int, c_grid: tuple[float, ...], fits: SvmFits) -> dict[str, Any]:
+    """The authors' protocol (svhn/svhn_semisup_analysis.py): for each C an SVM on each of
+    `draws_for_c` draws of `per_class` labelled training images per class; the C of the best mean
+    validation accuracy; then that C on `draws` fresh draws, whose test accuracies give the mean
+    and std. `draws` 0: the test accuracies of the draws C was chosen on (this probe's earlier way)."""
+    scores = np.array([[fit_draw(features, labels, per_class, draw, c, fits) for draw in range(draws_for_c)] for c in c_grid])
+    best = int(scores[:, :, 0].mean(1).argmax())
+    if draws:  # seeds after the ones C was chosen on: fresh draws
+        tests = np.array([fit_draw(features, labels, per_class, draws_for_c + draw, c_grid[best], fits)[1] for draw in range(draws)])
+    else:
+        tests = scores[best, :, 1]
+    return {"mean": float(tests.mean()), "std": float(tests.std()), "C": c_grid[best],
+            "val_accuracy": float(scores[best, :, 0].mean()), "per_class": per_class, "draws_for_c": draws_for_c,
+            "draws": draws or draws_for_c, "fresh_draws": bool(draws)}
+
+
+def probe_feature_set(featurize: Callable[[torch.Tensor], np.ndarray], splits, per_class: int, draws_for_c: int, draws: int,
+                      c_grid: tuple[float, ...], with_full_fit: bool, fits: SvmFits) -> dict[str, Any]:
     """The protocol for one feature set: features of every split, the few-labels SVMs and (when
     asked) the full-training-split SVM."""
     labels = {split: getattr(splits, split)[1] for split in ("train", "val", "test")}
     features = {split: featurize(getattr(splits, split)[0]) for split in ("train", "val", "test")}
     result = {"dims": int(features["train"].shape[1]), "feature_bytes": int(sum(f.nbytes for f in features.values())),
-              "few": few_labels(features, labels, per_class, draws, c_grid, counter)}
+              "few": few_labels(features, labels, per_class, draws_for_c, draws, c_grid, fits)}
     if with_full_fit:
-        result |= full_fit(features, labels, c_grid, counter)
+        result |= full_fit(features, labels, c_grid, fits)
     return result
