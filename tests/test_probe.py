@@ -3,7 +3,6 @@ and bad input. (The probe of a trained D from a real MLflow server is in test_tr
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -22,6 +21,7 @@ from dcgan_dist.models import Architecture, build_models
 from dcgan_dist.probe import __main__ as probe
 from dcgan_dist.probe import protocol as probe_protocol
 from dcgan_dist.step import make_optimizers
+from tests.cifar_standin import write_cifar_archive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,26 +85,6 @@ def test_device_cuda_without_cuda_exits_2_or_gives_the_cpu_features(tmp_path, ca
     assert code == 2 and len(errors) == 1 and "--device cuda" in errors[0]
 
 
-def write_cifar_archive(path: Path, per_batch: int = 30, test: int = 60) -> Path:
-    """A small archive in the layout of cifar-10-python.tar.gz; each class is its own random
-    image plus noise, so a linear SVM can learn the labels from the pixels."""
-    rng = np.random.default_rng(0)
-    templates = rng.integers(0, 256, size=(10, 3, 1024))
-
-    def batch(count: int) -> dict:
-        labels = np.arange(count) % 10
-        pixels = templates[labels] + rng.normal(0, 10, size=(count, 3, 1024))
-        return {b"data": pixels.clip(0, 255).astype(np.uint8).reshape(count, 3072), b"labels": labels.tolist()}
-
-    with tarfile.open(path, "w:gz") as archive:
-        for name, count in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", test)]:
-            payload = pickle.dumps(batch(count))
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(payload)
-            archive.addfile(info, io.BytesIO(payload))
-    return path
-
-
 def write_checkpoint(folder: Path, preset: str = "pytorch-examples", claimed_preset: str | None = None) -> Path:
     """A checkpoint as the training loop writes it (its architecture saying `claimed_preset`)."""
     generator, discriminator = build_models(preset, 32, "paper")
@@ -160,7 +140,8 @@ def test_probe_logs_to_the_checkpoints_run(tmp_path, mlflow_sqlite):
 
 
 @pytest.mark.parametrize("case", ["text-file", "tar-without-batches", "missing-path", "not-a-checkpoint",
-                                  "wrong-preset", "weights-of-another-preset", "unknown-model"])
+                                  "wrong-preset", "weights-of-another-preset", "unknown-model", "truncated-archive",
+                                  "non-positive-c", "cuda-without-cuda"])
 def test_bad_input_exits_2_naming_it(case, tmp_path, mlflow_sqlite, capsys):
     archive = write_cifar_archive(tmp_path / "cifar.tar.gz", per_batch=10, test=10)
     ckpt = tmp_path / "ckpt"
@@ -192,6 +173,21 @@ def test_bad_input_exits_2_naming_it(case, tmp_path, mlflow_sqlite, capsys):
     elif case == "unknown-model":
         args["--discriminator"] = named = "models:/dcgan-discriminator@nope"
         args["--tracking-uri"] = mlflow_sqlite
+    elif case == "truncated-archive":  # a download cut short
+        data = archive.read_bytes()
+        (tmp_path / "cut.tar.gz").write_bytes(data[: len(data) // 2])
+        args["--data-path"] = named = str(tmp_path / "cut.tar.gz")
+        write_checkpoint(ckpt)
+    elif case == "non-positive-c":
+        args["--c-grid"] = "1e-3,0"
+        named = "--c-grid"
+        write_checkpoint(ckpt)
+    elif case == "cuda-without-cuda":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA: --device cuda is valid here")
+        args["--device"] = "cuda"
+        named = "--device cuda"
+        write_checkpoint(ckpt)
     argv = [item for key, value in args.items() for item in ((key,) if value is None else (key, value))]
     assert probe.main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # not MLflow's INFO lines

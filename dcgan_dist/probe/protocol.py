@@ -74,6 +74,7 @@ class SvmFits:
 
     solver: str = "torch"
     device: str = "cpu"
+    max_iter: int = 0  # 0: the solver's own limit
     fits: int = 0
     not_converged: int = 0
 
@@ -81,10 +82,11 @@ class SvmFits:
         """One-vs-rest L2-SVM (squared hinge) on the features as they are, as the authors fit theirs."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", svm.SvmNotConverged)
+            limit = {"max_iter": self.max_iter} if self.max_iter else {}
             if self.solver == "torch":
-                model = svm.fit_torch(features, labels, c, self.device)
+                model = svm.fit_torch(features, labels, c, self.device, **limit)
             else:
-                model = svm.fit_liblinear(features, labels, c)
+                model = svm.fit_liblinear(features, labels, c, **limit)
         self.fits += 1
         self.not_converged += not model.converged
         for warning in caught:
