@@ -80,7 +80,7 @@ def test_cifar10_stand_in_with_an_imagenet32_authors_d_end_to_end(tmp_path, caps
     archive = write_cifar_archive(tmp_path / "cifar-10-python.tar.gz", per_batch=50, test=100)
     output = tmp_path / "cifar10.json"
     assert probe.main(["--discriminator", f"authors:{tmp_path / 'imagenet32'}", "--dataset", "cifar10", "--data-path", str(archive),
-                       "--per-class", "5", "--draws-for-c", "2", "--draws", "3", "--c-grid", "1e-3,1e-2", "--no-mlflow",
+                       "--per-class", "5", "--draws-for-c", "2", "--draws", "3", "--c-grid", "1e-3", "--no-mlflow",
                        "--output-json", str(output)]) == 0
     result = json.loads(output.read_text())
     assert result["feature_dims"] == 28_672 and result["accuracy"] is not None  # the full fit ran

@@ -54,12 +54,12 @@ def digits_features() -> dict[str, tuple[np.ndarray, np.ndarray]]:
                                                                                 np.concatenate([splits.val[1], splits.test[1]]))))}
 
 
-@pytest.mark.parametrize("c", [1e-4, 1e-3, 1e-2])
+@pytest.mark.parametrize("c", [1e-3, 1e-2])
 def test_equals_liblinear_on_digits_features(digits_features, c):
     compare_with_liblinear(digits_features["train"], digits_features["test"], c)
 
 
-@pytest.mark.parametrize("c", [1e-3, 1e-2])
+@pytest.mark.parametrize("c", [1e-2])
 def test_equals_liblinear_on_a_synthetic_problem(c):
     features, labels = synthetic(SYNTHETIC[0] + 2000, *SYNTHETIC[1:])
     compare_with_liblinear((features[:-2000], labels[:-2000]), (features[-2000:], labels[-2000:]), c)
