@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one call: run from the repository root on the GPU machine as
 #
-#   bash benchmarks/gpu/check.sh --out $OUT          # wheels from benchmarks/gpu/prepare.sh, <= 6 min
+#   bash benchmarks/gpu/check.sh --out $OUT          # wheels from benchmarks/gpu/prepare.sh, <= 7 min
 #   bash benchmarks/gpu/check.sh --only a,c          # some parts again
 #   bash benchmarks/gpu/check.sh --dry-run           # the same parts on this machine's CPU, tiny sizes
 #
@@ -24,7 +24,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 fail_args() { echo "check.sh: error: $1 (see --help)" >&2; exit 2; }
 
 out=./gpu-results
@@ -60,7 +60,7 @@ rm -rf "$scratch" "$out"/part-*.log "$out"/bench-*.json "$out"/summary.md
 mkdir -p "$scratch"
 started=$(date +%s)
 
-# Sizes and time budgets (seconds). The GPU run's parts add up to the 6 minutes it may take.
+# Sizes and time budgets (seconds). The GPU run's parts add up to the 7 minutes it may take (part e: the probe SVM, 60 s).
 if [ "$dry" = 1 ]; then
   total_budget=630
   declare -A budget=([a]=100 [b]=180 [c]=220 [d]=60 [e]=60)
