@@ -197,7 +197,7 @@ def log_to_mlflow(model: LoadedNetwork, reference: str, dataset: str, tracking_u
             "probe.discriminator": redact(reference), "probe.source_run_id": model.run_id or ""}).info.run_id
         client.set_terminated(run_id)
     doc, version = summary(results), registered_version(client, reference)
-    model_id = getattr(version, "model_id", None)  # the LoggedModel the version was registered from (MLflow 3)
+    model_id = logged_model_id(version)
     timestamp = mlflow.utils.time.get_current_time_millis()
     metrics = mlflow_metrics(doc, dataset)
     client.log_batch(run_id, metrics=[Metric(key, value, timestamp, model.step, model_id=model_id) for key, value in metrics.items()])
@@ -225,6 +225,16 @@ def registered_version(client, reference: str):
         return client.get_model_version_by_alias(name, alias)
     name, version = path.rsplit("/", 1)
     return client.get_model_version(name, version)
+
+
+def logged_model_id(version) -> str | None:
+    """The LoggedModel (MLflow 3) a version was registered from: its `model_id`, or, where the
+    server leaves that empty, the id in its source `models:/<model id>`."""
+    if version is None:
+        return None
+    source = version.source or ""
+    from_source = source.removeprefix("models:/") if source.startswith("models:/") and "/" not in source.removeprefix("models:/") else None
+    return getattr(version, "model_id", None) or from_source
 
 
 def parse_c_grid(text: str) -> tuple[float, ...]:
