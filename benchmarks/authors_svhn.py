@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dcgan_dist.authors import load_authors
+from dcgan_dist.authors.weights import load_authors
 from dcgan_dist.models import sample_latent
 from dcgan_dist.util import grid_uint8
 

@@ -22,7 +22,7 @@ import torch
 from dcgan_dist.choices import C_GRID
 from dcgan_dist.data import batch_stream, open_dataset
 from dcgan_dist.models import Architecture, build_models, sample_latent
-from dcgan_dist.probe import DATASETS, load_digits_splits, run_probe
+from dcgan_dist.probe.__main__ import DATASETS, load_digits_splits, run_probe
 from dcgan_dist.step import gan_step, make_optimizers
 from dcgan_dist.tracking.registry import LoadedNetwork
 
@@ -57,7 +57,7 @@ def main() -> None:
             step += 1
         train_s += time.perf_counter() - start
         start = time.perf_counter()
-        r = run_probe(LoadedNetwork(discriminator, architecture, None, step), splits, DATASETS["digits"].per_class, args.subsets,
+        r = run_probe(LoadedNetwork(discriminator, architecture, None, step), splits, DATASETS["digits"].per_class, (args.subsets, 0),
                       tuple(float(c) for c in args.c_grid.split(",")))
         d, few = r["discriminator"], r["discriminator"]["few"]
         print(f"| {step} | {train_s:.0f} | {d['accuracy']:.1%} | {few['mean']:.1%} +/- {few['std']:.1%} "

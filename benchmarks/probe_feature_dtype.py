@@ -22,15 +22,15 @@ import torch
 
 from dcgan_dist.choices import C_GRID
 from dcgan_dist.models import build_models
-from dcgan_dist.probe_data import DATASETS, load_digits_splits
-from dcgan_dist.probe_protocol import extract_features, few_labels, full_fit, set_bn_statistics
+from dcgan_dist.probe.data import DATASETS, load_digits_splits
+from dcgan_dist.probe.protocol import SvmFits, extract_features, few_labels, full_fit, set_bn_statistics
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--preset", default="imagenet32")
     parser.add_argument("--c-grid", default=",".join(f"{c:g}" for c in C_GRID))
-    parser.add_argument("--draws", type=int, default=DATASETS["digits"].draws)
+    parser.add_argument("--draws", type=int, default=5)
     args = parser.parse_args()
     c_grid = tuple(float(c) for c in args.c_grid.split(","))
     torch.manual_seed(0)
@@ -47,12 +47,12 @@ def main() -> None:
           "| SVM fits | s |")
     print("|---|---|---|---|---|---|")
     for name, features in (("float32", full), ("float16", half)):
-        start, counter = time.perf_counter(), {"fits": 0, "not_converged": 0}
-        few = few_labels(features, labels, DATASETS["digits"].per_class, args.draws, c_grid, counter)
+        start, counter = time.perf_counter(), SvmFits("liblinear")
+        few = few_labels(features, labels, DATASETS["digits"].per_class, args.draws, 0, c_grid, counter)
         whole = full_fit(features, labels, c_grid, counter)
         size = sum(f.nbytes for f in features.values())
         print(f"| {name} | {size / 2**20:.0f} MiB | {whole['accuracy']:.2%} ({whole['C']:g}) | {few['mean']:.2%} +/- "
-              f"{few['std']:.2%} ({few['C']:g}) | {counter['fits']} ({counter['not_converged']} not converged) "
+              f"{few['std']:.2%} ({few['C']:g}) | {counter.fits} ({counter.not_converged} not converged) "
               f"| {time.perf_counter() - start:.0f} |", flush=True)
 
 

@@ -15,7 +15,7 @@ to --output-dir and logged to MLflow.
   still the same digit; arithmetic.json measures both (ink and class kept). For other data the
   concept is brightness over all samples.
 Nothing is downloaded: G is rebuilt from the model's `architecture.json` and `state_dict.pt`
-(or converted from the authors' .npy files, authors.py). A G with no training run in the store
+(or converted from the authors' .npy files, authors/weights.py). A G with no training run in the store
 (`authors:`) gets its explore run in the experiment `explore`.
 """
 
@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dcgan_dist import authors  # noqa: E402
+from dcgan_dist.authors import weights as authors  # noqa: E402
 from dcgan_dist.models import sample_latent  # noqa: E402
 from dcgan_dist.tracking.registry import load_network  # noqa: E402
 from dcgan_dist.tracking.store import TrackingError, check_reachable, ensure_experiment, resolve_tracking_uri  # noqa: E402

@@ -5,7 +5,7 @@ channels and doubling the side -> tanh. D mirrors it with stride-2 convs and Lea
 no pooling, no hidden fully connected layer; the last conv's output is flattened into one logit.
 Image size changes only the number of blocks: log2(size) - 2 of them (3 at 32 px, 4 at 64 px).
 The presets `imagenet32` and `svhn32` are the authors' own 32 px networks instead, layer for
-layer (models_authors.py), so that their released weights load (authors.py).
+layer (authors/networks.py), so that their released weights load (authors/weights.py).
 
 Torch only: no Ray, MLflow or boto3 here.
 """
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dcgan_dist.authors.networks import IMAGENET32, SVHN32, AuthorsDiscriminator, AuthorsGenerator, BlockDiscriminator, LayerStack
 from dcgan_dist.choices import IMAGE_SIZES
-from dcgan_dist.models_authors import IMAGENET32, SVHN32, AuthorsDiscriminator, AuthorsGenerator, BlockDiscriminator, LayerStack
 
 IMAGE_CHANNELS = 3  # the paper's G makes 64x64x3; grey data sets are repeated to 3 channels
 
@@ -37,7 +37,7 @@ class Preset:
     z_dim: int = 100
     image_sizes: tuple[int, ...] = IMAGE_SIZES
     deviations: str = ""
-    layers: LayerStack | None = None  # the authors' networks, layer by layer (models_authors.py)
+    layers: LayerStack | None = None  # the authors' networks, layer by layer (authors/networks.py)
 
 
 PRESETS = {

@@ -1,4 +1,4 @@
-"""The authors' released weights (dcgan_dist/authors.py) against a pytensor restatement of their
+"""The authors' released weights (dcgan_dist/authors/weights.py) against a pytensor restatement of their
 Theano forward passes (tests/theano_reference.py, with its own copy of the authors' layer numbers),
 on random weights in their layout and on their real SVHN GAN (../shared/authors-dcgan/); the
 presets' layers against those numbers; plus the import command and its bad input."""
@@ -15,8 +15,11 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
-from dcgan_dist import authors, explore, import_authors, probe
+from dcgan_dist import explore
+from dcgan_dist.authors import __main__ as import_authors
+from dcgan_dist.authors import weights as authors
 from dcgan_dist.models import build_models, sample_latent
+from dcgan_dist.probe import __main__ as probe
 from dcgan_dist.tracking.registry import load_network
 from tests import theano_reference as reference
 

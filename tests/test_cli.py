@@ -31,6 +31,7 @@ CLIS = {
     "dcgan_dist.explore": (["--generator", "g", "--output-dir", "d"], "--output-dir", "--output"),
     "dcgan_dist.register": (["--storage-path", "s", "--run-name", "r", "--tracking-uri", "u"], "--tracking-uri", "--tracking"),
     "dcgan_dist.import_authors": (["folder", "--stats-batches", "2"], "--stats-batches", "--stats-batch"),
+    "dcgan_dist.authors": (["folder", "--stats-batches", "2"], "--stats-batches", "--stats-batch"),  # import_authors's own module
     "dcgan_dist.bench": (["--batch-size", "4"], "--batch-size", "--batch"),
 }
 
@@ -77,8 +78,11 @@ def test_an_abbreviated_flag_exits_2_naming_it(module, capsys):
 
 def test_the_choice_names_are_the_tables_keys():
     """choices.py holds the names apart from the tables keyed by them (which load torch)."""
-    from dcgan_dist import authors, checkpoint_upload, models, probe_protocol, step
+    from dcgan_dist import checkpoint_upload, models, step
+    from dcgan_dist.authors import weights as authors
     from dcgan_dist.data import pack
+    from dcgan_dist.probe import protocol as probe_protocol
+    from dcgan_dist.probe import svm
 
     assert choices.PRESETS == tuple(models.PRESETS)
     assert choices.AUTHORS_PRESETS == authors.AUTHORS_PRESETS
@@ -86,6 +90,7 @@ def test_the_choice_names_are_the_tables_keys():
     assert choices.PRECISIONS == tuple(step.PRECISIONS)
     assert choices.FORMATS == tuple(pack.FORMATS)
     assert choices.FEATURE_DTYPES == tuple(probe_protocol.FEATURE_DTYPES)
+    assert choices.SVM_SOLVERS == svm.SOLVERS
     assert choices.CHECKPOINT_UPLOADS == ("auto", *checkpoint_upload.MODES)
 
 

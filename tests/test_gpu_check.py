@@ -1,6 +1,6 @@
 """benchmarks/gpu/check.sh, the one-call GPU check: its command line, and part d's dry run here.
 
-The whole dry run (parts a-d on this CPU, through Ray) takes minutes; it is run by hand
+The whole dry run (parts a-e on this CPU, through Ray) takes minutes; it is run by hand
 (`bash benchmarks/gpu/check.sh --dry-run`, docs/performance.md), not here.
 """
 
@@ -28,7 +28,7 @@ def test_help_prints_the_parts_and_exits_0():
     result = run_check("--help")
     assert result.returncode == 0
     assert "--dry-run" in result.stdout and "--only" in result.stdout
-    assert all(f"  {part}  " in result.stdout for part in "abcd")
+    assert all(f"  {part}  " in result.stdout for part in "abcde")
 
 
 @pytest.mark.parametrize(("args", "says"), [

@@ -3,7 +3,6 @@ and bad input. (The probe of a trained D from a real MLflow server is in test_tr
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -16,10 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from dcgan_dist import checkpoint, choices, probe, probe_protocol
+from dcgan_dist import checkpoint, choices
 from dcgan_dist.data.sources import cifar10
 from dcgan_dist.models import Architecture, build_models
+from dcgan_dist.probe import __main__ as probe
+from dcgan_dist.probe import protocol as probe_protocol
 from dcgan_dist.step import make_optimizers
+from tests.cifar_standin import write_cifar_archive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,26 +85,6 @@ def test_device_cuda_without_cuda_exits_2_or_gives_the_cpu_features(tmp_path, ca
     assert code == 2 and len(errors) == 1 and "--device cuda" in errors[0]
 
 
-def write_cifar_archive(path: Path, per_batch: int = 30, test: int = 60) -> Path:
-    """A small archive in the layout of cifar-10-python.tar.gz; each class is its own random
-    image plus noise, so a linear SVM can learn the labels from the pixels."""
-    rng = np.random.default_rng(0)
-    templates = rng.integers(0, 256, size=(10, 3, 1024))
-
-    def batch(count: int) -> dict:
-        labels = np.arange(count) % 10
-        pixels = templates[labels] + rng.normal(0, 10, size=(count, 3, 1024))
-        return {b"data": pixels.clip(0, 255).astype(np.uint8).reshape(count, 3072), b"labels": labels.tolist()}
-
-    with tarfile.open(path, "w:gz") as archive:
-        for name, count in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", test)]:
-            payload = pickle.dumps(batch(count))
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(payload)
-            archive.addfile(info, io.BytesIO(payload))
-    return path
-
-
 def write_checkpoint(folder: Path, preset: str = "pytorch-examples", claimed_preset: str | None = None) -> Path:
     """A checkpoint as the training loop writes it (its architecture saying `claimed_preset`)."""
     generator, discriminator = build_models(preset, 32, "paper")
@@ -118,7 +100,7 @@ def test_probe_on_a_cifar_archive_writes_the_json_document(tmp_path, capsys):
     archive = write_cifar_archive(tmp_path / "cifar-10-python.tar.gz")
     output = tmp_path / "probe.json"
     code = probe.main(["--discriminator", str(write_checkpoint(tmp_path / "ckpt")), "--dataset", "cifar10",
-                       "--data-path", str(archive), "--per-class", "5", "--subsets", "2", "--no-mlflow", "--c-grid", "1e-3,1e-2",
+                       "--data-path", str(archive), "--per-class", "5", "--draws-for-c", "1", "--draws", "2", "--no-mlflow", "--c-grid", "1e-3,1e-2",
                        "--output-json", str(output)])
     assert code == 0
     result = json.loads(output.read_text())
@@ -127,7 +109,8 @@ def test_probe_on_a_cifar_archive_writes_the_json_document(tmp_path, capsys):
     assert set(result["accuracy_5"]) == {"mean", "std", "C"} and set(result["baselines"]) == {"raw_pixels", "random_d"}
     assert result["feature_dims"] == 7168
     assert result["protocol"] | {"c_grid": None} == {"bn_stats": "running", "feature_dtype": "float16", "c_grid": None,
-                                                     "per_class": 5, "draws": 2}
+                                                     "solver": "torch", "per_class": 5, "draws_for_c": 1, "draws": 2,
+                                                     "fresh_draws": True}
     baselines = [v for b in result["baselines"].values() for v in b.values()]
     assert all(0.0 <= value <= 1.0 for value in (result["accuracy"], *baselines))
     assert result["baselines"]["raw_pixels"]["accuracy"] >= 0.9  # the colours: proof that images and labels line up
@@ -145,7 +128,8 @@ def test_probe_logs_to_the_checkpoints_run(tmp_path, mlflow_sqlite):
     torch.save(state, folder / checkpoint.STATE_FILE)
     archive = write_cifar_archive(tmp_path / "cifar.tar.gz")
     assert probe.main(["--discriminator", str(folder), "--dataset", "cifar10", "--data-path", str(archive),
-                       "--per-class", "5", "--subsets", "1", "--c-grid", "1e-3,1e-2", "--tracking-uri", mlflow_sqlite, "--no-full-fit"]) == 0
+                       "--per-class", "5",
+                       "--draws-for-c", "1", "--draws", "1", "--c-grid", "1e-3,1e-2", "--tracking-uri", mlflow_sqlite, "--no-full-fit"]) == 0
     [metric] = client.get_metric_history(run_id, "probe/cifar10/accuracy_5_mean")
     assert metric.step == 7 and 0.0 <= metric.value <= 1.0
     metrics = client.get_run(run_id).data.metrics
@@ -156,7 +140,8 @@ def test_probe_logs_to_the_checkpoints_run(tmp_path, mlflow_sqlite):
 
 
 @pytest.mark.parametrize("case", ["text-file", "tar-without-batches", "missing-path", "not-a-checkpoint",
-                                  "wrong-preset", "weights-of-another-preset", "unknown-model"])
+                                  "wrong-preset", "weights-of-another-preset", "unknown-model", "truncated-archive",
+                                  "non-positive-c", "cuda-without-cuda"])
 def test_bad_input_exits_2_naming_it(case, tmp_path, mlflow_sqlite, capsys):
     archive = write_cifar_archive(tmp_path / "cifar.tar.gz", per_batch=10, test=10)
     ckpt = tmp_path / "ckpt"
@@ -188,6 +173,21 @@ def test_bad_input_exits_2_naming_it(case, tmp_path, mlflow_sqlite, capsys):
     elif case == "unknown-model":
         args["--discriminator"] = named = "models:/dcgan-discriminator@nope"
         args["--tracking-uri"] = mlflow_sqlite
+    elif case == "truncated-archive":  # a download cut short
+        data = archive.read_bytes()
+        (tmp_path / "cut.tar.gz").write_bytes(data[: len(data) // 2])
+        args["--data-path"] = named = str(tmp_path / "cut.tar.gz")
+        write_checkpoint(ckpt)
+    elif case == "non-positive-c":
+        args["--c-grid"] = "1e-3,0"
+        named = "--c-grid"
+        write_checkpoint(ckpt)
+    elif case == "cuda-without-cuda":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA: --device cuda is valid here")
+        args["--device"] = "cuda"
+        named = "--device cuda"
+        write_checkpoint(ckpt)
     argv = [item for key, value in args.items() for item in ((key,) if value is None else (key, value))]
     assert probe.main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # not MLflow's INFO lines

@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from scipy.io import savemat
 
-from dcgan_dist import probe, probe_data
 from dcgan_dist.models import build_models
-from tests.test_authors import SHARED, needs_shared
+from dcgan_dist.probe import __main__ as probe
+from dcgan_dist.probe import data as probe_data
+from tests.cifar_standin import write_cifar_archive
+from tests.test_authors import SHARED, needs_shared, write_random_weights
 from tests.test_probe import write_checkpoint
 
 
@@ -60,7 +62,7 @@ def test_svhn32_features_are_the_authors_pools_4_2_1():
 def test_svhn_protocol_with_the_authors_d_end_to_end(tmp_path, capsys):
     output = tmp_path / "svhn.json"
     assert probe.main(["--discriminator", f"authors:{SHARED}", "--dataset", "svhn", "--data-path", str(write_svhn(tmp_path / "svhn")),
-                       "--per-class", "5", "--subsets", "2", "--c-grid", "1e-3", "--no-mlflow", "--output-json", str(output)]) == 0
+                       "--per-class", "5", "--draws-for-c", "1", "--draws", "2", "--c-grid", "1e-3", "--no-mlflow", "--output-json", str(output)]) == 0
     result = json.loads(output.read_text())
     assert result["feature_dims"] == 7168
     assert result["accuracy"] is None  # Table 2 has no full-training-set SVM
@@ -68,6 +70,25 @@ def test_svhn_protocol_with_the_authors_d_end_to_end(tmp_path, capsys):
     assert result["test_error_5"]["mean"] == pytest.approx(1 - result["accuracy_5"]["mean"])
     assert result["baselines"]["raw_pixels"]["accuracy_5"] >= 0.9  # the templates: images and labels line up
     assert "test error" in capsys.readouterr().out
+
+
+def test_cifar10_stand_in_with_an_imagenet32_authors_d_end_to_end(tmp_path, capsys):
+    """Table 1's path at a reduced size: the CIFAR-10 archive's layout (tests/cifar_standin.py; 50 +
+    10 images per batch instead of 10,000), the authors' imagenet32 D in their file layout (random
+    weights), 28,672 float16 features, the full fit and the few-labels draws with the torch solver."""
+    write_random_weights(tmp_path / "imagenet32", "imagenet32")
+    archive = write_cifar_archive(tmp_path / "cifar-10-python.tar.gz", per_batch=50, test=100)
+    output = tmp_path / "cifar10.json"
+    assert probe.main(["--discriminator", f"authors:{tmp_path / 'imagenet32'}", "--dataset", "cifar10", "--data-path", str(archive),
+                       "--per-class", "5", "--draws-for-c", "2", "--draws", "3", "--c-grid", "1e-3", "--no-mlflow",
+                       "--output-json", str(output)]) == 0
+    result = json.loads(output.read_text())
+    assert result["feature_dims"] == 28_672 and result["accuracy"] is not None  # the full fit ran
+    assert result["protocol"] | {"c_grid": None} == {"bn_stats": "reestimate", "feature_dtype": "float16", "c_grid": None,
+                                                     "solver": "torch", "per_class": 5, "draws_for_c": 2, "draws": 3,
+                                                     "fresh_draws": True}
+    assert result["baselines"]["raw_pixels"]["accuracy"] >= 0.9  # the templates: images and labels line up
+    assert "3 fresh draws (C on 2)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case", ["no-folder", "missing-test", "not-a-mat", "wrong-layout", "bad-labels"])

@@ -88,7 +88,8 @@ def test_training_on_a_server_registers_models_that_load_and_probe(ray_local, ml
     output = tmp_path / "probe.json"
     probe = subprocess.run(
         [sys.executable, "-m", "dcgan_dist.probe", "--discriminator", "models:/dcgan-discriminator@latest",
-         "--dataset", "digits", "--tracking-uri", mlflow_server.uri, "--output-json", str(output), "--subsets", "1", "--c-grid", "1e-4,1e-3,1e-2"],
+         "--dataset", "digits", "--tracking-uri", mlflow_server.uri, "--output-json", str(output),
+         "--draws-for-c", "1", "--draws", "1", "--c-grid", "1e-4,1e-3,1e-2"],
         capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONPATH": str(REPO)},
     )
     assert probe.returncode == 0, probe.stderr[-3000:]
@@ -98,6 +99,12 @@ def test_training_on_a_server_registers_models_that_load_and_probe(ray_local, ml
     assert result["accuracy"] >= 0.80, result
     metric = client.get_metric_history(run_id, "probe/digits/accuracy")
     assert [(m.value, m.step) for m in metric] == [(result["accuracy"], PROBE_STEPS)]
+    # ... and to the registered D itself: its LoggedModel's metrics and its version's tags (issue 32)
+    d_version = client.get_model_version_by_alias("dcgan-discriminator", "latest")
+    assert d_version.tags["probe.digits.accuracy"] == f"{result['accuracy']:.6g}"
+    [d_logged] = [m for m in logged if m.source_run_id == run_id and m.name == "discriminator"]
+    linked = {m.key: m.value for m in client.get_logged_model(d_logged.model_id).metrics}
+    assert linked["probe/digits/accuracy"] == result["accuracy"] and "probe/digits/accuracy_50_mean" in linked
 
     unknown = subprocess.run(
         [sys.executable, "-m", "dcgan_dist.probe", "--discriminator", "models:/dcgan-discriminator@no-such-alias",

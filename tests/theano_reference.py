@@ -1,5 +1,5 @@
 """The authors' forward passes restated in pytensor (Theano's maintained successor) with Theano's
-conventions, as the reference dcgan_dist/authors.py's conversion is tested against: lib/ops.py's
+conventions, as the reference dcgan_dist/authors/weights.py's conversion is tested against: lib/ops.py's
 batchnorm and deconv, cuDNN's true convolution, and the gen()/discrim() of
 imagenet/load_pretrained.py and svhn/svhn_semisup_analysis.py (read, not copied).
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one call: run from the repository root on the GPU machine as
 #
-#   bash benchmarks/gpu/check.sh --out $OUT          # wheels from benchmarks/gpu/prepare.sh, <= 6 min
+#   bash benchmarks/gpu/check.sh --out $OUT          # wheels from benchmarks/gpu/prepare.sh, <= 7 min
 #   bash benchmarks/gpu/check.sh --only a,c          # some parts again
 #   bash benchmarks/gpu/check.sh --dry-run           # the same parts on this machine's CPU, tiny sizes
 #
@@ -14,19 +14,21 @@
 #   c  --bn-sync on the GPU (SyncBatchNorm over NCCL, 1 worker) and the RNG resume: an interrupted
 #      and resumed run against an uninterrupted one (and a second one, the run-to-run noise), on digits
 #   d  benchmarks/gpu/decode.py: JPEG decode on the GPU (batched) against the CPU cores; shards bench --decode cpu|gpu
+#   e  benchmarks/probe_svm.py: the probe's torch L2-SVM on the GPU at Table 1's size, 45,000 x 28,672
+#      synthetic float16 features (2.6 GB), one C: fit time, Newton iterations, GPU memory
 # It ends with one table (part | status | key figures), also written to OUT/summary.md.
 #
-# Options: --out DIR (default ./gpu-results), --only a,b,c,d, --dry-run, --wheels DIR (default
+# Options: --out DIR (default ./gpu-results), --only a,b,c,d,e, --dry-run, --wheels DIR (default
 # benchmarks/gpu/wheels; installed unless --dry-run, or when given with --dry-run), --keep-scratch.
 # PYTHON picks the interpreter (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 fail_args() { echo "check.sh: error: $1 (see --help)" >&2; exit 2; }
 
 out=./gpu-results
-only=a,b,c,d
+only=a,b,c,d,e
 dry=0
 wheels=benchmarks/gpu/wheels
 wheels_given=0
@@ -45,7 +47,7 @@ done
 parts=$(echo "$only" | tr ',' ' ')
 [ -n "$parts" ] || fail_args "--only: no parts given"
 for part in $parts; do
-  case "$part" in a|b|c|d) ;; *) fail_args "--only: unknown part '$part' (parts: a, b, c, d)" ;; esac
+  case "$part" in a|b|c|d|e) ;; *) fail_args "--only: unknown part '$part' (parts: a, b, c, d, e)" ;; esac
 done
 
 export RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1
@@ -58,22 +60,24 @@ rm -rf "$scratch" "$out"/part-*.log "$out"/bench-*.json "$out"/summary.md
 mkdir -p "$scratch"
 started=$(date +%s)
 
-# Sizes and time budgets (seconds). The GPU run's parts add up to the 6 minutes it may take.
+# Sizes and time budgets (seconds). The GPU run's parts add up to the 7 minutes it may take (part e: the probe SVM, 60 s).
 if [ "$dry" = 1 ]; then
-  total_budget=570
-  declare -A budget=([a]=100 [b]=180 [c]=220 [d]=60)
+  total_budget=630
+  declare -A budget=([a]=100 [b]=180 [c]=220 [d]=60 [e]=60)
   device=cpu px=32 batch=16 precision=fp32 use_gpu=""
   bench_runs="8:35 16:35"; bench_opts="--steps 1 --repeats 2 --warmup 1 --variant-budget-s 20"  # BATCH:TOTAL_BUDGET_S
   b_steps=12 b_more=8 b_log=4 b_eval=12 eval_samples=200
   c_steps=6 c_log=3 c_control=0 loaders=1 decode_images=256
+  probe_size=2000x1024
 else
-  total_budget=360
-  declare -A budget=([a]=140 [b]=100 [c]=75 [d]=30)
+  total_budget=420
+  declare -A budget=([a]=140 [b]=100 [c]=75 [d]=30 [e]=60)
   device=cuda px=64 batch=128 precision=bf16 use_gpu="--use-gpu"
   # each bench run is time-boxed as a whole and per variant (a cold torch.compile takes tens of seconds)
   bench_runs="128:80 2048:55"; bench_opts="--variant-budget-s 35"
   b_steps=240 b_more=120 b_log=20 b_eval=240 eval_samples=500
   c_steps=30 c_log=10 c_control=1 loaders=6 decode_images=4096
+  probe_size=45000x28672
 fi
 
 # ---------------------------------------------------------------- the environment
@@ -221,6 +225,16 @@ except (OSError, ValueError):
   echo "figures reader: $rates"
 }
 
+part_e() {
+  echo "== benchmarks/probe_svm.py --sizes $probe_size --solvers torch --device $device"
+  "$PY" benchmarks/probe_svm.py --sizes "$probe_size" --solvers torch --device "$device" --c 1e-3 >"$scratch/probe-svm.txt" \
+    || { cat "$scratch/probe-svm.txt"; return 1; }
+  cat "$scratch/probe-svm.txt"
+  grep -q '| torch |.*| True |' "$scratch/probe-svm.txt" || { echo "check.sh: the torch L2-SVM failed or did not converge"; return 1; }
+  awk -F'|' '/\| torch \|/ { gsub(/ /, ""); printf "figures probe SVM %s on %s: %s s, %s Newton iterations, peak RSS +%s GB, CUDA peak %s GB\n", $2, $4, $6, $8, $7, $12 }' \
+    "$scratch/probe-svm.txt"
+}
+
 # One Ray instance for every training run of parts b and c (benchmarks/gpu/ray_head.py), started
 # before the first and stopped at the end (or when the check is stopped).
 ray_head_pid=""
@@ -251,9 +265,9 @@ stop_ray() {
 }
 trap stop_ray EXIT
 
-export -f part_a part_b part_c part_d pick_compile train pack_shards bench_json
+export -f part_a part_b part_c part_d part_e pick_compile train pack_shards bench_json
 export out scratch dry device px batch precision use_gpu bench_runs bench_opts b_steps b_more b_log b_eval
-export eval_samples c_steps c_log c_control loaders decode_images PY
+export eval_samples c_steps c_log c_control loaders decode_images probe_size PY
 declare -A status figures
 for part in $parts; do
   log="$out/part-$part.log"

@@ -52,7 +52,7 @@ if __name__ == "__main__":  # --help and a bad flag answer before torch and MLfl
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dcgan_dist import authors  # noqa: E402
+from dcgan_dist.authors import weights as authors  # noqa: E402
 from dcgan_dist.config import Config  # noqa: E402
 from dcgan_dist.data.manifest import ManifestError  # noqa: E402
 from dcgan_dist.data.s3 import StorageError  # noqa: E402

@@ -20,7 +20,8 @@ import torch
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
-from dcgan_dist import authors, checkpoint
+from dcgan_dist import checkpoint
+from dcgan_dist.authors import weights as authors
 from dcgan_dist.models import Architecture
 from dcgan_dist.tracking import scripted
 from dcgan_dist.tracking.store import TrackingError
@@ -153,7 +154,7 @@ def load_network(reference: str, network: str, tracking_uri: str | None = None) 
     checkpoint folder (or its state.pt), or from the authors' released weights (`authors:PATH`). Raises TrackingError naming the reference and the problem."""
     if network not in NETWORKS:
         raise ValueError(f"network must be one of {NETWORKS}, got {network!r}")
-    if reference.startswith(authors.PREFIX):  # the authors' released .npy files, converted (authors.py)
+    if reference.startswith(authors.PREFIX):  # the authors' released .npy files, converted (authors/weights.py)
         architecture, state, run_id, step, store = authors.network_state(reference, network)
     elif reference.startswith("models:/") or "://" in reference:
         architecture, state, run_id, step, store = _from_registry(reference, tracking_uri)

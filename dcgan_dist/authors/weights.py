@@ -4,7 +4,7 @@ A model folder (e.g. `models/svhn_unsup_all_conv_dcgan_100z_gaussian_lr_0.0005_6
 `EPOCH_gen_params.jl_NN.npy` and `EPOCH_discrim_params.jl_NN.npy`, NN = 01, 02, ... in the
 argument order of the authors' gen() and discrim(). Each is read with
 numpy.load(allow_pickle=False); the `.jl` index files (joblib pickles) are never opened. Every
-shape is checked against the preset (models_authors.py) before anything is built.
+shape is checked against the preset (authors/networks.py) before anything is built.
 
 Theano's conventions (lib/ops.py), converted to torch's:
 - conv: cuDNN with conv_mode='conv' (dnn_conv's default) is a true convolution, the kernel
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from dcgan_dist.authors.networks import LayerStack
 from dcgan_dist.choices import STATS_BATCH, STATS_BATCHES
 from dcgan_dist.models import PRESETS, Architecture, build_models, sample_latent
-from dcgan_dist.models_authors import LayerStack
 from dcgan_dist.tracking.store import TrackingError
 
 PREFIX = "authors:"

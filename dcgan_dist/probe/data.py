@@ -23,21 +23,22 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class DatasetProtocol:
-    """What the probe runs on a data set: `per_class` labels drawn `draws` times; `full_fit`: also
-    one SVM on the whole training split (the paper's 82.8 % on CIFAR-10; SVHN's Table 2 has none)."""
+    """What the probe runs on a data set: `per_class` labels per class in each draw; `full_fit`:
+    also one SVM on the whole training split (the paper's 82.8 % on CIFAR-10; SVHN's Table 2 has none)."""
 
     per_class: int
-    draws: int
     full_fit: bool
     validation: int  # images of the shuffled training set held out (10 % of a smaller file)
 
 
 DATASETS = {
-    "cifar10": DatasetProtocol(per_class=400, draws=5, full_fit=True, validation=5000),
-    # svhn/svhn_semisup_analysis.py: 10 draws of 100 per class, 10,000 held out (svhn/load.py)
-    "svhn": DatasetProtocol(per_class=100, draws=10, full_fit=False, validation=10000),
-    "digits": DatasetProtocol(per_class=50, draws=5, full_fit=True, validation=0),  # a stratified split instead
+    "cifar10": DatasetProtocol(per_class=400, full_fit=True, validation=5000),
+    # svhn/svhn_semisup_analysis.py: 100 per class, 10,000 held out (svhn/load.py)
+    "svhn": DatasetProtocol(per_class=100, full_fit=False, validation=10000),
+    "digits": DatasetProtocol(per_class=50, full_fit=True, validation=0),  # a stratified split instead
 }
+# svhn/svhn_semisup_analysis.py: C chosen on 10 draws of N per class, then 100 fresh draws scored with it
+DRAWS_FOR_C, DRAWS = 10, 100
 SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 
 

@@ -1,0 +1,163 @@
+"""The probe's protocol on one set of features: D's BatchNorm statistics, the features (every conv
+block max-pooled to 4x4), and the L2-SVM (svm.py) with C chosen on validation over the authors' draws (__main__.py runs it on the
+trained D, a random D and the raw pixels; fidelity.md says why each choice is made).
+
+Torch and numpy (scikit-learn for the liblinear solver).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dcgan_dist.authors.weights import reestimate_statistics
+from dcgan_dist.models import Discriminator
+from dcgan_dist.probe import svm
+from dcgan_dist.probe.data import ProbeError
+
+POOLED_SIDE = 4  # every block's features are max-pooled to 4x4
+FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
+STATS_BATCH = 128  # the authors' infer_bnorm_stats(X, nbatch=128)
+SCORE_CHUNK = 4096  # images scored at a time: the SVM's float64 copy of a split never exists
+
+
+@torch.no_grad()
+def set_bn_statistics(discriminator: Discriminator, images: torch.Tensor, bn_stats: str, device: str = "cpu") -> None:
+    """`running`: keep the statistics D kept in training. `reestimate`: replace them by the mean
+    over batches of 128 training images of each batch's mean and biased variance (the authors'
+    infer_bnorm_stats, through authors.reestimate_statistics)."""
+    if bn_stats == "reestimate":
+        discriminator.to(device)
+        reestimate_statistics(discriminator, (batch.to(device) for batch in images.split(STATS_BATCH)))
+
+
+@torch.no_grad()
+def extract_features(discriminator: Discriminator, images: torch.Tensor, batch_size: int = 256, device: str = "cpu",
+                     dtype: type = np.float32) -> np.ndarray:
+    """(N, feature_dims) of `dtype`: each conv block max-pooled to 4x4, flattened, concatenated;
+    filled in place, so the only full copy is the result's."""
+    discriminator.to(device).eval()  # BatchNorm uses its (running or re-estimated) statistics
+    features = None
+    for start in range(0, len(images), batch_size):
+        blocks = discriminator.features(images[start : start + batch_size].to(device))
+        chunk = torch.cat([F.adaptive_max_pool2d(b, POOLED_SIDE).flatten(1) for b in blocks], 1).cpu().numpy()
+        if features is None:
+            features = np.empty((len(images), chunk.shape[1]), dtype=dtype)
+        features[start : start + len(chunk)] = chunk
+    check_finite(features)
+    return features
+
+
+def check_finite(features: np.ndarray) -> None:
+    for start in range(0, len(features), SCORE_CHUNK):
+        if not np.isfinite(features[start : start + SCORE_CHUNK]).all():
+            raise ProbeError(f"features beyond {features.dtype}'s range (largest {np.finfo(features.dtype).max:g}): "
+                             "use --feature-dtype float32")
+
+
+def raw_pixels(images: torch.Tensor, dtype: type = np.float32) -> np.ndarray:
+    return images.flatten(1).numpy().astype(dtype)
+
+
+# ---------------------------------------------------------------- the SVM
+
+
+@dataclass
+class SvmFits:
+    """How every SVM of a probe is fit (svm.py's solvers) and how many fits did not converge."""
+
+    solver: str = "torch"
+    device: str = "cpu"
+    max_iter: int = 0  # 0: the solver's own limit
+    fits: int = 0
+    not_converged: int = 0
+
+    def fit(self, features: np.ndarray, labels: np.ndarray, c: float) -> svm.LinearSvm:
+        """One-vs-rest L2-SVM (squared hinge) on the features as they are, as the authors fit theirs."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", svm.SvmNotConverged)
+            limit = {"max_iter": self.max_iter} if self.max_iter else {}
+            if self.solver == "torch":
+                model = svm.fit_torch(features, labels, c, self.device, **limit)
+            else:
+                model = svm.fit_liblinear(features, labels, c, **limit)
+        self.fits += 1
+        self.not_converged += not model.converged
+        for warning in caught:
+            if not issubclass(warning.category, svm.SvmNotConverged):
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        return model
+
+    def counts(self) -> dict[str, Any]:
+        return {"fits": self.fits, "not_converged": self.not_converged, "solver": self.solver}
+
+
+def accuracy(model: svm.LinearSvm, features: np.ndarray, labels: np.ndarray) -> float:
+    """The fraction of `labels` predicted, a chunk of float32 at a time (never a float64 copy of the split)."""
+    weights, bias = model.coef_.T.astype(np.float32), model.intercept_.astype(np.float32)
+    correct = 0
+    for start in range(0, len(features), SCORE_CHUNK):
+        scores = features[start : start + SCORE_CHUNK].astype(np.float32) @ weights + bias
+        correct += int((model.classes_[scores.argmax(1)] == labels[start : start + SCORE_CHUNK]).sum())
+    return correct / len(labels)
+
+
+def per_class_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.choice(np.flatnonzero(labels == k), per_class, replace=False) for k in np.unique(labels)])
+
+
+def full_fit(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], c_grid: tuple[float, ...],
+             fits: SvmFits) -> dict[str, float]:
+    """An SVM per C on the whole training split; the best on validation, scored on test."""
+    best = (-1.0, 0.0, 0.0)
+    for c in c_grid:
+        model = fits.fit(features["train"], labels["train"], c)
+        val_accuracy = accuracy(model, features["val"], labels["val"])
+        if val_accuracy > best[0]:
+            best = (val_accuracy, c, accuracy(model, features["test"], labels["test"]))
+    return {"accuracy": best[2], "C": best[1], "val_accuracy": best[0]}
+
+
+def fit_draw(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], per_class: int, seed: int, c: float,
+             fits: SvmFits) -> tuple[float, float]:
+    """(validation, test) accuracy of an SVM on draw `seed` of `per_class` training images per class."""
+    chosen = per_class_subset(labels["train"], per_class, seed)
+    model = fits.fit(np.asarray(features["train"][chosen]), labels["train"][chosen], c)
+    return accuracy(model, features["val"], labels["val"]), accuracy(model, features["test"], labels["test"])
+
+
+def few_labels(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], per_class: int, draws_for_c: int,
+               draws: int, c_grid: tuple[float, ...], fits: SvmFits) -> dict[str, Any]:
+    """The authors' protocol (svhn/svhn_semisup_analysis.py): for each C an SVM on each of
+    `draws_for_c` draws of `per_class` labelled training images per class; the C of the best mean
+    validation accuracy; then that C on `draws` fresh draws, whose test accuracies give the mean
+    and std. `draws` 0: the test accuracies of the draws C was chosen on (this probe's earlier way)."""
+    scores = np.array([[fit_draw(features, labels, per_class, draw, c, fits) for draw in range(draws_for_c)] for c in c_grid])
+    best = int(scores[:, :, 0].mean(1).argmax())
+    if draws:  # seeds after the ones C was chosen on: fresh draws
+        tests = np.array([fit_draw(features, labels, per_class, draws_for_c + draw, c_grid[best], fits)[1] for draw in range(draws)])
+    else:
+        tests = scores[best, :, 1]
+    return {"mean": float(tests.mean()), "std": float(tests.std()), "C": c_grid[best],
+            "val_accuracy": float(scores[best, :, 0].mean()), "per_class": per_class, "draws_for_c": draws_for_c,
+            "draws": draws or draws_for_c, "fresh_draws": bool(draws)}
+
+
+def probe_feature_set(featurize: Callable[[torch.Tensor], np.ndarray], splits, per_class: int, draws_for_c: int, draws: int,
+                      c_grid: tuple[float, ...], with_full_fit: bool, fits: SvmFits) -> dict[str, Any]:
+    """The protocol for one feature set: features of every split, the few-labels SVMs and (when
+    asked) the full-training-split SVM."""
+    labels = {split: getattr(splits, split)[1] for split in ("train", "val", "test")}
+    features = {split: featurize(getattr(splits, split)[0]) for split in ("train", "val", "test")}
+    result = {"dims": int(features["train"].shape[1]), "feature_bytes": int(sum(f.nbytes for f in features.values())),
+              "few": few_labels(features, labels, per_class, draws_for_c, draws, c_grid, fits)}
+    if with_full_fit:
+        result |= full_fit(features, labels, c_grid, fits)
+    return result

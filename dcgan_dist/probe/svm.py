@@ -1,0 +1,258 @@
+"""The probe's L2-SVM: one-vs-rest, squared hinge, L2 penalty, as liblinear's (scikit-learn's
+`LinearSVC(loss="squared_hinge")`) with the same meaning of C, solved two ways:
+
+- `liblinear`: scikit-learn's LinearSVC. It copies the features to float64 plus its own
+  index/value pairs (about 20 bytes per value: 26 GB for 45,000 x 28,672).
+- `torch`: the same problem in the primal on the features as they are held (float16 or float32,
+  never copied whole): X @ W and X.T @ R a chunk of rows at a time, each chunk upcast to float32,
+  sums and the weights in float64; on CPU threads or a CUDA device.
+
+The problem, for each class k against the rest (y_i = +1 for class k, -1 otherwise; with two
+classes one problem, for the second class, as liblinear):
+
+    min_w  0.5 * ||w||^2 + C * sum_i max(0, 1 - y_i * (w . [x_i, 1]))^2
+
+The bias is the weight of a constant feature 1 and is regularised with the rest (LinearSVC's
+`intercept_scaling=1`). The torch solver is a Newton method with (diagonally preconditioned) conjugate gradients on
+the generalised Hessian I + 2C X_A^T X_A (A: the samples inside the margin), as liblinear's primal
+solver for this loss, with an exact line search (the objective along a direction is a convex
+piecewise quadratic in the step, minimised on the stored margins without passes over X).
+Convergence: ||grad f(w)|| <= tol * ||grad f(0)|| for every class (liblinear's relative
+gradient-norm rule, tighter by default: TOL); a fit that stops at max_iter first says so
+(`converged` False, a warning the probe counts, prints and tags in MLflow).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+SOLVERS = ("torch", "liblinear")  # choices.SVM_SOLVERS
+TOL = 1e-5  # relative gradient norm of the torch solver's stop
+MAX_ITER = 100  # Newton iterations
+CG_TOL = 0.1  # liblinear's eps_cg: each Newton direction's CG stops at 0.1 x the gradient's norm
+CG_MAX_ITER = 250
+GRAM_SAMPLES = 2048  # up to here, fewer samples than features: solved on the Gram matrix's n x n factor
+CHUNK_VALUES = 1 << 24  # feature values upcast at a time (64 MB of float32)
+
+
+class SvmNotConverged(UserWarning):
+    """A fit stopped at max_iter before its convergence criterion held."""
+
+
+@dataclass
+class LinearSvm:
+    """What scoring needs (LinearSVC's attribute names) and how the fit ended."""
+
+    coef_: np.ndarray  # (classifiers, dims) float32
+    intercept_: np.ndarray  # (classifiers,)
+    classes_: np.ndarray
+    converged: bool = True
+    iterations: int = 0
+    objective: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per classifier, at the solution
+
+
+def targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, n x classifiers of +-1): one-vs-rest, a single classifier for two classes."""
+    classes = np.unique(labels)
+    positive = classes[1:] if len(classes) == 2 else classes
+    return classes, np.where(labels[:, None] == positive[None, :], 1.0, -1.0)
+
+
+class _Rows:
+    """The feature matrix held once, read in row chunks upcast to float32 on `device`."""
+
+    def __init__(self, features: np.ndarray, device: str):
+        self.matrix = torch.from_numpy(np.ascontiguousarray(features))  # no copy for a C-ordered array
+        if device != "cpu":
+            self.matrix = self.matrix.to(device)  # held once there, in its own dtype
+        self.device, self.rows = device, max(1, CHUNK_VALUES // max(1, features.shape[1]))
+
+    def chunks(self):
+        for start in range(0, len(self.matrix), self.rows):
+            chunk = self.matrix[start : start + self.rows]
+            if self.device == "cpu":  # numpy's float16 -> float32 is about twice torch's on CPU
+                yield start, torch.from_numpy(chunk.numpy().astype(np.float32, copy=False))
+            else:
+                yield start, chunk.to(torch.float32)
+
+    def squares_times(self, active: torch.Tensor) -> torch.Tensor:
+        """(X * X).T @ A: (d, k) float64, the diagonal of X_A^T X_A per column."""
+        total = torch.zeros((self.matrix.shape[1], active.shape[1]), dtype=torch.float64, device=self.device)
+        a32 = active.T.to(torch.float32).contiguous()
+        for start, chunk in self.chunks():
+            total += (a32[:, start : start + len(chunk)] @ chunk.square()).T.double()
+        return total
+
+    def times(self, weights: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """X @ W + b: (n, k) float64."""
+        out = torch.empty((len(self.matrix), weights.shape[1]), dtype=torch.float64, device=self.device)
+        w32 = weights.T.to(torch.float32).contiguous()  # (k, d) @ chunk.T: far faster than chunk @ (d, k) for small k
+        for start, chunk in self.chunks():
+            out[start : start + len(chunk)] = (w32 @ chunk.T).T
+        return out + bias
+
+    def transposed_times(self, residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X.T @ R, the bias column's sum of R): (d, k) and (k,), float64."""
+        total = torch.zeros((self.matrix.shape[1], residuals.shape[1]), dtype=torch.float64, device=self.device)
+        r32 = residuals.T.to(torch.float32).contiguous()
+        for start, chunk in self.chunks():
+            total += (r32[:, start : start + len(chunk)] @ chunk).T.double()
+        return total, residuals.sum(0)
+
+
+class _Factor:
+    """The n x n lower-triangular L with L L^T = [X, 1] [X, 1]^T (float64): for n < d the problem
+    in z with features L is the problem in w (w = [X, 1]^T L^-T z, the same margins and norm), and
+    its products cost n^2 instead of n d. The bias is inside L, so it has none of its own."""
+
+    def __init__(self, rows: _Rows):
+        matrix, n = rows.matrix, len(rows.matrix)
+        gram = torch.ones((n, n), dtype=torch.float64, device=rows.device)  # the bias column's 1 . 1
+        step = max(1, CHUNK_VALUES // max(1, n))
+        for start in range(0, matrix.shape[1], step):
+            block = matrix[:, start : start + step].to(torch.float64)
+            gram += block @ block.T
+        gram.diagonal().add_(1e-10 * gram.diagonal().mean())  # duplicate rows: positive definite all the same
+        self.factor, self.device = torch.linalg.cholesky(gram), rows.device
+
+    def times(self, weights: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.factor @ weights
+
+    def transposed_times(self, residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.factor.T @ residuals, torch.zeros(residuals.shape[1], dtype=torch.float64, device=self.device)
+
+    def squares_times(self, active: torch.Tensor) -> torch.Tensor:
+        return self.factor.square().T @ active
+
+    def weights(self, rows: _Rows, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w, b) = [X, 1]^T L^-T z."""
+        return rows.transposed_times(torch.linalg.solve_triangular(self.factor.T, z, upper=True))
+
+
+def objective_values(weights, bias, margins, c: float) -> torch.Tensor:
+    """Per classifier: 0.5 ||[w, b]||^2 + C sum max(0, 1 - y z)^2, from margins = 1 - y z."""
+    hinge = margins.clamp(min=0)
+    return 0.5 * (weights.square().sum(0) + bias.square()) + c * hinge.square().sum(0)
+
+
+def _conjugate_gradient(rows: _Rows | _Factor, active: torch.Tensor, grad_w, grad_b, c: float):
+    """Newton directions (d, k) and (k,) solving (I + 2C X_A^T X_A) d = -g per column until the
+    residual is CG_TOL of the gradient; conjugate gradients preconditioned by the diagonal (as
+    liblinear's since 2.20)."""
+    diag_w, diag_b = 1 + 2 * c * rows.squares_times(active), 1 + 2 * c * active.sum(0)
+    dir_w, dir_b = torch.zeros_like(grad_w), torch.zeros_like(grad_b)
+    res_w, res_b = -grad_w, -grad_b
+    p_w, p_b = res_w / diag_w, res_b / diag_b
+    rz = (res_w * p_w).sum(0) + res_b * p_b
+    goal = (CG_TOL**2) * (res_w.square().sum(0) + res_b.square())
+    for _ in range(CG_MAX_ITER):
+        open_columns = res_w.square().sum(0) + res_b.square() > goal
+        if not open_columns.any():
+            break
+        xp = rows.times(p_w, p_b) * active
+        hp_w, hp_b = rows.transposed_times(xp)
+        hp_w, hp_b = p_w + 2 * c * hp_w, p_b + 2 * c * hp_b
+        curvature = (p_w * hp_w).sum(0) + p_b * hp_b
+        alpha = torch.where(open_columns, rz / curvature, torch.zeros_like(rz))
+        dir_w += alpha * p_w
+        dir_b += alpha * p_b
+        res_w -= alpha * hp_w
+        res_b -= alpha * hp_b
+        z_w, z_b = res_w / diag_w, res_b / diag_b
+        rz_new = (res_w * z_w).sum(0) + res_b * z_b
+        beta = torch.where(open_columns, rz_new / rz, torch.zeros_like(rz))
+        p_w, p_b, rz = z_w + beta * p_w, z_b + beta * p_b, rz_new
+    return dir_w, dir_b
+
+
+def _line_search(weights, bias, dir_w, dir_b, scores, step_scores, y, c: float) -> torch.Tensor:
+    """The exact minimiser t >= 0 per column of f(w + t d), a convex C^1 piecewise quadratic in t:
+    safeguarded Newton on f'(t), on the stored scores z and X d (no pass over X)."""
+    wd = (weights * dir_w).sum(0) + bias * dir_b
+    dd = dir_w.square().sum(0) + dir_b.square()
+    lo, hi = torch.zeros_like(dd), torch.full_like(dd, float("inf"))
+    t = torch.ones_like(dd)
+    for _ in range(60):
+        margins = 1 - y * (scores + t * step_scores)
+        inside = margins > 0
+        slope = wd + t * dd - 2 * c * (inside * y * step_scores * margins).sum(0)
+        curve = dd + 2 * c * (inside * step_scores.square()).sum(0)
+        lo, hi = torch.where(slope < 0, t, lo), torch.where(slope >= 0, t, hi)
+        if (slope.abs() <= 1e-12 * (dd + curve) + 1e-300).all():
+            break
+        newton = t - slope / curve
+        bisect = torch.where(torch.isinf(hi), 2 * t, (lo + hi) / 2)
+        t = torch.where((newton > lo) & (newton < hi), newton, bisect)
+    return t
+
+
+def _newton(rows: _Rows | _Factor, dims: int, y: torch.Tensor, c: float, tol: float, max_iter: int):
+    """(weights, bias, scores, converged, iterations) of Newton-CG from w = 0 (module docstring)."""
+    weights = torch.zeros((dims, y.shape[1]), dtype=torch.float64, device=y.device)
+    bias = torch.zeros(y.shape[1], dtype=torch.float64, device=y.device)
+    scores = torch.zeros_like(y)
+    first_norm = None
+    for iteration in range(1, max_iter + 1):
+        margins = 1 - y * scores
+        active = (margins > 0).double()
+        grad_w, grad_b = rows.transposed_times(active * y * margins)
+        grad_w, grad_b = weights - 2 * c * grad_w, bias - 2 * c * grad_b
+        norm = (grad_w.square().sum(0) + grad_b.square()).sqrt()
+        first_norm = norm if first_norm is None else first_norm
+        if (norm <= tol * first_norm).all():
+            return weights, bias, scores, True, iteration
+        dir_w, dir_b = _conjugate_gradient(rows, active, grad_w, grad_b, c)
+        step_scores = rows.times(dir_w, dir_b)
+        step = _line_search(weights, bias, dir_w, dir_b, scores, step_scores, y, c)
+        weights, bias, scores = weights + step * dir_w, bias + step * dir_b, scores + step * step_scores
+    return weights, bias, scores, False, max_iter
+
+
+def fit_torch(features: np.ndarray, labels: np.ndarray, c: float, device: str = "cpu", tol: float = TOL,
+              max_iter: int = MAX_ITER) -> LinearSvm:
+    """Newton-CG in the primal (module docstring), on the n x n factor of the Gram matrix where
+    there are fewer samples than features (and at most GRAM_SAMPLES); warns SvmNotConverged at max_iter."""
+    rows = _Rows(features, device)
+    classes, signs = targets(labels)
+    y = torch.from_numpy(signs).to(device)
+    if len(features) < features.shape[1] and len(features) <= GRAM_SAMPLES:
+        factor = _Factor(rows)
+        z, _, scores, converged, iterations = _newton(factor, len(features), y, c, tol, max_iter)
+        weights, bias = factor.weights(rows, z)
+    else:
+        weights, bias, scores, converged, iterations = _newton(rows, features.shape[1], y, c, tol, max_iter)
+    if not converged:
+        warnings.warn(f"torch L2-SVM (C={c:g}) stopped after {max_iter} Newton iterations with the gradient norm above "
+                      f"{tol:g} of its start", SvmNotConverged, stacklevel=2)
+    return LinearSvm(weights.T.float().cpu().numpy(), bias.float().cpu().numpy(), classes, converged, iterations,
+                     objective_values(weights, bias, 1 - y * scores, c).cpu().numpy())
+
+
+def fit_liblinear(features: np.ndarray, labels: np.ndarray, c: float, tol: float = 1e-4, max_iter: int = 1000) -> LinearSvm:
+    """scikit-learn's LinearSVC (a float64 copy of the features); warns SvmNotConverged as liblinear does."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.svm import LinearSVC
+
+    svm = LinearSVC(C=c, loss="squared_hinge", tol=tol, max_iter=max_iter, random_state=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        svm.fit(features, labels)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    if not converged:
+        warnings.warn(f"liblinear L2-SVM (C={c:g}) stopped at max_iter={max_iter}", SvmNotConverged, stacklevel=2)
+    return LinearSvm(svm.coef_.astype(np.float32), svm.intercept_.astype(np.float32), svm.classes_, converged,
+                     int(np.max(svm.n_iter_)))
+
+
+def objective(features: np.ndarray, labels: np.ndarray, svm: LinearSvm, c: float) -> np.ndarray:
+    """The objective per classifier of any fit's (coef_, intercept_), in float64 a chunk at a time."""
+    rows = _Rows(features, "cpu")
+    _, signs = targets(labels)
+    weights = torch.from_numpy(svm.coef_.T.astype(np.float64))
+    bias = torch.from_numpy(np.asarray(svm.intercept_, dtype=np.float64))
+    margins = 1 - torch.from_numpy(signs) * rows.times(weights, bias)
+    return objective_values(weights, bias, margins, c).numpy()
