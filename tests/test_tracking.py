@@ -28,6 +28,7 @@ from dcgan_dist.models import Architecture
 from dcgan_dist.register import last_checkpoint_state
 from dcgan_dist.tracking import registry
 from dcgan_dist.tracking.run_logger import RunLogger
+from dcgan_dist.tracking.spill import SPILL_FOLDER
 from dcgan_dist.tracking.store import QUIET_RUN_LINKS, TrackingError, ensure_experiment
 from dcgan_dist.train import main
 from tests.conftest import train_args
@@ -157,9 +158,11 @@ def test_a_server_that_goes_away_costs_counted_metrics_not_the_run(mlflow_server
 
 @pytest.mark.slow
 def test_a_server_away_when_training_ends_costs_no_models(ray_local, mlflow_server, tmp_path, monkeypatch, capfd):
-    """The server goes away at step 4 of 30 and stays away: training still succeeds, with the
-    final models in its checkpoint; once the server is back, `python -m dcgan_dist.register`
-    logs and registers them into the same run, and running it again finds nothing to do."""
+    """The server goes away at step 4 of 30 and stays away: training still succeeds (its
+    evaluation's LoggedModel not logged, a warning), with the final models in its checkpoint and
+    what the sender still held spilled next to it; once the server is back, `python -m
+    dcgan_dist.register` delivers the spill (every step's losses once, nothing dropped) and logs
+    and registers the models into the same run, and running it again finds nothing to do."""
     from dcgan_dist import register
 
     monkeypatch.chdir(tmp_path)
@@ -189,12 +192,30 @@ def test_a_server_away_when_training_ends_costs_no_models(ray_local, mlflow_serv
         assert run_ids and server.process.poll() is not None, "the server should have been down at the end"
     finally:
         server.start()
-    assert "python -m dcgan_dist.register --storage-path" in capfd.readouterr().err  # the warning says what to run
+    console = capfd.readouterr().err
+    assert "python -m dcgan_dist.register --storage-path" in console  # the warning says what to run
+    assert "the models of step 30 were not logged" in console and "delivers them" in console, console[-3000:]
     [run_id] = run_ids
     assert client.get_run(run_id).data.tags.get("registered.step") is None  # nothing registered yet
+    spilled = tmp_path / "ray_results" / "away" / SPILL_FOLDER / run_id
+    assert any(path.suffix == ".jsonl" for path in spilled.iterdir())
 
     storage = ["--storage-path", str(tmp_path / "ray_results"), "--run-name", "away"]
     assert register.main(storage) == 0
+    said = capfd.readouterr().out
+    assert "Delivered " in said and "Delivered 0 metrics" not in said, said
+    assert not list(spilled.iterdir())
+    for name in ("loss_d", "loss_g"):
+        assert steps_of(client, run_id, name) == list(range(1, 31)), name  # every step, once
+    assert all(m.value == 0 for m in client.get_metric_history(run_id, "tracking/dropped_metrics"))
+    grids = sorted(int(a.path.split("+step+")[1].split("+")[0]) for a in client.list_artifacts(run_id, "images")
+                   if a.path.startswith("images/samples+") and a.path.endswith(".png"))
+    assert grids == [0, 6, 12, 18, 24, 30], grids  # the untrained G's grid first
+    # the models logged late are still linked to their evaluation (MLflow links the run's metrics of their step)
+    mlflow.set_tracking_uri(server.uri)
+    [generator] = [m for m in mlflow.search_logged_models(experiment_ids=[run_id_experiment(client, run_id)], output_format="list")
+                   if m.source_run_id == run_id and m.name == "generator"]
+    assert {(m.key, m.step) for m in generator.metrics} >= {("eval/fid", 30)}
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["registered.step"] == "30"
     for name in ("dcgan-generator", "dcgan-discriminator"):
@@ -275,6 +296,10 @@ def test_credentials_in_the_tracking_uri_and_env_reach_no_file_and_no_console(ra
     assert run.data.params["tracking.tracking_uri"] == proxy.url
     state = last_checkpoint_state(storage, "test")
     assert state["step"] == 4 and state["config"]["tracking.tracking_uri"] == proxy.url
+
+
+def run_id_experiment(client: MlflowClient, run_id: str) -> str:
+    return client.get_run(run_id).info.experiment_id
 
 
 def versions_of_run(client: MlflowClient, run_id: str) -> dict[str, list[tuple[str, str]]]:

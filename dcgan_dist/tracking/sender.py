@@ -18,7 +18,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 
-from dcgan_dist.tracking.spill import Spill, describe
+from dcgan_dist.tracking.spill import Spill, describe, log_image_once
 from dcgan_dist.util import first_line, redact
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class BufferedSender:
                 if batch or tags:
                     self.client.log_batch(self.run_id, metrics=batch, tags=[RunTag(key, value) for key, value in tags.items()])
                 else:
-                    self.client.log_image(self.run_id, image[0], key=image[1], step=image[2], timestamp=image[3])
+                    log_image_once(self.client, self.run_id, *image)  # a retry may follow a send cut half-way
                 sent = True
                 self._report_drops()
             except Exception as e:  # the server is away or failing: keep the data, retry later

@@ -16,7 +16,7 @@ the pyarrow filesystem Ray Train already uses for them (a local or NFS folder, o
 once the server has confirmed it (`python -m dcgan_dist.register` and a re-run of the training
 command call it). Sending a file twice (a delivery cut between the send and the delete) adds
 nothing: the tracking store keeps one copy of a metric with the same key, step, timestamp and
-value (MLflow's SQL stores), a tag is set, and each image is its own file, deleted after its send.
+value (MLflow's SQL stores), a tag is set, and an image the run holds already is not sent again.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class Spill:
             else:
                 record = json.loads(content)
                 array = np.load(io.BytesIO(base64.b64decode(record["npy"])), allow_pickle=False)
-                client.log_image(run_id, array, key=record["image"], step=record["step"], timestamp=record["timestamp"])
+                log_image_once(client, run_id, array, record["image"], record["step"], record["timestamp"])
                 counts["images"] += 1
             self.filesystem.delete_file(path)
         return counts
@@ -127,6 +127,16 @@ class Spill:
         """The folder as a user would name it (s3://... for S3)."""
         folder = self.folder(run_id)
         return f"s3://{folder}" if isinstance(self.filesystem, fs.S3FileSystem) else folder
+
+
+def log_image_once(client: MlflowClient, run_id: str, image: np.ndarray, key: str, step: int, timestamp: int, check: bool = True) -> None:
+    """client.log_image, unless (with `check`) the run holds this image (key, step and timestamp)
+    already. MLflow logs an image as two uploads and a tag: one cut after the first upload and
+    sent again would otherwise leave two copies of the step (each file name has its own uuid)."""
+    prefix = f"images/{key.replace('/', '~')}+step+{step}+timestamp+{timestamp}+"
+    if check and any(a.path.startswith(prefix) and a.path.endswith(".png") for a in client.list_artifacts(run_id, "images")):
+        return
+    client.log_image(run_id, image, key=key, step=step, timestamp=timestamp)
 
 
 def metric_record(metric: Metric) -> dict:
