@@ -29,12 +29,12 @@ def away(monkeypatch) -> MlflowClient:
     return MlflowClient(f"http://127.0.0.1:{free_port()}")
 
 
-def unsent_run(away: MlflowClient, store_uri: str, spill: Spill | None) -> tuple[str, BufferedSender]:
+def unsent_run(away: MlflowClient, store_uri: str, spill: Spill | None, max_metrics: int = 100) -> tuple[str, BufferedSender]:
     """A run in the sqlite store whose sender talks to the server that is away, holding 3 steps of
     loss_d/loss_g, a tag and an image."""
     client = MlflowClient(store_uri)
     run_id = client.create_run(ensure_experiment(store_uri, "spill")).info.run_id
-    sender = BufferedSender(away, run_id, retry_max_s=1.0, spill=spill)
+    sender = BufferedSender(away, run_id, max_metrics=max_metrics, retry_max_s=1.0, spill=spill)
     sender.add_metrics([Metric(name, float(step), 1_000 + step, step) for step in (1, 2, 3) for name in ("loss_d", "loss_g")])
     sender.add_tags({"registered.step": "3"})
     sender.add_image(np.full((4, 4, 3), 7, np.uint8), "samples", 3)
@@ -43,15 +43,16 @@ def unsent_run(away: MlflowClient, store_uri: str, spill: Spill | None) -> tuple
 
 def test_what_the_server_missed_is_spilled_and_delivered_once(mlflow_sqlite, away, tmp_path, caplog):
     spill = pickle.loads(pickle.dumps(Spill(fs.LocalFileSystem(), str(tmp_path / "ray_results" / "run"))))
-    run_id, sender = unsent_run(away, mlflow_sqlite, spill)
+    run_id, sender = unsent_run(away, mlflow_sqlite, spill, max_metrics=4)  # step 1's two metrics overflow the buffer
     with caplog.at_level(logging.WARNING, "dcgan_dist.tracking.sender"):
         sender.close(timeout_s=30)
     assert sender.dropped() == (0, 0)
     folder = tmp_path / "ray_results" / "run" / SPILL_FOLDER / run_id
-    assert any(f"kept 6 metrics (loss_d, loss_g; steps 1-3), 1 tags (registered.step), 1 images (samples@3) in {folder}" in r.message
-               for r in caplog.records), [r.message for r in caplog.records]
-    files = sorted(path.name for path in folder.iterdir())
-    assert len(files) == 2 and files[0].endswith("-image-0.json") and files[1].endswith(".jsonl"), files
+    kept = [r.message for r in caplog.records if " kept " in r.message]
+    assert len(kept) == 2 and "(its buffer overflowed): kept 2 metrics (loss_d, loss_g; steps 1-1) in" in kept[0], kept
+    assert f"kept 4 metrics (loss_d, loss_g; steps 2-3), 1 tags (registered.step), 1 images (samples@3) in {folder}" in kept[1]
+    files = sorted(path.suffix for path in folder.iterdir())
+    assert files == [".json", ".jsonl", ".jsonl"], files
     copies = {path: path.read_bytes() for path in folder.iterdir()}
 
     client = MlflowClient(mlflow_sqlite)

@@ -53,7 +53,7 @@ def test_training_on_a_server_registers_models_that_load_and_probe(ray_local, ml
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     args = train_args(tmp_path, mlflow_server.uri, experiment="server", max_steps=PROBE_STEPS, log_every=10,
-                      sample_every=30, checkpoint_every=PROBE_STEPS)
+                      sample_every=30, checkpoint_every=PROBE_STEPS, eval_every=PROBE_STEPS // 3, logged_models="champion-and-last")
     assert main(args) == 0
 
     client = MlflowClient(mlflow_server.uri)
@@ -78,12 +78,20 @@ def test_training_on_a_server_registers_models_that_load_and_probe(ray_local, ml
     mlflow.set_tracking_uri(mlflow_server.uri)
     version = client.get_model_version_by_alias("dcgan-generator", "latest")
     assert version.run_id == run_id and version.tags["step"] == str(PROBE_STEPS)
-    experiment_id = client.get_experiment_by_name("server").experiment_id
-    logged = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list")
-    assert sorted(m.name for m in logged if m.source_run_id == run_id) == ["discriminator", "generator"]
-    generator = mlflow.pytorch.load_model("models:/dcgan-generator@latest")
-    with torch.no_grad():
-        assert generator(torch.randn(4, 100)).shape == (4, 3, 32, 32)
+    # --logged-models champion-and-last: of the evaluations at 20, 40 and 60, the best's and the last's models only
+    fid = client.get_metric_history(run_id, "eval/fid")
+    best_step = min(fid, key=lambda m: (m.value, m.step)).step
+    assert sorted(m.step for m in fid) == [20, 40, 60]
+    logged = logged_models(client, run_id)
+    assert sorted((m.name, int(m.tags["step"])) for m in logged) == sorted((n, s) for n in ("discriminator", "generator") for s in {best_step, 60})
+    [champion] = [m for m in logged if m.name == "generator" and m.tags["step"] == str(best_step)]
+    assert client.get_model_version_by_alias("dcgan-generator", "champion").source == f"models:/{champion.model_id}"
+    assert ("eval/fid", best_step) in {(m.key, m.step) for m in champion.metrics}
+    for name, batch, shape in (("dcgan-generator", torch.randn(7, 100), (7, 3, 32, 32)),
+                               ("dcgan-discriminator", torch.randn(1, 3, 32, 32), (1,))):
+        network = mlflow.pytorch.load_model(f"models:/{name}@latest").eval().to("cpu")  # a torch module, any batch
+        with torch.no_grad():
+            assert network(batch).shape == shape and network(batch[:1]).shape[0] == 1
 
     # the probe, as a user runs it, on the registered D; its results go to the training run
     output = tmp_path / "probe.json"
@@ -107,8 +115,8 @@ def test_training_on_a_server_registers_models_that_load_and_probe(ray_local, ml
     )
     errors = [line for line in unknown.stderr.splitlines() if "error:" in line]
     assert unknown.returncode == 2 and len(errors) == 1 and "models:/dcgan-discriminator@no-such-alias" in errors[0], unknown.stderr
-    # the run's evaluation named its best snapshot on the server too (here the last step, its only score)
-    assert client.get_model_version_by_alias("dcgan-generator", "champion").tags["champion.step"] == str(PROBE_STEPS)
+    # the run's evaluation named its best snapshot on the server too
+    assert client.get_model_version_by_alias("dcgan-generator", "champion").tags["champion.step"] == str(best_step)
 
 
 @pytest.mark.slow
@@ -354,18 +362,29 @@ def test_a_server_lost_before_the_tags_are_sent_registers_no_model_twice(mlflow_
 
 def registry_and_run(client: MlflowClient, run_id: str) -> tuple:
     """What re-running a finished run must leave as it was: every version of G and D with its
-    tags, where each alias points, and the run's tags and status."""
+    tags, where each alias points, the run's LoggedModels, and the run's tags and status."""
     versions = sorted((v.name, v.version, v.run_id, sorted(v.tags.items()))
                       for name in MODELS for v in client.search_model_versions(f"name = '{name}'"))
     run = client.get_run(run_id)
-    return versions, {name: client.get_registered_model(name).aliases for name in MODELS}, run.data.tags, run.info.status
+    return (versions, {name: client.get_registered_model(name).aliases for name in MODELS}, run.data.tags, run.info.status,
+            sorted(m.model_id for m in logged_models(client, run_id)))
+
+
+def logged_models(client: MlflowClient, run_id: str, network: str = "", order_by: str = "") -> list:
+    """The run's LoggedModels (of `network`), found with MLflow's own search (order_by: a metric, ascending)."""
+    mlflow.set_tracking_uri(client.tracking_uri)
+    where = f"source_run_id = '{run_id}'" + (f" AND name = '{network}'" if network else "")
+    return mlflow.search_logged_models(experiment_ids=[run_id_experiment(client, run_id)], filter_string=where, output_format="list",
+                                       order_by=[{"field_name": f"metrics.{order_by}", "ascending": True}] if order_by else None)
 
 
 @pytest.mark.slow
 def test_a_finished_run_re_run_at_or_below_its_step_says_so_and_changes_nothing(ray_local, mlflow_server, tmp_path,
                                                                                  monkeypatch, capfd):
-    """A finished run's command re-run with a lower --max-steps (a typo) or the same one: it
-    says it is finished, and registers nothing, moves no alias, sets no tag."""
+    """Every evaluation (steps 4 and 8) logs G and D as LoggedModels with its metrics linked;
+    the champion is registered from the best by eval/fid (MLflow's search agrees), @latest from
+    step 8's. Then the command re-run with a lower --max-steps (a typo) or the same one says it
+    is finished, and registers nothing, moves no alias, sets no tag, logs no model."""
     monkeypatch.chdir(tmp_path)
     client = MlflowClient(mlflow_server.uri)
     options = {"experiment": "finished", "run_name": "typo", "log_every": 4, "sample_every": 8, "checkpoint_every": 8,
@@ -375,6 +394,20 @@ def test_a_finished_run_re_run_at_or_below_its_step_says_so_and_changes_nothing(
     run_id = run.info.run_id
     assert run.data.tags["registered.step"] == "8"
     assert [step for _, step in versions_of_run(client, run_id)[registry.GENERATOR_MODEL]][-1] == "8"
+    logged = logged_models(client, run_id)
+    assert sorted((m.name, m.tags["step"]) for m in logged) == [(n, s) for n in ("discriminator", "generator") for s in ("4", "8")]
+    dataset = client.get_run(run_id).inputs.dataset_inputs[0].dataset
+    for model in logged:  # each evaluation's metrics, linked to its models and the training data set
+        linked = {(m.key, m.step, m.dataset_name, m.dataset_digest) for m in model.metrics}
+        assert {(key, int(model.tags["step"]), dataset.name, dataset.digest) for key in ("eval/fid", "eval/kid")} <= linked, linked
+    assert sorted(steps_of(client, run_id, "eval/fid")) == [4, 8]  # in the run's history once each
+    best = logged_models(client, run_id, "generator", order_by="eval/fid")[0]
+    for name, network in zip(MODELS, ("generator", "discriminator")):
+        champion = client.get_model_version_by_alias(name, "champion")
+        [source] = [m for m in logged if m.name == network and m.tags["step"] == best.tags["step"]]
+        assert champion.source == f"models:/{source.model_id}" and champion.tags["step"] == best.tags["step"]
+        [last] = [m for m in logged if m.name == network and m.tags["step"] == "8"]
+        assert client.get_model_version_by_alias(name, "latest").source == f"models:/{last.model_id}"
     before = registry_and_run(client, run_id)
 
     for max_steps, said in ((4, "Run typo finished at step 8 (--max-steps 4 is below it): nothing to train"),
