@@ -117,8 +117,8 @@ class TrackingConfig:
     run_name: str = option("dcgan", "Ray Train run name; re-running with the same name and storage path resumes")
     storage_path: str = option("./ray_results", "where Ray Train keeps checkpoints (local/NFS path or s3://)")
     register_models: bool = option(True, "register G and D in the MLflow model registry at the end")
-    logged_models: str = option("every-eval", "which checkpoints become MLflow LoggedModels (G and D, the evaluation's "
-                                "metrics linked): every evaluated one, or only the champion and the last (about 45 MB each)", choices.LOGGED_MODELS)
+    logged_models: str = option("every-eval", "which checkpoints become MLflow LoggedModels (G and D, the evaluation's metrics "
+                                "linked): every evaluated one, or only the champion and the last (each: ~14 MB at 32 px, seconds)", choices.LOGGED_MODELS)
     parent_run_id: str = option("", "make the MLflow run a child of this run (set by sweeps)")
 
 
