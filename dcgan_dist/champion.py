@@ -53,11 +53,16 @@ class Champion:
         return self.evaluator is not None and (step % self.cfg.eval.eval_every == 0 or step == self.cfg.loop.max_steps)
 
     def evaluate(self, step: int, generator: torch.nn.Module, discriminator: torch.nn.Module) -> None:
-        """Rank 0: score G, log the scores (with the backbone and counts they hold under), keep the
-        best snapshot, and watch the score for a rebound. The other ranks wait at the next collective."""
+        """Rank 0: score G, log G and D as MLflow LoggedModels (every evaluation, or with
+        --logged-models champion-and-last only the last: the champion is logged at the end), log
+        the scores linked to them (with the backbone and counts they hold under), keep the best
+        snapshot, and watch the score for a rebound. The other ranks wait at the next collective."""
         metrics = self.evaluator.evaluate(unwrap(generator))
         score = metrics[evaluate.SCORE]
-        self.logger.log_metrics([(step, metrics)])
+        model_ids = {}
+        if self.cfg.tracking.logged_models == "every-eval" or step == self.cfg.loop.max_steps:  # else the champion at the end
+            model_ids = self.logger.log_checkpoint(self.architecture, unwrap(generator), unwrap(discriminator), step)
+        self.logger.log_metrics([(step, metrics)], model_ids=tuple(model_ids.values()))
         self.logger.set_tags(self.evaluator.tags)
         events = self.detector.observe_score(score, self.best.score if self.best is not None else None)
         if evaluate.better(score, self.best):
@@ -129,7 +134,10 @@ def log_final_models(logger: RunLogger, architecture: Architecture, generator: t
     """G and D of the last step logged into the run and (with `register`) registered as new
     versions; the best snapshot by evaluation score is registered before them (when it is not
     the last step) with the alias `champion`; the last step's go last, so MLflow's `@latest` is
-    the last. Ends with the tag `registered.step`, which tells a later resume (or `python -m
+    the last. Each is registered from the LoggedModel its evaluation logged (the best by score,
+    champion.evaluate), or, where there is none (--logged-models champion-and-last, or the server
+    away then), from one logged now at its step, to which MLflow links the run's metrics of that
+    step. Ends with the tag `registered.step`, which tells a later resume (or `python -m
     dcgan_dist.register`) that nothing is left to do (`holds_final_models`). Without it, doing
     this again registers no model twice: the registry answers which versions of this run and
     step exist (registry.log_models). Returns {registered model name: version}."""

@@ -36,4 +36,6 @@ FEATURE_DTYPES = ("float32", "float16")  # probe.protocol.FEATURE_DTYPES: how th
 C_GRID = (1e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 1e-1)
 # evaluate/backbones.py
 BACKBONES = ("digits", "inception", "fid-inception")
+# tracking: which evaluated checkpoints become MLflow LoggedModels (champion.py)
+LOGGED_MODELS = ("every-eval", "champion-and-last")
 NEEDS_WEIGHTS = ("inception", "fid-inception")  # the backbones that take --inception-weights

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from dcgan_dist import worker_flags
+from dcgan_dist import choices, worker_flags
 
 # The choices' names only (torch-free): --help and a bad flag answer before torch loads.
 from dcgan_dist.choices import BACKBONES, BN_PLACEMENTS, CHECKPOINT_UPLOADS, COMPILE_MODES, DECODERS, IMAGE_SIZES, NEEDS_WEIGHTS, PRECISIONS, PRESETS, SAMPLINGS
@@ -118,6 +118,8 @@ class TrackingConfig:
     run_name: str = option("dcgan", "Ray Train run name; re-running with the same name and storage path resumes")
     storage_path: str = option("./ray_results", "where Ray Train keeps checkpoints (local/NFS path or s3://)")
     register_models: bool = option(True, "register G and D in the MLflow model registry at the end")
+    logged_models: str = option("every-eval", "which checkpoints become MLflow LoggedModels (G and D, the evaluation's metrics "
+                                "linked): every evaluated one, or only the champion and the last (each: ~14 MB at 32 px, seconds)", choices.LOGGED_MODELS)
     parent_run_id: str = option("", "make the MLflow run a child of this run (set by sweeps)")
 
 

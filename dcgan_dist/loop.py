@@ -17,11 +17,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import mlflow
 import numpy as np
 import ray.train
 import ray.train.torch
-import requests
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -40,7 +38,7 @@ from dcgan_dist.restore import restore_checkpoint
 from dcgan_dist.step import compile_models, compile_stats, gan_step, load_optimizer_state, make_optimizers
 from dcgan_dist.tracking import store, training_run
 from dcgan_dist.tracking.run_logger import RunLogger
-from dcgan_dist.tracking.store import TrackingError
+from dcgan_dist.tracking.store import TRACKING_FAILURES
 from dcgan_dist.util import first_line, grid_uint8, redact, redact_exception
 
 # Ray Train V2 sends print() both to the log and to stdout; a named logger prints once.
@@ -50,8 +48,6 @@ STAT_NAMES = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_
 LOGGED_COUNTS = ("corrupt_samples", "bad_shards", "s3_retries", "repeated_samples")  # of the reader's COUNT_NAMES
 SAMPLE_GRID_SIZE = 64  # an 8x8 grid
 PROGRESS_EVERY_S = 10.0
-# What a tracking server that is away raises through MLflow's client (after its own HTTP retries).
-TRACKING_FAILURES = (TrackingError, mlflow.exceptions.MlflowException, requests.exceptions.RequestException, OSError)
 
 
 @dataclass
@@ -276,6 +272,8 @@ def run(w: Worker) -> None:
     clock = StepClock()
     latest: dict[str, float] = {}  # the last closed window's means, carried by every report
     memory_format = torch.channels_last if cfg.perf.channels_last else torch.contiguous_format
+    if w.logger is not None and w.start_step == 0:  # the image slider opens on the untrained G, not on an empty step
+        w.logger.log_image(sample_grid(w.generator, w.z_fixed), key="samples", step=0)
     for step in range(w.start_step + 1, cfg.loop.max_steps + 1):
         if cfg.perf.compile != "off":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's CUDA-graph outputs may be overwritten
@@ -325,7 +323,7 @@ def close_window(w: Worker, step: int, window: list[torch.Tensor], clock: StepCl
         w.logger.log_metrics(
             [(first + i, dict(zip(STAT_NAMES, row))) for i, row in enumerate(rows)]
             + [(step, {"img_per_s": img_per_s, "epoch": w.batches.position.epochs_done, "world_size": w.world_size}
-                | {f"data/{name}": data_counts[name] for name in LOGGED_COUNTS})]
+                | {f"data/{name}": data_counts[name] for name in LOGGED_COUNTS if data_counts[name]})]  # charts once non-zero
         )
         now = clock.clock()
         if now - w.last_progress >= PROGRESS_EVERY_S or step == cfg.loop.max_steps:

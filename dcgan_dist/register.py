@@ -2,9 +2,11 @@
 of a finished training from its last checkpoint.
 
 For a run whose tracking server was away when it ended: training succeeded and the models are
-in the checkpoint, but not in MLflow. This puts them where the end of training would have (the
-same run, `dcgan-generator`/`dcgan-discriminator` versions, the `champion` alias on the best
-snapshot) and ends the run FINISHED. Re-running the training command does the same.
+in the checkpoint, but not in MLflow. This first delivers what the run spilled into its storage
+(the metrics, tags and images the server missed, with their steps and timestamps; once), then
+puts the models where the end of training would have (the same run, `dcgan-generator`/
+`dcgan-discriminator` versions, the `champion` alias on the best snapshot) and ends the run
+FINISHED. Re-running the training command does the same.
 """
 
 from __future__ import annotations
@@ -62,24 +64,33 @@ def last_checkpoint_state(storage_path: str, run_name: str) -> dict:
 
 
 def register(storage_path: str, run_name: str, tracking_uri: str = "") -> int:
+    from mlflow import MlflowClient
+
     from dcgan_dist import checkpoint, evaluate
     from dcgan_dist.champion import holds_final_models, log_final_models
     from dcgan_dist.tracking import store
     from dcgan_dist.tracking.run_logger import RunLogger
+    from dcgan_dist.tracking.spill import Spill
     from dcgan_dist.tracking.store import TrackingError
+    from dcgan_dist.tracking.training_run import deliver_spilled
+    from dcgan_dist.train import storage
 
     state = last_checkpoint_state(storage_path, run_name)
     config = state.get("config", {})
     step, max_steps = int(state["step"]), int(config.get("loop.max_steps", state["step"]))
-    if step < max_steps:
-        raise TrackingError(f"run {run_name} stopped at step {step} of --max-steps {max_steps}: it has not finished; "
-                            "re-run the training command to continue it (it registers the models at the end)")
     uri = store.resolve_tracking_uri(tracking_uri or config.get("tracking.tracking_uri", ""))
     store.check_reachable(uri)
     run_id = state.get("mlflow_run_id")
     if not run_id:
         raise TrackingError(f"the checkpoint of run {run_name} names no MLflow run")
-    logger = RunLogger(uri, config.get("tracking.experiment", "Default"), "", run_id, system_metrics=False)
+    spill = Spill.for_storage(storage(storage_path), run_name)
+    counts = deliver_spilled(spill, MlflowClient(uri), run_id)
+    print(f"Delivered {counts['metrics']} metrics, {counts['tags']} tags and {counts['images']} images that MLflow run {run_id} "
+          f"missed (from {redact(spill.where(run_id))})")
+    if step < max_steps:
+        raise TrackingError(f"run {run_name} stopped at step {step} of --max-steps {max_steps}: it has not finished; "
+                            "re-run the training command to continue it (it registers the models at the end)")
+    logger = RunLogger(uri, config.get("tracking.experiment", "Default"), "", run_id, system_metrics=False, spill=spill)
     if holds_final_models(logger, step):
         logger.finish()
         print(f"MLflow run {run_id} already holds the models of step {step}: nothing to do")

@@ -403,7 +403,7 @@ def test_two_workers_train_from_s3_on_uneven_shards_and_log_counts(ray_local, ml
     corrupt = client.get_metric_history(run.info.run_id, "data/corrupt_samples")
     assert sorted(m.step for m in corrupt) == [3, 6]
     assert max(m.value for m in corrupt) >= 2  # both ranks read at least one shard
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "data/bad_shards")] == [0.0, 0.0]
+    assert client.get_metric_history(run.info.run_id, "data/bad_shards") == []  # none: a zero counter is not logged
     # the credentials reached the workers but no param, tag, checkpoint, artifact or log file
     assert not any(secret in str(value) for value in {**run.data.params, **run.data.tags}.values())
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]

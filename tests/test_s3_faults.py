@@ -362,7 +362,7 @@ def test_training_with_data_and_checkpoints_on_a_faulty_s3_completes(restarted_r
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss_d")) == list(range(1, 7))
     retries = client.get_metric_history(run.info.run_id, "data/s3_retries")
     assert max(m.value for m in retries) >= 2 + 2  # every shard fault, retried and counted
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "data/bad_shards")] == [0.0, 0.0]
+    assert client.get_metric_history(run.info.run_id, "data/bad_shards") == []  # none: a zero counter is not logged
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "checkpoint/stall_s")) == [3, 6]
     assert run.data.params["loop.checkpoint_upload"] == "auto"
 

@@ -28,6 +28,7 @@ from dcgan_dist.models import Architecture
 from dcgan_dist.register import last_checkpoint_state
 from dcgan_dist.tracking import registry
 from dcgan_dist.tracking.run_logger import RunLogger
+from dcgan_dist.tracking.spill import SPILL_FOLDER
 from dcgan_dist.tracking.store import QUIET_RUN_LINKS, TrackingError, ensure_experiment
 from dcgan_dist.train import main
 from tests.conftest import train_args
@@ -52,7 +53,7 @@ def test_training_on_a_server_registers_models_that_load_and_probe(ray_local, ml
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     args = train_args(tmp_path, mlflow_server.uri, experiment="server", max_steps=PROBE_STEPS, log_every=10,
-                      sample_every=30, checkpoint_every=PROBE_STEPS)
+                      sample_every=30, checkpoint_every=PROBE_STEPS, eval_every=PROBE_STEPS // 3, logged_models="champion-and-last")
     assert main(args) == 0
 
     client = MlflowClient(mlflow_server.uri)
@@ -77,12 +78,20 @@ def test_training_on_a_server_registers_models_that_load_and_probe(ray_local, ml
     mlflow.set_tracking_uri(mlflow_server.uri)
     version = client.get_model_version_by_alias("dcgan-generator", "latest")
     assert version.run_id == run_id and version.tags["step"] == str(PROBE_STEPS)
-    experiment_id = client.get_experiment_by_name("server").experiment_id
-    logged = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list")
-    assert sorted(m.name for m in logged if m.source_run_id == run_id) == ["discriminator", "generator"]
-    generator = mlflow.pytorch.load_model("models:/dcgan-generator@latest")
-    with torch.no_grad():
-        assert generator(torch.randn(4, 100)).shape == (4, 3, 32, 32)
+    # --logged-models champion-and-last: of the evaluations at 20, 40 and 60, the best's and the last's models only
+    fid = client.get_metric_history(run_id, "eval/fid")
+    best_step = min(fid, key=lambda m: (m.value, m.step)).step
+    assert sorted(m.step for m in fid) == [20, 40, 60]
+    logged = logged_models(client, run_id)
+    assert sorted((m.name, int(m.tags["step"])) for m in logged) == sorted((n, s) for n in ("discriminator", "generator") for s in {best_step, 60})
+    [champion] = [m for m in logged if m.name == "generator" and m.tags["step"] == str(best_step)]
+    assert client.get_model_version_by_alias("dcgan-generator", "champion").source == f"models:/{champion.model_id}"
+    assert ("eval/fid", best_step) in {(m.key, m.step) for m in champion.metrics}
+    for name, batch, shape in (("dcgan-generator", torch.randn(7, 100), (7, 3, 32, 32)),
+                               ("dcgan-discriminator", torch.randn(1, 3, 32, 32), (1,))):
+        network = mlflow.pytorch.load_model(f"models:/{name}@latest").eval().to("cpu")  # a torch module, any batch
+        with torch.no_grad():
+            assert network(batch).shape == shape and network(batch[:1]).shape[0] == 1
 
     # the probe, as a user runs it, on the registered D; its results go to the training run
     output = tmp_path / "probe.json"
@@ -113,8 +122,8 @@ def test_training_on_a_server_registers_models_that_load_and_probe(ray_local, ml
     )
     errors = [line for line in unknown.stderr.splitlines() if "error:" in line]
     assert unknown.returncode == 2 and len(errors) == 1 and "models:/dcgan-discriminator@no-such-alias" in errors[0], unknown.stderr
-    # the run's evaluation named its best snapshot on the server too (here the last step, its only score)
-    assert client.get_model_version_by_alias("dcgan-generator", "champion").tags["champion.step"] == str(PROBE_STEPS)
+    # the run's evaluation named its best snapshot on the server too
+    assert client.get_model_version_by_alias("dcgan-generator", "champion").tags["champion.step"] == str(best_step)
 
 
 @pytest.mark.slow
@@ -164,9 +173,11 @@ def test_a_server_that_goes_away_costs_counted_metrics_not_the_run(mlflow_server
 
 @pytest.mark.slow
 def test_a_server_away_when_training_ends_costs_no_models(ray_local, mlflow_server, tmp_path, monkeypatch, capfd):
-    """The server goes away at step 4 of 30 and stays away: training still succeeds, with the
-    final models in its checkpoint; once the server is back, `python -m dcgan_dist.register`
-    logs and registers them into the same run, and running it again finds nothing to do."""
+    """The server goes away at step 4 of 30 and stays away: training still succeeds (its
+    evaluation's LoggedModel not logged, a warning), with the final models in its checkpoint and
+    what the sender still held spilled next to it; once the server is back, `python -m
+    dcgan_dist.register` delivers the spill (every step's losses once, nothing dropped) and logs
+    and registers the models into the same run, and running it again finds nothing to do."""
     from dcgan_dist import register
 
     monkeypatch.chdir(tmp_path)
@@ -196,12 +207,30 @@ def test_a_server_away_when_training_ends_costs_no_models(ray_local, mlflow_serv
         assert run_ids and server.process.poll() is not None, "the server should have been down at the end"
     finally:
         server.start()
-    assert "python -m dcgan_dist.register --storage-path" in capfd.readouterr().err  # the warning says what to run
+    console = capfd.readouterr().err
+    assert "python -m dcgan_dist.register --storage-path" in console  # the warning says what to run
+    assert "the models of step 30 were not logged" in console and "delivers them" in console, console[-3000:]
     [run_id] = run_ids
     assert client.get_run(run_id).data.tags.get("registered.step") is None  # nothing registered yet
+    spilled = tmp_path / "ray_results" / "away" / SPILL_FOLDER / run_id
+    assert any(path.suffix == ".jsonl" for path in spilled.iterdir())
 
     storage = ["--storage-path", str(tmp_path / "ray_results"), "--run-name", "away"]
     assert register.main(storage) == 0
+    said = capfd.readouterr().out
+    assert "Delivered " in said and "Delivered 0 metrics" not in said, said
+    assert not list(spilled.iterdir())
+    for name in ("loss_d", "loss_g"):
+        assert steps_of(client, run_id, name) == list(range(1, 31)), name  # every step, once
+    assert all(m.value == 0 for m in client.get_metric_history(run_id, "tracking/dropped_metrics"))
+    grids = sorted(int(a.path.split("+step+")[1].split("+")[0]) for a in client.list_artifacts(run_id, "images")
+                   if a.path.startswith("images/samples+") and a.path.endswith(".png"))
+    assert grids == [0, 6, 12, 18, 24, 30], grids  # the untrained G's grid first
+    # the models logged late are still linked to their evaluation (MLflow links the run's metrics of their step)
+    mlflow.set_tracking_uri(server.uri)
+    [generator] = [m for m in mlflow.search_logged_models(experiment_ids=[run_id_experiment(client, run_id)], output_format="list")
+                   if m.source_run_id == run_id and m.name == "generator"]
+    assert {(m.key, m.step) for m in generator.metrics} >= {("eval/fid", 30)}
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["registered.step"] == "30"
     for name in ("dcgan-generator", "dcgan-discriminator"):
@@ -284,6 +313,10 @@ def test_credentials_in_the_tracking_uri_and_env_reach_no_file_and_no_console(ra
     assert state["step"] == 4 and state["config"]["tracking.tracking_uri"] == proxy.url
 
 
+def run_id_experiment(client: MlflowClient, run_id: str) -> str:
+    return client.get_run(run_id).info.experiment_id
+
+
 def versions_of_run(client: MlflowClient, run_id: str) -> dict[str, list[tuple[str, str]]]:
     """{model: [(version, step)]} of the versions `run_id` registered."""
     return {name: sorted((v.version, v.tags.get("step")) for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
@@ -336,18 +369,29 @@ def test_a_server_lost_before_the_tags_are_sent_registers_no_model_twice(mlflow_
 
 def registry_and_run(client: MlflowClient, run_id: str) -> tuple:
     """What re-running a finished run must leave as it was: every version of G and D with its
-    tags, where each alias points, and the run's tags and status."""
+    tags, where each alias points, the run's LoggedModels, and the run's tags and status."""
     versions = sorted((v.name, v.version, v.run_id, sorted(v.tags.items()))
                       for name in MODELS for v in client.search_model_versions(f"name = '{name}'"))
     run = client.get_run(run_id)
-    return versions, {name: client.get_registered_model(name).aliases for name in MODELS}, run.data.tags, run.info.status
+    return (versions, {name: client.get_registered_model(name).aliases for name in MODELS}, run.data.tags, run.info.status,
+            sorted(m.model_id for m in logged_models(client, run_id)))
+
+
+def logged_models(client: MlflowClient, run_id: str, network: str = "", order_by: str = "") -> list:
+    """The run's LoggedModels (of `network`), found with MLflow's own search (order_by: a metric, ascending)."""
+    mlflow.set_tracking_uri(client.tracking_uri)
+    where = f"source_run_id = '{run_id}'" + (f" AND name = '{network}'" if network else "")
+    return mlflow.search_logged_models(experiment_ids=[run_id_experiment(client, run_id)], filter_string=where, output_format="list",
+                                       order_by=[{"field_name": f"metrics.{order_by}", "ascending": True}] if order_by else None)
 
 
 @pytest.mark.slow
 def test_a_finished_run_re_run_at_or_below_its_step_says_so_and_changes_nothing(ray_local, mlflow_server, tmp_path,
                                                                                  monkeypatch, capfd):
-    """A finished run's command re-run with a lower --max-steps (a typo) or the same one: it
-    says it is finished, and registers nothing, moves no alias, sets no tag."""
+    """Every evaluation (steps 4 and 8) logs G and D as LoggedModels with its metrics linked;
+    the champion is registered from the best by eval/fid (MLflow's search agrees), @latest from
+    step 8's. Then the command re-run with a lower --max-steps (a typo) or the same one says it
+    is finished, and registers nothing, moves no alias, sets no tag, logs no model."""
     monkeypatch.chdir(tmp_path)
     client = MlflowClient(mlflow_server.uri)
     options = {"experiment": "finished", "run_name": "typo", "log_every": 4, "sample_every": 8, "checkpoint_every": 8,
@@ -357,6 +401,20 @@ def test_a_finished_run_re_run_at_or_below_its_step_says_so_and_changes_nothing(
     run_id = run.info.run_id
     assert run.data.tags["registered.step"] == "8"
     assert [step for _, step in versions_of_run(client, run_id)[registry.GENERATOR_MODEL]][-1] == "8"
+    logged = logged_models(client, run_id)
+    assert sorted((m.name, m.tags["step"]) for m in logged) == [(n, s) for n in ("discriminator", "generator") for s in ("4", "8")]
+    dataset = client.get_run(run_id).inputs.dataset_inputs[0].dataset
+    for model in logged:  # each evaluation's metrics, linked to its models and the training data set
+        linked = {(m.key, m.step, m.dataset_name, m.dataset_digest) for m in model.metrics}
+        assert {(key, int(model.tags["step"]), dataset.name, dataset.digest) for key in ("eval/fid", "eval/kid")} <= linked, linked
+    assert sorted(steps_of(client, run_id, "eval/fid")) == [4, 8]  # in the run's history once each
+    best = logged_models(client, run_id, "generator", order_by="eval/fid")[0]
+    for name, network in zip(MODELS, ("generator", "discriminator")):
+        champion = client.get_model_version_by_alias(name, "champion")
+        [source] = [m for m in logged if m.name == network and m.tags["step"] == best.tags["step"]]
+        assert champion.source == f"models:/{source.model_id}" and champion.tags["step"] == best.tags["step"]
+        [last] = [m for m in logged if m.name == network and m.tags["step"] == "8"]
+        assert client.get_model_version_by_alias(name, "latest").source == f"models:/{last.model_id}"
     before = registry_and_run(client, run_id)
 
     for max_steps, said in ((4, "Run typo finished at step 8 (--max-steps 4 is below it): nothing to train"),

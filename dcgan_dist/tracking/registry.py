@@ -18,6 +18,7 @@ import mlflow
 import numpy as np
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 from mlflow.models import infer_signature
 
 from dcgan_dist import checkpoint
@@ -37,21 +38,49 @@ MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<versi
 
 def log_models(architecture: Architecture, generator_state: dict[str, torch.Tensor], discriminator_state: dict[str, torch.Tensor],
                step: int, register: bool = True) -> dict[str, str]:
-    """Log G and D (given as state dicts) as MLflow models of the active run, linked to `step`,
-    and (with `register`) register a new version of each as `dcgan-generator` /
-    `dcgan-discriminator` (MLflow's built-in `@latest` alias then points at it). Returns
-    {registered model name: version}; each version is tagged with its step. Used for the final
-    models, and for a run's best (then `set_alias(name, version, "champion")`).
+    """G and D (given as state dicts) as LoggedModels of the active run at `step`
+    (`log_checkpoint`) and (with `register`) a new version of each registered FROM its
+    LoggedModel as `dcgan-generator` / `dcgan-discriminator` (MLflow's built-in `@latest` alias
+    then points at it; the version's source is `models:/<model id>`). Returns {registered model
+    name: version} ({} without `register`); each version is tagged with its step. Used for the
+    final models, and for a run's best (then `set_alias(name, version, "champion")`).
 
     Registering is done once per run, step and model: a version this run registered for `step`
-    before (`registered_version`) is returned as it is, its model not logged again. So a re-run
-    whose run lost the tags that said so (the server away before the buffered tags were sent)
-    registers only what is missing, G and D each on its own.
+    before (`registered_version`) is returned as it is, its model not logged again; a LoggedModel
+    this run logged for `step` before (at an evaluation) is registered, not logged again. So a
+    re-run whose run lost the tags that said so (the server away before the buffered tags were
+    sent) registers only what is missing, G and D each on its own."""
+    run_id, versions = mlflow.active_run().info.run_id, {}
+    for name in (GENERATOR_MODEL, DISCRIMINATOR_MODEL) if register else ():
+        if (version := registered_version(name, run_id, step)) is not None:
+            versions[name] = version
+    missing = tuple(name for name in (GENERATOR_MODEL, DISCRIMINATOR_MODEL) if name not in versions)
+    if not missing:
+        return versions
+    model_ids = log_checkpoint(architecture, generator_state, discriminator_state, step, only=missing)
+    if register:
+        for name in missing:
+            # The step tag goes with the version's creation (one request), so it cannot be lost apart from it.
+            version = mlflow.register_model(f"models:/{model_ids[name]}", name, tags={STEP_TAG: str(step)})
+            versions[name] = str(version.version)
+    return versions
+
+
+def log_checkpoint(architecture: Architecture, generator_state: dict[str, torch.Tensor], discriminator_state: dict[str, torch.Tensor],
+                   step: int, only: tuple[str, ...] = (GENERATOR_MODEL, DISCRIMINATOR_MODEL)) -> dict[str, str]:
+    """G and D of `step` as MLflow 3 LoggedModels of the active run (`mlflow.pytorch.log_model(...,
+    step=step)`, named `generator` / `discriminator`, tagged `step`): {registered model name:
+    model id}. A READY LoggedModel of this run, network and step (logged by an earlier attempt)
+    is kept, not logged again.
 
     The models are saved as TorchScript modules (`scripted.py`): `mlflow.pytorch.load_model`
     returns a real module (`.eval()`, `.to(device)`, any batch) and runs no pickled Python.
     Each also carries `state_dict.pt` and `architecture.json`, from which `load_network`
     rebuilds the plain `models.py` module (D's per-layer features, for the probe)."""
+    run = mlflow.active_run()
+    model_ids = {name: found for name in only if (found := logged_model_id(name, run.info.run_id, step, run.info.experiment_id))}
+    if len(model_ids) == len(only):
+        return model_ids
     generator, discriminator = architecture.build()
     generator.load_state_dict(generator_state)
     discriminator.load_state_dict(discriminator_state)
@@ -60,37 +89,47 @@ def log_models(architecture: Architecture, generator_state: dict[str, torch.Tens
     with torch.no_grad():
         images = generator(torch.from_numpy(z)).numpy()
         logits = discriminator(torch.from_numpy(images)).numpy()
-    versions, run_id = {}, mlflow.active_run().info.run_id
     for model, name, example, output in (
         (generator, GENERATOR_MODEL, z, images),
         (discriminator, DISCRIMINATOR_MODEL, images, logits),
     ):
-        if register and (version := registered_version(name, run_id, step)) is not None:
-            versions[name] = version
-            continue
-        with tempfile.TemporaryDirectory() as folder:
-            weights, spec = Path(folder, WEIGHTS_FILE), Path(folder, ARCHITECTURE_FILE)
-            torch.save(model.state_dict(), weights)
-            spec.write_text(json.dumps(architecture.to_dict(), indent=2))
-            with _without_torchscript_notices():
-                info = mlflow.pytorch.log_model(
-                    scripted.script(model),
-                    name=name.removeprefix("dcgan-"),
-                    # MLflow's name for torch.save'd modules; a TorchScript one is saved by torch.jit.save
-                    # and read back by torch.jit.load, no pickled Python (docs/tracking.md).
-                    serialization_format="pickle",
-                    signature=infer_signature(example, output),
-                    input_example=example,
-                    step=step,
-                    # Stated, not inferred: inference imports the model in a subprocess (~7 s each).
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
-                    extra_files=[str(weights), str(spec)],
-                )
-        if register:
-            # The step tag goes with the version's creation (one request), so it cannot be lost apart from it.
-            version = mlflow.register_model(info.model_uri, name, tags={STEP_TAG: str(step)})
-            versions[name] = str(version.version)
-    return versions
+        if name in only and name not in model_ids:
+            model_ids[name] = _log_model(model, name, example, output, architecture, step)
+    return model_ids
+
+
+def _log_model(model: torch.nn.Module, name: str, example: np.ndarray, output: np.ndarray, architecture: Architecture, step: int) -> str:
+    with tempfile.TemporaryDirectory() as folder:
+        weights, spec = Path(folder, WEIGHTS_FILE), Path(folder, ARCHITECTURE_FILE)
+        torch.save(model.state_dict(), weights)
+        spec.write_text(json.dumps(architecture.to_dict(), indent=2))
+        with _without_torchscript_notices():
+            info = mlflow.pytorch.log_model(
+                scripted.script(model),
+                name=name.removeprefix("dcgan-"),
+                # MLflow's name for torch.save'd modules; a TorchScript one is saved by torch.jit.save
+                # and read back by torch.jit.load, no pickled Python (docs/tracking.md).
+                serialization_format="pickle",
+                signature=infer_signature(example, output),
+                input_example=example,
+                step=step,
+                tags={STEP_TAG: str(step)},
+                # Stated, not inferred: inference imports the model in a subprocess (~7 s each).
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+                extra_files=[str(weights), str(spec)],
+            )
+    return info.model_id
+
+
+def logged_model_id(name: str, run_id: str, step: int, experiment_id: str) -> str | None:
+    """The READY LoggedModel of `name` (G or D) that run `run_id` logged for `step`, or None; the
+    oldest, should there be several. MLflow's own search, on the process's tracking URI."""
+    found = mlflow.search_logged_models(
+        experiment_ids=[experiment_id], output_format="list",
+        filter_string=f"source_run_id = '{run_id}' AND name = '{name.removeprefix('dcgan-')}' AND tags.{STEP_TAG} = '{step}'",
+        order_by=[{"field_name": "creation_time", "ascending": True}])
+    ready = [model.model_id for model in found if model.status == LoggedModelStatus.READY]
+    return ready[0] if ready else None
 
 
 def registered_version(name: str, run_id: str, step: int, uri: str | None = None) -> str | None:

@@ -14,6 +14,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import mlflow.exceptions
+import requests
 from mlflow import MlflowClient
 from mlflow.entities import Param
 
@@ -26,6 +28,10 @@ QUIET_RUN_LINKS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 class TrackingError(RuntimeError):
     pass
+
+
+# What a tracking server that is away raises through MLflow's client (after its own HTTP retries).
+TRACKING_FAILURES = (TrackingError, mlflow.exceptions.MlflowException, requests.exceptions.RequestException, OSError)
 
 
 def resolve_tracking_uri(flag_value: str) -> str:

@@ -28,6 +28,7 @@ from mlflow.tracking.context.registry import resolve_tags
 from dcgan_dist import config
 from dcgan_dist.config import Config
 from dcgan_dist.tracking.run_logger import RunLogger
+from dcgan_dist.tracking.spill import Spill
 from dcgan_dist.tracking.store import log_params
 from dcgan_dist.util import redact
 
@@ -124,6 +125,15 @@ def delete_run(uri: str, run_id: str) -> None:
     MlflowClient(uri).delete_run(run_id)
 
 
+def deliver_spilled(spill: Spill, client: MlflowClient, run_id: str) -> dict[str, int]:
+    """Send what an earlier attempt (or run) spilled into storage, saying how much, in one line."""
+    counts = spill.deliver(client, run_id)
+    if any(counts.values()):
+        log.info("MLflow run %s: delivered %d metrics, %d tags and %d images that the tracking server missed "
+                    "(from %s)", run_id, counts["metrics"], counts["tags"], counts["images"], redact(spill.where(run_id)))
+    return counts
+
+
 def open_run(cfg: Config, launch: dict[str, Any], checkpoint_run_id: str | None, start_step: int,
              node_of_rank: list[str]) -> RunLogger:
     """Rank 0's MLflow run: the one the driver created (or found again) for this launch, or the
@@ -138,7 +148,9 @@ def open_run(cfg: Config, launch: dict[str, Any], checkpoint_run_id: str | None,
                         checkpoint_run_id, run_id)
             delete_run(cfg.tracking.tracking_uri, run_id)
         run_id = checkpoint_run_id
-    logger = RunLogger(cfg.tracking.tracking_uri, cfg.tracking.experiment, "", run_id, system_metrics=not finished)
+    spill = Spill.for_worker()  # what the sender cannot deliver goes next to the checkpoints
+    logger = RunLogger(cfg.tracking.tracking_uri, cfg.tracking.experiment, "", run_id, system_metrics=not finished, spill=spill)
+    deliver_spilled(spill, logger.client, logger.run_id)  # before skip_logged: the steps it delivers count as logged
     if finished:  # re-opened only to check that it holds its final models: a re-run that trains nothing records nothing
         return logger
     logger.skip_logged()  # every metric and picture the run already holds
