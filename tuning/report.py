@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,32 +15,48 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from tuning.space import Sweep  # noqa: E402
 
+STATUSES = ("completed", "stopped early", "error", "interrupted", "not run")
 
-def trial_rows(results, sweep: Sweep) -> list[dict[str, Any]]:
+
+def tune_trials(results) -> list | None:
+    """Tune's own record of each trial (status, id, config), in the order of `results`, where
+    `results` is a ResultGrid: a Result does not say whether its trial ran, was cut off by an
+    interrupt, or never started."""
+    analysis = getattr(results, "_experiment_analysis", None)
+    return list(analysis.trials) if analysis is not None else None
+
+
+def trial_status(result, trial, max_steps: int) -> str:
+    last_step = int((result.metrics or {}).get("step", 0))
+    state = getattr(trial, "status", "")
+    if result.error is not None and state != "RUNNING":
+        return "error"
+    if state == "PENDING":
+        return "not run"
+    if state in ("RUNNING", "PAUSED"):  # left so by an interrupted sweep
+        return "interrupted"
+    return "completed" if last_step >= max_steps else "stopped early"
+
+
+def trial_rows(results, sweep: Sweep, trials: list | None = None) -> list[dict[str, Any]]:
     """One row per trial: its searched values, the metric (last and best), steps, status. A
-    trial that errored before reporting anything is a row too, its metric and steps empty."""
+    trial that errored before reporting anything is a row too, its metric and steps empty, and
+    so is one that never ran (`trials`, Tune's record of them, says which: tune_trials)."""
     better = min if sweep.mode == "min" else max
     rows = []
-    for result in results:
+    for result, trial in zip(results, trials or [None] * len(results)):
         metrics = result.metrics or {}
         frame = result.metrics_dataframe
         values = frame[sweep.metric].dropna().tolist() if frame is not None and sweep.metric in frame else []
-        last_step = int(metrics.get("step", 0))
-        if result.error is not None:
-            status = "error"
-        elif last_step < sweep.base.loop.max_steps:
-            status = "stopped early"
-        else:
-            status = "completed"
-        params = trial_params(result)
+        params = trial_params(result) or dict(getattr(trial, "config", None) or {})
         rows.append(
-            {"trial": metrics.get("trial_id", "?")}
+            {"trial": metrics.get("trial_id") or getattr(trial, "trial_id", "?")}
             | {d.path: params.get(d.path) for d in sweep.dimensions}
             | {
                 f"last {sweep.metric}": values[-1] if values else None,
                 f"best {sweep.metric}": better(values) if values else None,
-                "steps": last_step,
-                "status": status,
+                "steps": int(metrics.get("step", 0)),
+                "status": trial_status(result, trial, sweep.base.loop.max_steps),
                 "mlflow_run_id": metrics.get("mlflow_run_id", ""),
             }
         )
@@ -73,14 +90,17 @@ def trial_curves(results, metric: str) -> dict[str, tuple[list[int], list[float]
     return curves
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def markdown(rows: list[dict[str, Any]], run_url: Callable[[str], str] | None = None) -> str:
+    """The table, each MLflow run id a link to its run in the MLflow UI where `run_url` says where."""
     columns = list(rows[0])
 
-    def cell(value: Any) -> str:
+    def cell(column: str, value: Any) -> str:
+        if column == "mlflow_run_id" and value and run_url:
+            return f"[{value}]({run_url(value)})"
         return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(c, row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -98,7 +118,8 @@ def plot(rows: list[dict[str, Any]], curves: dict, sweep: Sweep, path: Path) -> 
         axis.set_ylabel(best)
     curve_axis = axes[0][-1]
     for trial, (steps, values) in curves.items():
-        curve_axis.plot(steps, values, label=trial)
+        # markers: a trial with one evaluation is one point, which a line alone does not draw
+        curve_axis.plot(steps, values, marker="o", markersize=3, label=trial)
     curve_axis.set_xlabel("step")
     curve_axis.set_ylabel(sweep.metric)
     if curves:  # no trial reported the metric (every one errored): no legend to draw
@@ -109,9 +130,10 @@ def plot(rows: list[dict[str, Any]], curves: dict, sweep: Sweep, path: Path) -> 
     plt.close(figure)
 
 
-def write(rows: list[dict[str, Any]], curves: dict, sweep: Sweep, folder: Path) -> dict[str, Path]:
+def write(rows: list[dict[str, Any]], curves: dict, sweep: Sweep, folder: Path,
+          run_url: Callable[[str], str] | None = None) -> dict[str, Path]:
     files = {"markdown": folder / "ablation.md", "csv": folder / "ablation.csv", "plot": folder / "ablation.png"}
-    files["markdown"].write_text(markdown(rows))
+    files["markdown"].write_text(markdown(rows, run_url))
     with files["csv"].open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -17,8 +17,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from dcgan_dist import config, placement, train
-from dcgan_dist.tracking import store
-from tuning import report, space
+from dcgan_dist.tracking import training_run
+from dcgan_dist.util import redact
+from tuning import report, space, tracking
 from tuning.space import Sweep
 
 
@@ -39,38 +40,34 @@ def search_space(sweep: Sweep) -> dict[str, Any]:
     return param_space
 
 
-def run_trial(params: dict[str, Any], base: dict[str, Any], sweep_name: str, parent_run_id: str, train_storage: str) -> None:
-    """One trial: the base config with this trial's values, trained by its own TorchTrainer."""
+def run_trial(params: dict[str, Any], base: dict[str, Any], sweep_name: str, parent_run_id: str, train_storage: str,
+              dimensions: list[space.Dimension], repeated: bool, start_timeout_s: float) -> None:
+    """One trial: the base config with this trial's values, trained by its own TorchTrainer,
+    into a child run named by what it varies (space.trial_label). A trial whose workers cannot all be
+    placed within `start_timeout_s` fails: Ray Train tries to start its worker group
+    CONTROLLER_FAILURE_LIMIT + 1 times, each waiting this share of the bound."""
     trial_id = ray.tune.get_context().get_trial_id()
     # The trial id is stable across Tuner.restore, so a resumed trial resumes its Train run
     # (and its MLflow child run) from its own latest checkpoint.
     cfg = space.trial_config(base, params, run_name=f"{sweep_name}-{trial_id}", parent_run_id=parent_run_id,
                              storage_path=train_storage)
-    train.build_trainer(cfg, callbacks=[TuneReportCallback()], entry_point="tuning.sweep").fit()
+    # Ray Train hands this variable from the process that calls fit() to its controller.
+    os.environ[WORKER_GROUP_START_TIMEOUT] = str(start_timeout_s / (train.CONTROLLER_FAILURE_LIMIT + 1))
+    launch = train.launch_info(cfg, "tuning.sweep")
+    label = space.trial_label(dimensions, params, trial_id, repeated)
+    tracking.name_trial(cfg.tracking.tracking_uri, launch["mlflow_run_id"], label, trial_id)
+    try:
+        train.build_trainer(cfg, callbacks=[TuneReportCallback()], launch=launch).fit()
+    except BaseException:
+        training_run.end_failed(cfg.tracking.tracking_uri, launch["mlflow_run_id"])
+        raise
+
+
+WORKER_GROUP_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 def join(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}"
-
-
-def parent_run(client: MlflowClient, sweep: Sweep, tune_path: str) -> tuple[str, bool]:
-    """The sweep's MLflow run: the one this sweep name and storage made before, or a new one."""
-    experiment_id = store.ensure_experiment(sweep.base.tracking.tracking_uri, sweep.base.tracking.experiment)
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`sweep.path` = '{tune_path}'",
-        max_results=1,
-    )
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id, True
-    run = client.create_run(experiment_id, run_name=sweep.sweep_name, tags={"sweep.path": tune_path, "sweep.kind": "parent"})
-    params = {f"search.{d.path}": d.describe() for d in sweep.dimensions} | {
-        "sweep.metric": sweep.metric, "sweep.mode": sweep.mode, "sweep.scheduler": sweep.scheduler,
-        "sweep.num_samples": sweep.num_samples, "sweep.grace_steps": sweep.grace_steps,
-    } | config.flatten(sweep.base)
-    store.log_params(client, run.info.run_id, params)
-    return run.info.run_id, False
 
 
 TRIAL_DRIVER_CPU = 0.01  # the trial's own process only drives its TorchTrainer
@@ -147,10 +144,16 @@ def make_tuner(sweep: Sweep, trainable, tune_path: str, at_once: int) -> ray.tun
 
 
 def outcome(rows: list[dict[str, Any]]) -> tuple[str, int, str]:
-    """(the parent run's MLflow status, the exit code, a line saying why). The sweep fails when
-    no trial gave a result: every trial errored, or (never from validated input: the CLI refuses
-    an empty space and --num-samples 0) there were no trials."""
-    failed = sum(row["status"] == "error" for row in rows)
+    """(the parent run's MLflow status, the exit code, a line saying why). An interrupted sweep
+    (trials that never ran or were cut off: Tune returns with them only when stopped) ends
+    KILLED, exit 130; the sweep fails when no trial gave a result: every trial errored, or
+    (never from validated input: the CLI refuses an empty space and --num-samples 0) there
+    were no trials."""
+    count = {status: sum(row["status"] == status for row in rows) for status in report.STATUSES}
+    failed = count["error"]
+    if count["not run"] or count["interrupted"]:
+        return "KILLED", 130, (f"interrupted: {len(rows)} trials, {count['not run']} never ran, "
+                               f"{count['interrupted']} cut off, {failed} failed")
     if not rows:
         return "FAILED", 1, "the sweep ran no trials, so there is nothing to compare"
     if failed == len(rows):
@@ -159,39 +162,61 @@ def outcome(rows: list[dict[str, Any]]) -> tuple[str, int, str]:
 
 
 def finish(client: MlflowClient, parent_id: str, sweep: Sweep, results, resumed: bool) -> int:
-    """Close the trials ASHA stopped, log the table and plot to the parent run, close it."""
-    rows = report.trial_rows(results, sweep)
+    """Close the trials' runs that no process closed, give the parent the best trial's summary,
+    the table, the plot and the saved view of the comparison, and close it."""
+    rows = report.trial_rows(results, sweep, report.tune_trials(results))
     for row in rows:  # ASHA's stops kill the trial's workers before they can close their run
         if row["status"] == "stopped early" and row["mlflow_run_id"]:
             client.set_tag(row["mlflow_run_id"], "sweep.stopped_early", "true")
             client.set_terminated(row["mlflow_run_id"], status="KILLED")
+    status, code, why = outcome(rows)
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    # A trial cut off by an interrupt, or whose process died, never closed its run.
+    tracking.close_open_trials(client, experiment_id, parent_id, tracking.KILLED if code == 130 else tracking.FAILED)
+    labels = {run.info.run_id: run.info.run_name for run in tracking.trial_runs(client, experiment_id, parent_id)}
+    uri = sweep.base.tracking.tracking_uri
     if rows:
+        tracking.summarize(client, parent_id, rows, sweep, labels)
         with tempfile.TemporaryDirectory() as folder:
-            files = report.write(rows, report.trial_curves(results, sweep.metric), sweep, Path(folder))
+            files = report.write(rows, report.trial_curves(results, sweep.metric), sweep, Path(folder),
+                                 run_url=lambda run_id: tracking.run_url(uri, experiment_id, run_id))
             for path in files.values():
                 client.log_artifact(parent_id, str(path))
             print(files["markdown"].read_text())
-    status, code, why = outcome(rows)
+    link = tracking.save_view(client, experiment_id, parent_id, sweep, len(rows))
     client.set_terminated(parent_id, status=status)
     print(f"MLflow parent run: {parent_id} ({why}{', resumed' if resumed else ''})")
+    print(f"Compare the trials: {link}")
     if code:
-        print(f"The sweep failed: {why}", file=sys.stderr)
+        print(f"The sweep {'was interrupted' if code == 130 else 'failed'}: {why}", file=sys.stderr)
     return code
+
+
+def connect(address: str) -> None:
+    """Join the Ray cluster the CLI resolved (tuning.sweep.ray_target), saying which."""
+    if ray.is_initialized():
+        print(f"Ray: this process's instance at {ray.get_runtime_context().gcs_address}")
+        return
+    if address == "local":
+        print("Ray: a new local instance on this machine (no --ray-address, no RAY_ADDRESS, none running here)")
+    else:
+        print(f"Ray: joining the cluster at {redact(address)}")
+    ray.init(address=address)
 
 
 def run_sweep(sweep: Sweep) -> int:
     base = sweep.base
-    if not ray.is_initialized():
-        ray.init(address=base.cluster.ray_address or None)
+    connect(base.cluster.ray_address or "local")
     at_once, base.cluster.cpus_per_worker = plan_resources(sweep, *placement.cluster_nodes())
 
     tune_path = join(base.tracking.storage_path, sweep.sweep_name)
     client = MlflowClient(base.tracking.tracking_uri)
-    parent_id, resumed = parent_run(client, sweep, tune_path)
+    parent_id, resumed = tracking.parent_run(client, sweep, tune_path)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
             run_trial, base=config.flatten(base), sweep_name=sweep.sweep_name, parent_run_id=parent_id,
             train_storage=join(base.tracking.storage_path, f"{sweep.sweep_name}-trials"),
+            dimensions=sweep.dimensions, repeated=sweep.num_samples > 1, start_timeout_s=sweep.trial_start_timeout_s,
         ),
         # Its TorchTrainer's workers hold the real resources; Tune refuses an empty request.
         {"CPU": TRIAL_DRIVER_CPU},
@@ -203,7 +228,11 @@ def run_sweep(sweep: Sweep) -> int:
         with environment(lenient):
             results = make_tuner(sweep, trainable, tune_path, at_once).fit()
         return finish(client, parent_id, sweep, results, resumed)
-    except BaseException:
+    except BaseException as error:
         # The parent run was opened by this process, not by mlflow.start_run: nothing else closes it.
-        client.set_terminated(parent_id, status="FAILED")
+        # A second Ctrl-C (Tune takes the first one) ends the parent and the open trials KILLED.
+        status = tracking.KILLED if isinstance(error, KeyboardInterrupt) else tracking.FAILED
+        experiment_id = client.get_run(parent_id).info.experiment_id
+        tracking.close_open_trials(client, experiment_id, parent_id, status)
+        client.set_terminated(parent_id, status=status)
         raise
