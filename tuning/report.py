@@ -56,11 +56,22 @@ def trial_rows(results, sweep: Sweep, trials: list | None = None) -> list[dict[s
                 f"last {sweep.metric}": values[-1] if values else None,
                 f"best {sweep.metric}": better(values) if values else None,
                 "steps": int(metrics.get("step", 0)),
-                "status": trial_status(result, trial, sweep.base.loop.max_steps),
+                "status": (status := trial_status(result, trial, sweep.base.loop.max_steps)),
+                "why": cause(result.error) if status == "error" else "",
                 "mlflow_run_id": metrics.get("mlflow_run_id", ""),
             }
         )
     return sorted(rows, key=lambda r: (r[f"best {sweep.metric}"] is None, (1 if sweep.mode == "min" else -1) * (r[f"best {sweep.metric}"] or 0)))
+
+
+def cause(error: BaseException | None) -> str:
+    """An error's cause in one short line: the first sentence of its message's last line (Ray
+    wraps a trial's exception in the trial actor's traceback)."""
+    lines = [line.strip() for line in str(error or "").splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__ if error is not None else ""
+    first_sentence = lines[-1].split(". ")[0].rstrip(".")
+    return first_sentence[:160].replace("|", "/")
 
 
 PARAMS_FILE = "params.json"  # Tune's JSON logger writes each trial's config there when it starts
@@ -105,6 +116,12 @@ def markdown(rows: list[dict[str, Any]], run_url: Callable[[str], str] | None = 
 
 
 def plot(rows: list[dict[str, Any]], curves: dict, sweep: Sweep, path: Path) -> None:
+    figure = draw(rows, curves, sweep)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def draw(rows: list[dict[str, Any]], curves: dict, sweep: Sweep):
     """Left: the best metric per value of each searched key. Right: every trial's curve."""
     keys = [d.path for d in sweep.dimensions]
     figure, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * (len(keys) + 1), 3.6), squeeze=False)
@@ -126,8 +143,7 @@ def plot(rows: list[dict[str, Any]], curves: dict, sweep: Sweep, path: Path) -> 
         curve_axis.legend(fontsize=6)
     figure.suptitle(f"{sweep.sweep_name}: {sweep.metric} ({sweep.mode})")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    return figure
 
 
 def write(rows: list[dict[str, Any]], curves: dict, sweep: Sweep, folder: Path,
