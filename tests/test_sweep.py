@@ -329,3 +329,51 @@ def test_trials_are_named_by_what_they_vary():
     assert space.trial_label(dimensions, params) == "beta1=0.5 lr=1e-3 bn=paper"
     assert space.trial_label(dimensions, params | {"optim.lr": 2e-4}, "run_trial_ab_00011", repeated=True) == \
         "beta1=0.5 lr=2e-4 bn=paper #11"
+
+
+def test_an_interrupted_sweeps_table_lists_the_grids_trials_that_never_ran():
+    settings = sweep.parse_args(["--search", "lr=1e-4,2e-4,5e-4", "--search", "beta1=0.5", "--num-samples", "2"])
+    ran = [{"trial": "a", "optim.lr": 1e-4, "optim.beta1": 0.5, "steps": 4, "status": "interrupted", "why": "", "mlflow_run_id": "r"}]
+    missing = report.missing_trials(ran, settings)
+    assert sorted((row["optim.lr"], row["status"]) for row in missing) == [
+        (1e-4, "not run"), (2e-4, "not run"), (2e-4, "not run"), (5e-4, "not run"), (5e-4, "not run")]
+    assert set(missing[0]) == set(ran[0])
+    from tuning import run
+
+    assert run.outcome(ran + missing)[:2] == ("KILLED", 130) and run.outcome(ran, interrupted=True)[:2] == ("KILLED", 130)
+
+
+def test_what_the_sweep_hands_to_ray_survives_pickling():
+    import pickle
+
+    from tuning import run
+
+    dimensions = pickle.loads(pickle.dumps(sweep.parse_args(["--ablation", "paper"]).dimensions))
+    assert space.trial_label(dimensions, {"optim.beta1": 0.9, "optim.lr": 2e-4, "model.bn": "none"}) == "beta1=0.9 lr=2e-4 bn=none"
+    callback = pickle.loads(pickle.dumps(run.TrialEnds()))  # Tune pickles its run config with the experiment
+
+    class Trial:
+        trial_id = "abc_00001"
+
+    callback.on_trial_complete(0, [], Trial())
+    assert "abc_00001" in run.ENDED
+
+
+def test_ctrl_c_stops_the_sweep_through_tunes_handler_and_is_remembered(monkeypatch):
+    import signal
+
+    from tuning import run
+
+    monkeypatch.delenv("TUNE_DISABLE_SIGINT_HANDLER", raising=False)
+    forwarded = []
+    previous_usr1 = signal.signal(signal.SIGUSR1, lambda signum, frame: forwarded.append(signum))
+    try:
+        with run.interruptible() as interrupt:
+            assert os.environ["TUNE_DISABLE_SIGINT_HANDLER"] == "1"
+            signal.raise_signal(signal.SIGINT)
+            assert interrupt == [signal.SIGINT] and forwarded == [signal.SIGUSR1]
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)  # a second Ctrl-C stops at once
+    finally:
+        signal.signal(signal.SIGUSR1, previous_usr1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +28,37 @@ def tune_trials(results) -> list | None:
     return list(analysis.trials) if analysis is not None else None
 
 
-def trial_status(result, trial, max_steps: int) -> str:
+def trial_status(result, trial, max_steps: int, cut_off: bool) -> str:
     last_step = int((result.metrics or {}).get("step", 0))
     state = getattr(trial, "status", "")
-    if result.error is not None and state != "RUNNING":
+    if result.error is not None:
         return "error"
-    if state == "PENDING":
+    if state == "PENDING" or (cut_off and not result.metrics):
         return "not run"
-    if state in ("RUNNING", "PAUSED"):  # left so by an interrupted sweep
+    if cut_off or state in ("RUNNING", "PAUSED"):  # stopped by an interrupt, not by the scheduler
         return "interrupted"
     return "completed" if last_step >= max_steps else "stopped early"
 
 
-def trial_rows(results, sweep: Sweep, trials: list | None = None) -> list[dict[str, Any]]:
+def missing_trials(rows: list[dict[str, Any]], sweep: Sweep) -> list[dict[str, Any]]:
+    """Rows for the grid's trials that Tune never made (it makes them as earlier ones end):
+    the grid's combinations, --num-samples times each, less those in `rows`."""
+    grid = [d for d in sweep.dimensions if d.grid and d.distribution != "choice"]
+    wanted = Counter(itertools.product(*(d.grid for d in grid))) if grid else Counter({(): 1})
+    for combination in wanted:
+        wanted[combination] *= sweep.num_samples
+    wanted.subtract(tuple(row[d.path] for d in grid) for row in rows)
+    template = {column: None for column in rows[0]} if rows else {}
+    return [template | {"trial": "", "steps": 0, "status": "not run", "why": "", "mlflow_run_id": ""}
+            | {d.path: None for d in sweep.dimensions} | dict(zip((d.path for d in grid), combination))
+            for combination, count in wanted.items() for _ in range(max(count, 0))]
+
+
+def trial_rows(results, sweep: Sweep, trials: list | None = None, cut_off: Collection[str] = ()) -> list[dict[str, Any]]:
     """One row per trial: its searched values, the metric (last and best), steps, status. A
     trial that errored before reporting anything is a row too, its metric and steps empty, and
-    so is one that never ran (`trials`, Tune's record of them, says which: tune_trials)."""
+    so is one that never ran (`trials`, Tune's record of them, says which: tune_trials). A trial
+    in `cut_off` was stopped by an interrupt of the sweep."""
     better = min if sweep.mode == "min" else max
     rows = []
     for result, trial in zip(results, trials or [None] * len(results)):
@@ -49,14 +66,15 @@ def trial_rows(results, sweep: Sweep, trials: list | None = None) -> list[dict[s
         frame = result.metrics_dataframe
         values = frame[sweep.metric].dropna().tolist() if frame is not None and sweep.metric in frame else []
         params = trial_params(result) or dict(getattr(trial, "config", None) or {})
+        trial_id = metrics.get("trial_id") or getattr(trial, "trial_id", "?")
         rows.append(
-            {"trial": metrics.get("trial_id") or getattr(trial, "trial_id", "?")}
+            {"trial": trial_id}
             | {d.path: params.get(d.path) for d in sweep.dimensions}
             | {
                 f"last {sweep.metric}": values[-1] if values else None,
                 f"best {sweep.metric}": better(values) if values else None,
                 "steps": int(metrics.get("step", 0)),
-                "status": (status := trial_status(result, trial, sweep.base.loop.max_steps)),
+                "status": (status := trial_status(result, trial, sweep.base.loop.max_steps, trial_id in cut_off)),
                 "why": cause(result.error) if status == "error" else "",
                 "mlflow_run_id": metrics.get("mlflow_run_id", ""),
             }

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,46 @@ def environment(values: dict[str, str]):
                 os.environ[name] = value
 
 
+ENDED: set[str] = set()  # the trials that ended in this process: completed, stopped by the scheduler, or errored
+
+
+class TrialEnds(ray.tune.Callback):
+    """Records in ENDED the trials Tune ended by itself. Tune's run config is pickled with the
+    experiment and a restored sweep gets a copy of it: the set is the module's, not the copy's.
+    Trials an interrupt stops are stopped without these calls."""
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        ENDED.add(trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        ENDED.add(trial.trial_id)
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Ctrl-C (SIGINT) stops the sweep as Tune's own handler would (SIGUSR1: running trials
+    stopped, the experiment's state saved) and is remembered: the list it yields holds the
+    signal once one came. A second Ctrl-C raises KeyboardInterrupt."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def on_interrupt(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        print("Interrupted: stopping the running trials; Ctrl-C again to stop at once", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        with environment({"TUNE_DISABLE_SIGINT_HANDLER": "1"}):  # Tune's handler would take the first Ctrl-C silently
+            yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def make_tuner(sweep: Sweep, trainable, tune_path: str, at_once: int) -> ray.tune.Tuner:
     """The sweep's Tuner: restored from `tune_path` where this sweep ran before, else new."""
     if ray.tune.Tuner.can_restore(tune_path):
@@ -139,11 +181,12 @@ def make_tuner(sweep: Sweep, trainable, tune_path: str, at_once: int) -> ray.tun
             metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
             num_samples=sweep.num_samples, max_concurrent_trials=at_once,
         ),
-        run_config=ray.tune.RunConfig(name=sweep.sweep_name, storage_path=sweep.base.tracking.storage_path),
+        run_config=ray.tune.RunConfig(name=sweep.sweep_name, storage_path=sweep.base.tracking.storage_path,
+                                      callbacks=[TrialEnds()]),
     )
 
 
-def outcome(rows: list[dict[str, Any]]) -> tuple[str, int, str]:
+def outcome(rows: list[dict[str, Any]], interrupted: bool = False) -> tuple[str, int, str]:
     """(the parent run's MLflow status, the exit code, a line saying why). An interrupted sweep
     (trials that never ran or were cut off: Tune returns with them only when stopped) ends
     KILLED, exit 130; the sweep fails when no trial gave a result: every trial errored, or
@@ -151,7 +194,7 @@ def outcome(rows: list[dict[str, Any]]) -> tuple[str, int, str]:
     were no trials."""
     count = {status: sum(row["status"] == status for row in rows) for status in report.STATUSES}
     failed = count["error"]
-    if count["not run"] or count["interrupted"]:
+    if interrupted or count["not run"] or count["interrupted"]:
         return "KILLED", 130, (f"interrupted: {len(rows)} trials, {count['not run']} never ran, "
                                f"{count['interrupted']} cut off, {failed} failed")
     if not rows:
@@ -161,15 +204,20 @@ def outcome(rows: list[dict[str, Any]]) -> tuple[str, int, str]:
     return "FINISHED", 0, f"{len(rows)} trials, {failed} failed"
 
 
-def finish(client: MlflowClient, parent_id: str, sweep: Sweep, results, resumed: bool) -> int:
+def finish(client: MlflowClient, parent_id: str, sweep: Sweep, results, resumed: bool, interrupted: bool = False) -> int:
     """Close the trials' runs that no process closed, give the parent the best trial's summary,
-    the table, the plot and the saved view of the comparison, and close it."""
-    rows = report.trial_rows(results, sweep, report.tune_trials(results))
+    the table, the plot and the saved view of the comparison, and close it. An interrupted
+    sweep's table lists the trials it cut off and those that never ran."""
+    trials = report.tune_trials(results)
+    cut_off = {trial.trial_id for trial in trials or [] if trial.trial_id not in ENDED} if interrupted else set()
+    rows = report.trial_rows(results, sweep, trials, cut_off)
+    if interrupted:
+        rows += report.missing_trials(rows, sweep)
     for row in rows:  # ASHA's stops kill the trial's workers before they can close their run
         if row["status"] == "stopped early" and row["mlflow_run_id"]:
             client.set_tag(row["mlflow_run_id"], "sweep.stopped_early", "true")
             client.set_terminated(row["mlflow_run_id"], status="KILLED")
-    status, code, why = outcome(rows)
+    status, code, why = outcome(rows, interrupted)
     experiment_id = client.get_run(parent_id).info.experiment_id
     # A trial cut off by an interrupt, or whose process died, never closed its run.
     tracking.close_open_trials(client, experiment_id, parent_id, tracking.KILLED if code == 130 else tracking.FAILED)
@@ -225,9 +273,9 @@ def run_sweep(sweep: Sweep) -> int:
     # process) would fail the trial on them (ASHA skips them; the first rung comes after the first score).
     lenient = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"} if sweep.metric.startswith("eval/") else {}
     try:
-        with environment(lenient):
+        with environment(lenient), interruptible() as interrupt:
             results = make_tuner(sweep, trainable, tune_path, at_once).fit()
-        return finish(client, parent_id, sweep, results, resumed)
+        return finish(client, parent_id, sweep, results, resumed, interrupted=bool(interrupt))
     except BaseException as error:
         # The parent run was opened by this process, not by mlflow.start_run: nothing else closes it.
         # A second Ctrl-C (Tune takes the first one) ends the parent and the open trials KILLED.
