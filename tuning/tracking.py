@@ -149,6 +149,10 @@ def save_view(client: MlflowClient, experiment_id: str, parent_id: str, sweep: S
     client.set_experiment_tag(experiment_id, PRIMARY_METRIC_TAG, metric)
     link = view_url(sweep.base.tracking.tracking_uri, experiment_id, parent_id)
     client.set_tag(parent_id, "sweep.view", link)
+    # The run page's description: the way to the comparison, and the best trial.
+    best = client.get_run(parent_id).data.tags.get("sweep.best_trial")
+    client.set_tag(parent_id, "mlflow.note.content", f"Sweep `{sweep.sweep_name}` over {', '.join(keys)}, ranked on `{metric}` "
+                   f"({sweep.mode}).{f' Best trial: `{best}`.' if best else ''} [Compare the trials]({link})")
     return link
 
 
