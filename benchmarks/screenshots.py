@@ -37,9 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experiment", default="dcgan", help="the experiment of the training run (and its Models tab)")
     parser.add_argument("--sweep-experiment", default="ablation", help="the experiment of the sweep")
     parser.add_argument("--out", default="docs", help="folder the PNGs are written to")
-    parser.add_argument("--width", type=int, default=1500, help="browser window width in pixels")
-    parser.add_argument("--height", type=int, default=950, help="browser window height in pixels")
-    parser.add_argument("--wait-ms", type=int, default=20000, help="virtual time the page gets to load before the picture")
+    parser.add_argument("--width", type=int, default=1900, help="browser window width in pixels")
+    parser.add_argument("--height", type=int, default=1050, help="browser window height in pixels")
+    parser.add_argument("--wait-ms", type=int, default=60000, help="virtual time the page gets to load before the picture")
     return parser.parse_args(argv)
 
 
