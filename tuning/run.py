@@ -226,7 +226,9 @@ def finish(client: MlflowClient, parent_id: str, sweep: Sweep, results, resumed:
     if rows:
         tracking.summarize(client, parent_id, rows, sweep, labels)
         with tempfile.TemporaryDirectory() as folder:
-            files = report.write(rows, report.trial_curves(results, sweep.metric), sweep, Path(folder),
+            names = {row["trial"]: labels.get(row["mlflow_run_id"], row["trial"]) for row in rows}
+            curves = {names.get(trial, trial): curve for trial, curve in report.trial_curves(results, sweep.metric).items()}
+            files = report.write(rows, curves, sweep, Path(folder),
                                  run_url=lambda run_id: tracking.run_url(uri, experiment_id, run_id))
             for path in files.values():
                 client.log_artifact(parent_id, str(path))
