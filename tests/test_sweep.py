@@ -119,8 +119,26 @@ def test_trials_that_all_errored_are_listed_as_errored(tmp_path):
     rows = report.trial_rows(results, settings)
     assert [(row["trial"], row["optim.lr"], row["status"], row["steps"]) for row in rows] == [
         ("abc_00000", 1e-4, "error", 0), ("abc_00001", None, "error", 0)]
+    assert rows[0]["why"] == "worker died"  # the table says why
     files = report.write(rows, report.trial_curves(results, settings.metric), settings, tmp_path)
     assert files["markdown"].read_text().count("| error |") == 2 and files["plot"].stat().st_size > 0
+
+
+def test_the_curves_of_trials_with_one_evaluation_each_are_points():
+    settings = sweep.parse_args(["--search", "lr=1e-4,2e-4"])
+    rows = [{"optim.lr": lr, "best eval/fid": fid} for lr, fid in ((1e-4, 50.0), (2e-4, 40.0))]
+    figure = report.draw(rows, {"t1": ([200], [50.0]), "t2": ([200], [40.0])}, settings)
+    curves = figure.axes[-1].lines
+    assert len(curves) == 2 and all(line.get_marker() not in (None, "", "None", " ") for line in curves)
+
+
+def test_the_tables_run_ids_link_to_the_mlflow_ui():
+    from tuning import tracking
+
+    row = {"trial": "t1", "status": "completed", "mlflow_run_id": "abc"}
+    table = report.markdown([row], run_url=lambda run_id: tracking.run_url("http://user:pw@mlflow:5000/", "7", run_id))
+    assert "| [abc](http://mlflow:5000/#/experiments/7/runs/abc) |" in table  # no credentials in a link
+    assert tracking.run_url("sqlite:///mlflow.db", "7", "abc") == "http://127.0.0.1:5000/#/experiments/7/runs/abc"
 
 
 def test_a_sweep_whose_trials_all_errored_fails_and_so_does_its_parent_run(tmp_path, mlflow_sqlite, capsys):
@@ -159,33 +177,67 @@ def test_the_environment_is_set_only_inside_and_restored_as_it_was(monkeypatch):
 
 
 @pytest.mark.slow
-def test_grid_sweep_leaves_one_child_run_per_trial_and_the_table(ray_local, mlflow_sqlite, tmp_path):
-    # two dimensions, two trials (each trial is a Ray Train run: its workers' start is most of its time)
-    args = sweep_args(tmp_path, mlflow_sqlite, "lr=2e-4,1e-3", "beta1=0.9") + ["--scheduler", "none"]
+def test_grid_sweep_leaves_named_trials_a_summary_and_the_table(ray_local, mlflow_server, tmp_path):
+    # two dimensions, two trials (each trial is a Ray Train run: its workers' start is most of its time),
+    # on a real MLflow server
+    args = sweep_args(tmp_path, mlflow_server.uri, "lr=2e-4,1e-3", "beta1=0.9", experiment="sweep-grid") + [
+        "--scheduler", "none", "--sweep-name", "grid"]
     strict_switch = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
     assert sweep.main(args) == 0
     assert os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING") == strict_switch  # set for the sweep's fit only
 
-    client = MlflowClient(mlflow_sqlite)
-    parents, children = runs_by_kind(client)
+    client = MlflowClient(mlflow_server.uri)
+    parents, children = runs_by_kind(client, "sweep-grid")
     assert len(parents) == 1 and len(children) == 2
-    parent_id = parents[0].info.run_id
-    assert all(child.data.tags["mlflow.parentRunId"] == parent_id for child in children)
+    parent = parents[0]
+    assert all(child.data.tags["mlflow.parentRunId"] == parent.info.run_id for child in children)
     pairs = {(float(c.data.params["optim.lr"]), float(c.data.params["optim.beta1"])) for c in children}
     assert pairs == {(2e-4, 0.9), (1e-3, 0.9)}  # beta1 0.9, not the default 0.5
+    # each trial named by what it varies; the parent by the sweep, with no trial's params
+    assert {c.info.run_name for c in children} == {"lr=2e-4 beta1=0.9", "lr=1e-3 beta1=0.9"}
+    assert parent.info.run_name == "sweep grid"
+    assert "optim.lr" not in parent.data.params and "base.optim.lr" not in parent.data.params
+    assert parent.data.params["base.loop.max_steps"] == "8" and parent.data.params["search.optim.lr"] == "grid(0.0002, 0.001)"
+    check_the_best_trial_summary(client, parent.info.run_id, children)
     assert all(child.info.status == "FINISHED" for child in children)
     assert all(len(client.get_metric_history(c.info.run_id, "loss_g")) == 8 for c in children)
-    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"ablation.md", "ablation.csv", "ablation.png"} <= artifacts
-    table = client.download_artifacts(parent_id, "ablation.csv")
+    table = client.download_artifacts(parent.info.run_id, "ablation.csv")
     assert len(open(table).read().strip().splitlines()) == 1 + 2
+    # the run ids of the markdown table are links to the runs in the MLflow UI
+    markdown = open(client.download_artifacts(parent.info.run_id, "ablation.md")).read()
+    experiment_id = parent.info.experiment_id
+    for child in children:
+        assert f"[{child.info.run_id}]({mlflow_server.uri}/#/experiments/{experiment_id}/runs/{child.info.run_id})" in markdown
 
     # Re-running the same sweep restores it: finished trials are not trained again.
     assert sweep.main(args) == 0
-    parents_again, children_again = runs_by_kind(client)
-    assert [p.info.run_id for p in parents_again] == [parent_id]
+    parents_again, children_again = runs_by_kind(client, "sweep-grid")
+    assert [p.info.run_id for p in parents_again] == [parent.info.run_id]
     assert {c.info.run_id for c in children_again} == {c.info.run_id for c in children}
     assert all(len(client.get_metric_history(c.info.run_id, "loss_g")) == 8 for c in children_again)
+
+
+def check_the_best_trial_summary(client: MlflowClient, parent_id: str, children) -> None:
+    """The parent holds the best trial's score and values, and the saved view of the UI."""
+    parent = client.get_run(parent_id)
+    best = min(children, key=lambda c: c.data.metrics["eval/fid"])
+    assert parent.data.metrics["best/eval/fid"] == pytest.approx(best.data.metrics["eval/fid"])
+    assert parent.data.params["best.optim.lr"] == best.data.params["optim.lr"]
+    assert parent.data.tags["sweep.best_run_id"] == best.info.run_id
+    assert parent.data.tags["sweep.best_trial"] == best.info.run_name
+    # the view: this sweep's trials (not the parent), ranked on the metric, every trial charted
+    experiment = client.get_experiment(parent.info.experiment_id)
+    key = parent.data.tags["sweep.view"].partition("viewStateShareKey=")[2].partition("&")[0]
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{key}"])
+    state = json.loads(view["state"])
+    assert parent_id in state["searchFilter"] and state["orderByKey"] == "metrics.`eval/fid`" and state["orderByAsc"]
+    assert client.search_runs([experiment.experiment_id], state["searchFilter"]) and \
+        {r.info.run_id for r in client.search_runs([experiment.experiment_id], state["searchFilter"])} == {c.info.run_id for c in children}
+    parallel = [chart for chart in state["compareRunCharts"] if chart["type"] == "PARALLEL"]
+    assert parallel[0]["selectedMetrics"] == ["eval/fid"] and state["runsHiddenMode"] == "SHOW_ALL"
+    assert experiment.tags["mlflow.experiment.primaryMetric.name"] == "eval/fid"
 
 
 @pytest.mark.slow
@@ -206,3 +258,122 @@ def test_asha_stops_a_losing_trial_early(ray_local, mlflow_sqlite, tmp_path):
         assert max(m.step for m in client.get_metric_history(child.info.run_id, "loss_d")) < 16
     learner = [c for c in children if float(c.data.params["optim.lr"]) == 2e-4]
     assert learner[0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_trial_whose_workers_cannot_be_placed_fails_within_its_bound(ray_local, mlflow_server, tmp_path, capsys):
+    # Each worker asks for a resource no node has: Ray Train's worker group never starts, and
+    # the trial fails after --trial-start-timeout-s (over Ray Train's start attempts) instead of waiting forever.
+    args = sweep_args(tmp_path, mlflow_server.uri, "lr=2e-4", experiment="sweep-unplaced", eval_every=0,
+                      worker_resources='{"no_such_node": 1}') + ["--scheduler", "none", "--trial-start-timeout-s", "3"]
+    assert sweep.main(args) == 1
+    out, err = capsys.readouterr()
+    assert "every trial (1) failed" in err
+    assert "| error |" in out and "worker group startup timed out" in out  # the table says why
+    client = MlflowClient(mlflow_server.uri)
+    parents, children = runs_by_kind(client, "sweep-unplaced")
+    assert parents[0].info.status == "FAILED"
+    assert [c.info.status for c in children] == ["FAILED"] and children[0].info.run_name == "lr=2e-4"
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_exits_130_ends_its_runs_killed_and_lists_the_trials_that_never_ran(ray_local, mlflow_server, tmp_path):
+    import signal
+    import time
+
+    # Three trials one at a time, each far longer than the test waits: Ctrl-C while the first trains.
+    args = sweep_args(tmp_path, mlflow_server.uri, "lr=2e-4,1e-3,5e-4", experiment="sweep-interrupted", eval_every=0,
+                      max_steps=100000, checkpoint_every=50000) + [
+        "--scheduler", "none", "--max-concurrent", "1", "--ray-address", ray_local.get_runtime_context().gcs_address]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    process = subprocess.Popen([sys.executable, "-m", "tuning.sweep", *args], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = MlflowClient(mlflow_server.uri)
+    try:
+        deadline = time.monotonic() + 240
+        while not training(client, "sweep-interrupted"):
+            assert process.poll() is None and time.monotonic() < deadline, "no trial started training"
+            time.sleep(1)
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, out[-3000:]
+    assert "Ray: joining the cluster at" in out and "The sweep was interrupted" in out
+    parents, children = runs_by_kind(client, "sweep-interrupted")
+    assert parents[0].info.status == "KILLED"
+    assert [c.info.status for c in children] == ["KILLED"]  # the one that trained; the others never ran
+    table = open(client.download_artifacts(parents[0].info.run_id, "ablation.md")).read()
+    assert table.count("| not run |") == 2 and table.count("| interrupted |") == 1
+
+
+def training(client: MlflowClient, experiment: str) -> bool:
+    """Whether a trial of the sweep has logged a training step."""
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], "metrics.loss_g > -1") if found else []
+    return any("mlflow.parentRunId" in run.data.tags for run in runs)
+
+
+def test_the_sweep_refuses_two_ray_addresses_that_disagree(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    with pytest.raises(space.SweepError, match="disagrees with RAY_ADDRESS"):
+        sweep.ray_target("127.0.0.1:6380")
+    assert sweep.ray_target("127.0.0.1:6379") == sweep.ray_target("") == "127.0.0.1:6379"
+
+
+def test_trials_are_named_by_what_they_vary():
+    dimensions = sweep.parse_args(["--ablation", "paper"]).dimensions
+    params = {"optim.beta1": 0.5, "optim.lr": 1e-3, "model.bn": "paper"}
+    assert space.trial_label(dimensions, params) == "beta1=0.5 lr=1e-3 bn=paper"
+    assert space.trial_label(dimensions, params | {"optim.lr": 2e-4}, "run_trial_ab_00011", repeated=True) == \
+        "beta1=0.5 lr=2e-4 bn=paper #11"
+
+
+def test_an_interrupted_sweeps_table_lists_the_grids_trials_that_never_ran():
+    settings = sweep.parse_args(["--search", "lr=1e-4,2e-4,5e-4", "--search", "beta1=0.5", "--num-samples", "2"])
+    ran = [{"trial": "a", "optim.lr": 1e-4, "optim.beta1": 0.5, "steps": 4, "status": "interrupted", "why": "", "mlflow_run_id": "r"}]
+    missing = report.missing_trials(ran, settings)
+    assert sorted((row["optim.lr"], row["status"]) for row in missing) == [
+        (1e-4, "not run"), (2e-4, "not run"), (2e-4, "not run"), (5e-4, "not run"), (5e-4, "not run")]
+    assert set(missing[0]) == set(ran[0])
+    from tuning import run
+
+    assert run.outcome(ran + missing)[:2] == ("KILLED", 130) and run.outcome(ran, interrupted=True)[:2] == ("KILLED", 130)
+
+
+def test_what_the_sweep_hands_to_ray_survives_pickling():
+    import pickle
+
+    from tuning import run
+
+    dimensions = pickle.loads(pickle.dumps(sweep.parse_args(["--ablation", "paper"]).dimensions))
+    assert space.trial_label(dimensions, {"optim.beta1": 0.9, "optim.lr": 2e-4, "model.bn": "none"}) == "beta1=0.9 lr=2e-4 bn=none"
+    callback = pickle.loads(pickle.dumps(run.TrialEnds()))  # Tune pickles its run config with the experiment
+
+    class Trial:
+        trial_id = "abc_00001"
+
+    callback.on_trial_complete(0, [], Trial())
+    assert "abc_00001" in run.ENDED
+
+
+def test_ctrl_c_stops_the_sweep_through_tunes_handler_and_is_remembered(monkeypatch):
+    import signal
+
+    from tuning import run
+
+    monkeypatch.delenv("TUNE_DISABLE_SIGINT_HANDLER", raising=False)
+    forwarded = []
+    previous_usr1 = signal.signal(signal.SIGUSR1, lambda signum, frame: forwarded.append(signum))
+    try:
+        with run.interruptible() as interrupt:
+            assert os.environ["TUNE_DISABLE_SIGINT_HANDLER"] == "1"
+            signal.raise_signal(signal.SIGINT)
+            assert interrupt == [signal.SIGINT] and forwarded == [signal.SIGUSR1]
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)  # a second Ctrl-C stops at once
+    finally:
+        signal.signal(signal.SIGUSR1, previous_usr1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ

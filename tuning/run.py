@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from dcgan_dist import config, placement, train
-from dcgan_dist.tracking import store
-from tuning import report, space
+from dcgan_dist.tracking import training_run
+from dcgan_dist.util import redact
+from tuning import report, space, tracking
 from tuning.space import Sweep
 
 
@@ -39,38 +42,34 @@ def search_space(sweep: Sweep) -> dict[str, Any]:
     return param_space
 
 
-def run_trial(params: dict[str, Any], base: dict[str, Any], sweep_name: str, parent_run_id: str, train_storage: str) -> None:
-    """One trial: the base config with this trial's values, trained by its own TorchTrainer."""
+def run_trial(params: dict[str, Any], base: dict[str, Any], sweep_name: str, parent_run_id: str, train_storage: str,
+              dimensions: list[space.Dimension], repeated: bool, start_timeout_s: float) -> None:
+    """One trial: the base config with this trial's values, trained by its own TorchTrainer,
+    into a child run named by what it varies (space.trial_label). A trial whose workers cannot all be
+    placed within `start_timeout_s` fails: Ray Train tries to start its worker group
+    CONTROLLER_FAILURE_LIMIT + 1 times, each waiting this share of the bound."""
     trial_id = ray.tune.get_context().get_trial_id()
     # The trial id is stable across Tuner.restore, so a resumed trial resumes its Train run
     # (and its MLflow child run) from its own latest checkpoint.
     cfg = space.trial_config(base, params, run_name=f"{sweep_name}-{trial_id}", parent_run_id=parent_run_id,
                              storage_path=train_storage)
-    train.build_trainer(cfg, callbacks=[TuneReportCallback()], entry_point="tuning.sweep").fit()
+    # Ray Train hands this variable from the process that calls fit() to its controller.
+    os.environ[WORKER_GROUP_START_TIMEOUT] = str(start_timeout_s / (train.CONTROLLER_FAILURE_LIMIT + 1))
+    launch = train.launch_info(cfg, "tuning.sweep")
+    label = space.trial_label(dimensions, params, trial_id, repeated)
+    tracking.name_trial(cfg.tracking.tracking_uri, launch["mlflow_run_id"], label, trial_id)
+    try:
+        train.build_trainer(cfg, callbacks=[TuneReportCallback()], launch=launch).fit()
+    except BaseException:
+        training_run.end_failed(cfg.tracking.tracking_uri, launch["mlflow_run_id"])
+        raise
+
+
+WORKER_GROUP_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 def join(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}"
-
-
-def parent_run(client: MlflowClient, sweep: Sweep, tune_path: str) -> tuple[str, bool]:
-    """The sweep's MLflow run: the one this sweep name and storage made before, or a new one."""
-    experiment_id = store.ensure_experiment(sweep.base.tracking.tracking_uri, sweep.base.tracking.experiment)
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`sweep.path` = '{tune_path}'",
-        max_results=1,
-    )
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id, True
-    run = client.create_run(experiment_id, run_name=sweep.sweep_name, tags={"sweep.path": tune_path, "sweep.kind": "parent"})
-    params = {f"search.{d.path}": d.describe() for d in sweep.dimensions} | {
-        "sweep.metric": sweep.metric, "sweep.mode": sweep.mode, "sweep.scheduler": sweep.scheduler,
-        "sweep.num_samples": sweep.num_samples, "sweep.grace_steps": sweep.grace_steps,
-    } | config.flatten(sweep.base)
-    store.log_params(client, run.info.run_id, params)
-    return run.info.run_id, False
 
 
 TRIAL_DRIVER_CPU = 0.01  # the trial's own process only drives its TorchTrainer
@@ -124,6 +123,46 @@ def environment(values: dict[str, str]):
                 os.environ[name] = value
 
 
+ENDED: set[str] = set()  # the trials that ended in this process: completed, stopped by the scheduler, or errored
+
+
+class TrialEnds(ray.tune.Callback):
+    """Records in ENDED the trials Tune ended by itself. Tune's run config is pickled with the
+    experiment and a restored sweep gets a copy of it: the set is the module's, not the copy's.
+    Trials an interrupt stops are stopped without these calls."""
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        ENDED.add(trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        ENDED.add(trial.trial_id)
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Ctrl-C (SIGINT) stops the sweep as Tune's own handler would (SIGUSR1: running trials
+    stopped, the experiment's state saved) and is remembered: the list it yields holds the
+    signal once one came. A second Ctrl-C raises KeyboardInterrupt."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def on_interrupt(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        print("Interrupted: stopping the running trials; Ctrl-C again to stop at once", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        with environment({"TUNE_DISABLE_SIGINT_HANDLER": "1"}):  # Tune's handler would take the first Ctrl-C silently
+            yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def make_tuner(sweep: Sweep, trainable, tune_path: str, at_once: int) -> ray.tune.Tuner:
     """The sweep's Tuner: restored from `tune_path` where this sweep ran before, else new."""
     if ray.tune.Tuner.can_restore(tune_path):
@@ -142,15 +181,22 @@ def make_tuner(sweep: Sweep, trainable, tune_path: str, at_once: int) -> ray.tun
             metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
             num_samples=sweep.num_samples, max_concurrent_trials=at_once,
         ),
-        run_config=ray.tune.RunConfig(name=sweep.sweep_name, storage_path=sweep.base.tracking.storage_path),
+        run_config=ray.tune.RunConfig(name=sweep.sweep_name, storage_path=sweep.base.tracking.storage_path,
+                                      callbacks=[TrialEnds()]),
     )
 
 
-def outcome(rows: list[dict[str, Any]]) -> tuple[str, int, str]:
-    """(the parent run's MLflow status, the exit code, a line saying why). The sweep fails when
-    no trial gave a result: every trial errored, or (never from validated input: the CLI refuses
-    an empty space and --num-samples 0) there were no trials."""
-    failed = sum(row["status"] == "error" for row in rows)
+def outcome(rows: list[dict[str, Any]], interrupted: bool = False) -> tuple[str, int, str]:
+    """(the parent run's MLflow status, the exit code, a line saying why). An interrupted sweep
+    (trials that never ran or were cut off: Tune returns with them only when stopped) ends
+    KILLED, exit 130; the sweep fails when no trial gave a result: every trial errored, or
+    (never from validated input: the CLI refuses an empty space and --num-samples 0) there
+    were no trials."""
+    count = {status: sum(row["status"] == status for row in rows) for status in report.STATUSES}
+    failed = count["error"]
+    if interrupted or count["not run"] or count["interrupted"]:
+        return "KILLED", 130, (f"interrupted: {len(rows)} trials, {count['not run']} never ran, "
+                               f"{count['interrupted']} cut off, {failed} failed")
     if not rows:
         return "FAILED", 1, "the sweep ran no trials, so there is nothing to compare"
     if failed == len(rows):
@@ -158,40 +204,69 @@ def outcome(rows: list[dict[str, Any]]) -> tuple[str, int, str]:
     return "FINISHED", 0, f"{len(rows)} trials, {failed} failed"
 
 
-def finish(client: MlflowClient, parent_id: str, sweep: Sweep, results, resumed: bool) -> int:
-    """Close the trials ASHA stopped, log the table and plot to the parent run, close it."""
-    rows = report.trial_rows(results, sweep)
+def finish(client: MlflowClient, parent_id: str, sweep: Sweep, results, resumed: bool, interrupted: bool = False) -> int:
+    """Close the trials' runs that no process closed, give the parent the best trial's summary,
+    the table, the plot and the saved view of the comparison, and close it. An interrupted
+    sweep's table lists the trials it cut off and those that never ran."""
+    trials = report.tune_trials(results)
+    cut_off = {trial.trial_id for trial in trials or [] if trial.trial_id not in ENDED} if interrupted else set()
+    rows = report.trial_rows(results, sweep, trials, cut_off)
+    if interrupted:
+        rows += report.missing_trials(rows, sweep)
     for row in rows:  # ASHA's stops kill the trial's workers before they can close their run
         if row["status"] == "stopped early" and row["mlflow_run_id"]:
             client.set_tag(row["mlflow_run_id"], "sweep.stopped_early", "true")
             client.set_terminated(row["mlflow_run_id"], status="KILLED")
+    status, code, why = outcome(rows, interrupted)
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    # A trial cut off by an interrupt, or whose process died, never closed its run.
+    tracking.close_open_trials(client, experiment_id, parent_id, tracking.KILLED if code == 130 else tracking.FAILED)
+    labels = {run.info.run_id: run.info.run_name for run in tracking.trial_runs(client, experiment_id, parent_id)}
+    uri = sweep.base.tracking.tracking_uri
     if rows:
+        tracking.summarize(client, parent_id, rows, sweep, labels)
         with tempfile.TemporaryDirectory() as folder:
-            files = report.write(rows, report.trial_curves(results, sweep.metric), sweep, Path(folder))
+            names = {row["trial"]: labels.get(row["mlflow_run_id"], row["trial"]) for row in rows}
+            curves = {names.get(trial, trial): curve for trial, curve in report.trial_curves(results, sweep.metric).items()}
+            files = report.write(rows, curves, sweep, Path(folder),
+                                 run_url=lambda run_id: tracking.run_url(uri, experiment_id, run_id))
             for path in files.values():
                 client.log_artifact(parent_id, str(path))
             print(files["markdown"].read_text())
-    status, code, why = outcome(rows)
+    link = tracking.save_view(client, experiment_id, parent_id, sweep, len(rows))
     client.set_terminated(parent_id, status=status)
     print(f"MLflow parent run: {parent_id} ({why}{', resumed' if resumed else ''})")
+    print(f"Compare the trials: {link}")
     if code:
-        print(f"The sweep failed: {why}", file=sys.stderr)
+        print(f"The sweep {'was interrupted' if code == 130 else 'failed'}: {why}", file=sys.stderr)
     return code
+
+
+def connect(address: str) -> None:
+    """Join the Ray cluster the CLI resolved (tuning.sweep.ray_target), saying which."""
+    if ray.is_initialized():
+        print(f"Ray: this process's instance at {ray.get_runtime_context().gcs_address}")
+        return
+    if address == "local":
+        print("Ray: a new local instance on this machine (no --ray-address, no RAY_ADDRESS, none running here)")
+    else:
+        print(f"Ray: joining the cluster at {redact(address)}")
+    ray.init(address=address)
 
 
 def run_sweep(sweep: Sweep) -> int:
     base = sweep.base
-    if not ray.is_initialized():
-        ray.init(address=base.cluster.ray_address or None)
+    connect(base.cluster.ray_address or "local")
     at_once, base.cluster.cpus_per_worker = plan_resources(sweep, *placement.cluster_nodes())
 
     tune_path = join(base.tracking.storage_path, sweep.sweep_name)
     client = MlflowClient(base.tracking.tracking_uri)
-    parent_id, resumed = parent_run(client, sweep, tune_path)
+    parent_id, resumed = tracking.parent_run(client, sweep, tune_path)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
             run_trial, base=config.flatten(base), sweep_name=sweep.sweep_name, parent_run_id=parent_id,
             train_storage=join(base.tracking.storage_path, f"{sweep.sweep_name}-trials"),
+            dimensions=sweep.dimensions, repeated=sweep.num_samples > 1, start_timeout_s=sweep.trial_start_timeout_s,
         ),
         # Its TorchTrainer's workers hold the real resources; Tune refuses an empty request.
         {"CPU": TRIAL_DRIVER_CPU},
@@ -200,10 +275,14 @@ def run_sweep(sweep: Sweep) -> int:
     # process) would fail the trial on them (ASHA skips them; the first rung comes after the first score).
     lenient = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"} if sweep.metric.startswith("eval/") else {}
     try:
-        with environment(lenient):
+        with environment(lenient), interruptible() as interrupt:
             results = make_tuner(sweep, trainable, tune_path, at_once).fit()
-        return finish(client, parent_id, sweep, results, resumed)
-    except BaseException:
+        return finish(client, parent_id, sweep, results, resumed, interrupted=bool(interrupt))
+    except BaseException as error:
         # The parent run was opened by this process, not by mlflow.start_run: nothing else closes it.
-        client.set_terminated(parent_id, status="FAILED")
+        # A second Ctrl-C (Tune takes the first one) ends the parent and the open trials KILLED.
+        status = tracking.KILLED if isinstance(error, KeyboardInterrupt) else tracking.FAILED
+        experiment_id = client.get_run(parent_id).info.experiment_id
+        tracking.close_open_trials(client, experiment_id, parent_id, status)
+        client.set_terminated(parent_id, status=status)
         raise

@@ -59,6 +59,7 @@ class Sweep:
     metric: str
     mode: str
     grace_steps: int
+    trial_start_timeout_s: float = 600.0  # a trial whose workers cannot all be placed in this time fails
 
 
 class SweepError(ConfigError):
@@ -136,3 +137,22 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], *, run_name: str,
     cfg.tracking.parent_run_id = parent_run_id
     cfg.tracking.storage_path = storage_path
     return cfg
+
+
+def format_value(value: Any) -> str:
+    """A searched value as a trial's name shows it: 1e-3 and 2e-4 rather than 0.001 and 0.0002."""
+    if isinstance(value, float) and value and abs(value) < 1e-2:
+        mantissa, _, exponent = f"{value:.3e}".partition("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def trial_label(dimensions: list[Dimension], params: dict[str, Any], trial_id: str = "", repeated: bool = False) -> str:
+    """A trial's name in MLflow: what it varies, e.g. `beta1=0.5 lr=1e-3 bn=paper` (leaf names
+    are unique across the config). A repeated grid (--num-samples > 1) adds the trial's number."""
+    label = " ".join(f"{d.path.rpartition('.')[2]}={format_value(params.get(d.path))}" for d in dimensions)
+    if repeated and trial_id:
+        label += f" #{trial_id.rpartition('_')[2].lstrip('0') or '0'}"
+    return label

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grace-steps", type=int, default=0, help="ASHA: steps before a trial may be stopped; 0 = max_steps / 8")
     sweep.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (same as --num-workers)")
     sweep.add_argument("--gpus-per-trial", type=int, help="GPUs per trial, one per worker (implies --use-gpu)")
+    sweep.add_argument("--trial-start-timeout-s", type=float, default=600.0,
+                       help="a trial whose workers cannot all be placed within this many seconds fails (and is counted)")
     config.add_arguments(parser)
     return parser
 
@@ -77,6 +79,8 @@ def settings_from_args(args: argparse.Namespace) -> Sweep:
         raise SweepError("num_samples", f"must be >= 1 (got {args.num_samples})")
     if args.max_concurrent < 0:
         raise SweepError("max_concurrent", f"must be >= 0 (got {args.max_concurrent})")
+    if not args.trial_start_timeout_s > 0:
+        raise SweepError("trial_start_timeout_s", f"must be > 0 (got {args.trial_start_timeout_s})")
     if args.grace_steps < 0:
         raise SweepError("grace_steps", f"must be >= 0 (got {args.grace_steps})")
     if base.loop.checkpoint_every % base.loop.log_every:
@@ -90,15 +94,42 @@ def settings_from_args(args: argparse.Namespace) -> Sweep:
             raise SweepError("grace_steps", f"{args.grace_steps} comes before the first {EVAL_METRIC} at step {first_score} (--eval-every)")
         grace = max(grace, first_score)
     return Sweep(base, dimensions, args.sweep_name, args.num_samples, args.max_concurrent, args.scheduler,
-                 metric, args.mode or DEFAULT_MODE, grace)
+                 metric, args.mode or DEFAULT_MODE, grace, args.trial_start_timeout_s)
 
 
 def preflight(sweep: Sweep) -> int:
-    """The checks a training run makes before Ray starts (the store, the data, the evaluation)."""
+    """The checks a training run makes before Ray starts (the store, the data, the evaluation),
+    and which Ray the sweep joins."""
     from dcgan_dist import train
 
+    sweep.base.cluster.ray_address = ray_target(sweep.base.cluster.ray_address)
     sweep.base = train.preflight(sweep.base)
     return 0
+
+
+def ray_target(flag_value: str) -> str:
+    """The Ray the sweep runs on: --ray-address, else RAY_ADDRESS (the two must agree where
+    both are given), else the one instance running on this machine, else "local" (a new one).
+    Several instances here and no address is ambiguous: Ray would pick the latest `ray start`,
+    or start yet another, whose trials' resources the others' cleaners cannot free. Raises
+    ConfigError naming the choice to make."""
+    import os
+
+    env_value = os.environ.get("RAY_ADDRESS", "")
+    if flag_value and env_value and flag_value != env_value:
+        raise SweepError("ray_address", f"{flag_value} disagrees with RAY_ADDRESS={env_value}: give one of them")
+    if flag_value or env_value:
+        return flag_value or env_value
+    import ray
+    from ray._private import services
+
+    if ray.is_initialized():  # this process runs Ray already (a test, a notebook): that one
+        return ""
+    running = sorted(services.find_gcs_addresses())
+    if len(running) > 1:
+        raise SweepError("ray_address", f"{len(running)} Ray instances run on this machine ({', '.join(running)}): "
+                                        "say which with --ray-address, or stop the others")
+    return running[0] if running else "local"
 
 
 def main(argv: list[str] | None = None) -> int:
