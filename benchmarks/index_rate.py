@@ -85,7 +85,7 @@ def reader_row(name: str, url: str, image_size: int, seconds: float, step_img_s:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--per-shard", type=int, default=200)
     parser.add_argument("--workers", type=int, default=8)

@@ -87,7 +87,7 @@ def measure(uri: str, artifacts: Path, architecture: Architecture, history_steps
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--evaluations", type=int, default=3)
     parser.add_argument("--history-steps", default="0,5000", help="comma-separated: steps of metrics the run holds first")
     parser.add_argument("--preset", default="pytorch-examples")

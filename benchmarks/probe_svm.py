@@ -68,7 +68,7 @@ def one_row(size: str, solver: str, device: str, c: float, classes: int) -> dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--sizes", default="45000x28672,20000x8192", help="SAMPLESxDIMS,...")
     parser.add_argument("--solvers", default="torch,liblinear")
     parser.add_argument("--device", default="cpu")
