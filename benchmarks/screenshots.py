@@ -68,6 +68,10 @@ def start_ui(store_uri: str, port: int, log: Path) -> subprocess.Popen:
             time.sleep(0.5)
     raise RuntimeError("mlflow ui did not answer /health within 120 s")
 
+# MLflow 3.17's UI opens in its GenAI mode ("Agent versions" for the Models tab) unless the URL or
+# the browser's stored choice says otherwise; a fresh profile has no stored choice.
+MODEL_TRAINING = "workflowType=machine_learning"
+
 
 def pages(store_uri: str, experiment: str, sweep_experiment: str, base: str) -> dict[str, str]:
     """{file name: URL} of the three pictures, from the store's runs."""
@@ -80,15 +84,15 @@ def pages(store_uri: str, experiment: str, sweep_experiment: str, base: str) -> 
         runs = [run for run in client.search_runs([training.experiment_id], order_by=["attributes.start_time DESC"])
                 if "sweep.kind" not in run.data.tags and "mlflow.parentRunId" not in run.data.tags]
         if runs:
-            urls["mlflow-run-page.png"] = f"{base}/#/experiments/{training.experiment_id}/runs/{runs[0].info.run_id}"
-        urls["mlflow-models-tab.png"] = f"{base}/#/experiments/{training.experiment_id}/models"
+            urls["mlflow-run-page.png"] = f"{base}/#/experiments/{training.experiment_id}/runs/{runs[0].info.run_id}?{MODEL_TRAINING}"
+        urls["mlflow-models-tab.png"] = f"{base}/#/experiments/{training.experiment_id}/models?{MODEL_TRAINING}"
     sweep = client.get_experiment_by_name(sweep_experiment)
     if sweep:
         parents = client.search_runs([sweep.experiment_id], filter_string="tags.`sweep.kind` = 'parent'",
                                      order_by=["attributes.start_time DESC"], max_results=1)
         if parents and "sweep.view" in parents[0].data.tags:
             view = parents[0].data.tags["sweep.view"]
-            urls["mlflow-sweep-comparison.png"] = base + view[view.index("/#/"):]
+            urls["mlflow-sweep-comparison.png"] = base + view[view.index("/#/"):] + ("" if MODEL_TRAINING in view else f"&{MODEL_TRAINING}")
     return urls
 
 

@@ -111,8 +111,9 @@ def test_training_on_a_server_registers_models_that_load_and_probe(ray_local, ml
     # ... and to the registered D itself: its LoggedModel's metrics and its version's tags (issue 32)
     d_version = client.get_model_version_by_alias("dcgan-discriminator", "latest")
     assert d_version.tags["probe.digits.accuracy"] == f"{result['accuracy']:.6g}"
-    [d_logged] = [m for m in logged if m.source_run_id == run_id and m.name == "discriminator"]
-    linked = {m.key: m.value for m in client.get_logged_model(d_logged.model_id).metrics}
+    d_model_id = d_version.source.removeprefix("models:/")  # the LoggedModel of the last evaluated step
+    assert d_model_id in {m.model_id for m in logged if m.source_run_id == run_id and m.name == "discriminator"}
+    linked = {m.key: m.value for m in client.get_logged_model(d_model_id).metrics}
     assert linked["probe/digits/accuracy"] == result["accuracy"] and "probe/digits/accuracy_50_mean" in linked
 
     unknown = subprocess.run(

@@ -44,7 +44,9 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 
 
 def view_url(tracking_uri: str, experiment_id: str, parent_id: str) -> str:
-    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs?viewStateShareKey={view_key(parent_id)}&compareRunsMode=CHART"
+    # workflowType: MLflow 3.17's UI otherwise opens in its GenAI mode, where runs are "evaluation runs"
+    return (f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs?viewStateShareKey={view_key(parent_id)}"
+            "&compareRunsMode=CHART&workflowType=machine_learning")
 
 
 def view_key(parent_id: str) -> str:
