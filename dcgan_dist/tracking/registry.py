@@ -81,7 +81,8 @@ def log_checkpoint(architecture: Architecture, generator_state: dict[str, torch.
     model_ids = {name: found for name in only if (found := logged_model_id(name, run.info.run_id, step, run.info.experiment_id))}
     if len(model_ids) == len(only):
         return model_ids
-    generator, discriminator = architecture.build()
+    with torch.random.fork_rng(devices=[]):  # mid-training: building draws initial weights, and training's RNG is not ours to move
+        generator, discriminator = architecture.build()
     generator.load_state_dict(generator_state)
     discriminator.load_state_dict(discriminator_state)
     generator, discriminator = generator.cpu().eval(), discriminator.cpu().eval()
