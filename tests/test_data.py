@@ -320,16 +320,23 @@ CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSI
                         "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
 
 
-def test_preflight_without_credentials_says_none_were_found_and_where_it_looked(s3_bucket, mlflow_sqlite, tmp_path,
-                                                                                monkeypatch, capsys):
-    url = write_shards(f"s3://{s3_bucket}/nocredentials", [20])
+def without_s3_credentials(monkeypatch, tmp_path) -> Path:
+    """No S3 credentials anywhere boto3 looks: environment, empty credential and config files, no
+    instance metadata (never ask 169.254.169.254)."""
     for name in CREDENTIAL_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     empty = tmp_path / "empty-aws-file"
     empty.write_text("")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask 169.254.169.254
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return empty
+
+
+def test_preflight_without_credentials_says_none_were_found_and_where_it_looked(s3_bucket, mlflow_sqlite, tmp_path,
+                                                                                monkeypatch, capsys):
+    url = write_shards(f"s3://{s3_bucket}/nocredentials", [20])
+    empty = without_s3_credentials(monkeypatch, tmp_path)
     s3._clients.clear()
     assert main(train_args(tmp_path, mlflow_sqlite, data=url)) == 2
     error = capsys.readouterr().err.strip()

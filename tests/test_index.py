@@ -26,7 +26,7 @@ from dcgan_dist.data.resize import decode_resized
 from dcgan_dist.data.sample_log import kept_keys
 from dcgan_dist.train import main as train_main
 from tests.conftest import train_args
-from tests.test_data import CREDENTIAL_VARIABLES
+from tests.test_data import without_s3_credentials
 from tests.test_epochs import resumed_equals_uninterrupted
 
 NO_IMAGE, CORRUPT = 4, 7  # the sample written without an image, and the one whose JPEG is broken
@@ -181,13 +181,7 @@ def test_bad_index_input_and_data_naming_shards_exit_2_with_one_line(tmp_path, s
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "names shards without a manifest" in err and "python -m dcgan_dist.shards index" in err
     # an S3 prefix without credentials: one line saying so, not a shard-by-shard failure
-    for name in CREDENTIAL_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    empty = tmp_path / "empty-aws-file"
-    empty.write_text("")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    without_s3_credentials(monkeypatch, tmp_path)
     s3._clients.clear()
     for source in (f"s3://{s3_bucket}/train/", f"s3://{s3_bucket}/train/{{00000..00002}}.tar"):
         assert shards_cli.main(["index", source, "--out", out, "--no-progress"]) == 2
