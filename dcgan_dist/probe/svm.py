@@ -103,6 +103,19 @@ class _Rows:
             total += (r32[:, start : start + len(chunk)] @ chunk).T.double()
         return total, residuals.sum(0)
 
+    def hessian_times(self, weights: torch.Tensor, bias: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """transposed_times(A * times(W, b)) in one pass over X: each chunk is upcast once for
+        both products (the upcast, not the arithmetic, bounds a CG step on CPU)."""
+        total = torch.zeros((self.matrix.shape[1], weights.shape[1]), dtype=torch.float64, device=self.device)
+        w32 = weights.T.to(torch.float32).contiguous()
+        bias_sum = torch.zeros_like(bias)
+        for start, chunk in self.chunks():
+            rows = slice(start, start + len(chunk))
+            product = ((w32 @ chunk.T).T.double() + bias) * active[rows]
+            total += (product.T.to(torch.float32).contiguous() @ chunk).T.double()
+            bias_sum += product.sum(0)
+        return total, bias_sum
+
 
 class _Factor:
     """The n x n lower-triangular L with L L^T = [X, 1] [X, 1]^T (float64): for n < d the problem
@@ -127,6 +140,9 @@ class _Factor:
 
     def squares_times(self, active: torch.Tensor) -> torch.Tensor:
         return self.factor.square().T @ active
+
+    def hessian_times(self, weights: torch.Tensor, bias: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transposed_times(self.times(weights, bias) * active)
 
     def weights(self, rows: _Rows, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(w, b) = [X, 1]^T L^-T z."""
@@ -153,8 +169,7 @@ def _conjugate_gradient(rows: _Rows | _Factor, active: torch.Tensor, grad_w, gra
         open_columns = res_w.square().sum(0) + res_b.square() > goal
         if not open_columns.any():
             break
-        xp = rows.times(p_w, p_b) * active
-        hp_w, hp_b = rows.transposed_times(xp)
+        hp_w, hp_b = rows.hessian_times(p_w, p_b, active)
         hp_w, hp_b = p_w + 2 * c * hp_w, p_b + 2 * c * hp_b
         curvature = (p_w * hp_w).sum(0) + p_b * hp_b
         alpha = torch.where(open_columns, rz / curvature, torch.zeros_like(rz))
