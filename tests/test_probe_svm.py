@@ -13,7 +13,7 @@ import torch
 from dcgan_dist.models import build_models
 from dcgan_dist.probe import svm
 from dcgan_dist.probe.data import load_digits_splits
-from dcgan_dist.probe.protocol import SvmFits, extract_features, few_labels, fit_draw
+from dcgan_dist.probe.protocol import SvmFits, extract_features, few_labels, score_draw
 
 # The issue's synthetic problem is 20,000 x 8,192 x 10 classes; CI affords this one (liblinear
 # takes most of its time); benchmarks/probe_svm.py runs the full size and 45,000 x 28,672.
@@ -92,10 +92,40 @@ def test_the_authors_draws_choose_c_on_some_and_score_fresh_ones():
     fits = SvmFits()
     fresh = few_labels(splits, split_labels, 5, 2, 3, grid, fits)
     assert fits.fits == 2 * len(grid) + 3 and fresh["fresh_draws"] and fresh["draws"] == 3
-    c_val = [np.mean([fit_draw(splits, split_labels, 5, seed, c, SvmFits())[0] for seed in (0, 1)]) for c in grid]
+    c_val = np.mean([score_draw(splits, split_labels, 5, seed, grid, SvmFits())[:, 0] for seed in (0, 1)], axis=0)
     assert fresh["C"] == grid[int(np.argmax(c_val))]
-    scored = [fit_draw(splits, split_labels, 5, seed, fresh["C"], SvmFits())[1] for seed in (2, 3, 4)]  # not seeds 0 and 1
+    scored = [score_draw(splits, split_labels, 5, seed, (fresh["C"],), SvmFits())[0, 1] for seed in (2, 3, 4)]  # not seeds 0 and 1
     assert (fresh["mean"], fresh["std"]) == pytest.approx((np.mean(scored), np.std(scored)))
     same = few_labels(splits, split_labels, 5, 2, 0, grid, SvmFits())
-    chosen_on = [fit_draw(splits, split_labels, 5, seed, same["C"], SvmFits())[1] for seed in (0, 1)]
+    chosen_on = [score_draw(splits, split_labels, 5, seed, grid, SvmFits())[grid.index(same["C"]), 1] for seed in (0, 1)]
     assert not same["fresh_draws"] and same["mean"] == pytest.approx(np.mean(chosen_on))
+
+
+@pytest.mark.parametrize("path", ["primal", "gram factor"])
+def test_a_c_grid_from_warm_starts_equals_fits_from_zero_in_fewer_newton_iterations(path, digits_features):
+    """The probe fits every C of its grid on one training set (TorchSvm), each from the last's
+    solution: the same objective as a fit from w = 0 (the stop stays relative to f's gradient at
+    0), fewer iterations."""
+    features, labels = synthetic(3000, 512, 10) if path == "primal" else digits_features["train"]
+    grid = (1e-4, 1e-3, 1e-2)
+    problem = svm.TorchSvm(features, labels)
+    assert (problem.factor is None) == (path == "primal")
+    warm = [problem.fit(c) for c in grid]
+    cold = [svm.fit_torch(features, labels, c) for c in grid]
+    for c, ours, reference in zip(grid, warm, cold):
+        assert ours.converged and np.abs(ours.objective / reference.objective - 1).max() <= 1e-6
+        assert np.abs(svm.objective(features, labels, ours, c) / reference.objective - 1).max() <= 1e-6
+    assert sum(m.iterations for m in warm[1:]) < sum(m.iterations for m in cold[1:]), \
+        ([m.iterations for m in warm], [m.iterations for m in cold])
+
+
+@pytest.mark.parametrize("shape", [(900, 64), (300, 700)], ids=["primal", "gram factor"])
+def test_x_read_in_many_chunks_gives_the_fit_of_one_chunk(shape, monkeypatch):
+    """Full-size features are read a chunk at a time, each upcast into one reused buffer; the CI
+    sizes fit in one chunk unless the chunk is made small."""
+    features, labels = synthetic(*shape, 4)
+    whole = svm.fit_torch(features, labels, 1e-2)
+    monkeypatch.setattr(svm, "CHUNK_VALUES", 5000)  # 7-78 rows (or 16 columns of the Gram matrix) a chunk
+    chunked = svm.fit_torch(features, labels, 1e-2)
+    assert np.allclose(chunked.objective, whole.objective, rtol=1e-7)  # float32 sums in another order
+    assert np.allclose(chunked.coef_, whole.coef_, rtol=1e-5, atol=1e-7)

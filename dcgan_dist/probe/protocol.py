@@ -8,7 +8,7 @@ Torch and numpy (scikit-learn for the liblinear solver).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,19 +80,23 @@ class SvmFits:
 
     def fit(self, features: np.ndarray, labels: np.ndarray, c: float) -> svm.LinearSvm:
         """One-vs-rest L2-SVM (squared hinge) on the features as they are, as the authors fit theirs."""
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", svm.SvmNotConverged)
-            limit = {"max_iter": self.max_iter} if self.max_iter else {}
-            if self.solver == "torch":
-                model = svm.fit_torch(features, labels, c, self.device, **limit)
-            else:
-                model = svm.fit_liblinear(features, labels, c, **limit)
-        self.fits += 1
-        self.not_converged += not model.converged
-        for warning in caught:
-            if not issubclass(warning.category, svm.SvmNotConverged):
-                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-        return model
+        return next(self.fit_grid(features, labels, (c,)))
+
+    def fit_grid(self, features: np.ndarray, labels: np.ndarray, c_grid: tuple[float, ...]) -> Iterator[svm.LinearSvm]:
+        """An SVM per C of `c_grid` on one training set, in the grid's order: the torch solver
+        prepares the set once and starts each fit at the last's solution (svm.TorchSvm)."""
+        limit = {"max_iter": self.max_iter} if self.max_iter else {}
+        problem = svm.TorchSvm(features, labels, self.device) if self.solver == "torch" else None
+        for c in c_grid:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", svm.SvmNotConverged)
+                model = problem.fit(c, **limit) if problem else svm.fit_liblinear(features, labels, c, **limit)
+            self.fits += 1
+            self.not_converged += not model.converged
+            for warning in caught:
+                if not issubclass(warning.category, svm.SvmNotConverged):
+                    warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+            yield model
 
     def counts(self) -> dict[str, Any]:
         return {"fits": self.fits, "not_converged": self.not_converged, "solver": self.solver}
@@ -117,20 +121,21 @@ def full_fit(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], c_g
              fits: SvmFits) -> dict[str, float]:
     """An SVM per C on the whole training split; the best on validation, scored on test."""
     best = (-1.0, 0.0, 0.0)
-    for c in c_grid:
-        model = fits.fit(features["train"], labels["train"], c)
+    for c, model in zip(c_grid, fits.fit_grid(features["train"], labels["train"], c_grid)):
         val_accuracy = accuracy(model, features["val"], labels["val"])
         if val_accuracy > best[0]:
             best = (val_accuracy, c, accuracy(model, features["test"], labels["test"]))
     return {"accuracy": best[2], "C": best[1], "val_accuracy": best[0]}
 
 
-def fit_draw(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], per_class: int, seed: int, c: float,
-             fits: SvmFits) -> tuple[float, float]:
-    """(validation, test) accuracy of an SVM on draw `seed` of `per_class` training images per class."""
+def score_draw(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], per_class: int, seed: int,
+               c_grid: tuple[float, ...], fits: SvmFits) -> np.ndarray:
+    """(C, 2): the validation and test accuracy of an SVM per C of `c_grid` on draw `seed` of
+    `per_class` training images per class."""
     chosen = per_class_subset(labels["train"], per_class, seed)
-    model = fits.fit(np.asarray(features["train"][chosen]), labels["train"][chosen], c)
-    return accuracy(model, features["val"], labels["val"]), accuracy(model, features["test"], labels["test"])
+    models = fits.fit_grid(np.asarray(features["train"][chosen]), labels["train"][chosen], c_grid)
+    return np.array([(accuracy(model, features["val"], labels["val"]), accuracy(model, features["test"], labels["test"]))
+                     for model in models])
 
 
 def few_labels(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], per_class: int, draws_for_c: int,
@@ -139,10 +144,11 @@ def few_labels(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], p
     `draws_for_c` draws of `per_class` labelled training images per class; the C of the best mean
     validation accuracy; then that C on `draws` fresh draws, whose test accuracies give the mean
     and std. `draws` 0: the test accuracies of the draws C was chosen on (this probe's earlier way)."""
-    scores = np.array([[fit_draw(features, labels, per_class, draw, c, fits) for draw in range(draws_for_c)] for c in c_grid])
-    best = int(scores[:, :, 0].mean(1).argmax())
+    scores = np.stack([score_draw(features, labels, per_class, draw, c_grid, fits) for draw in range(draws_for_c)], axis=1)
+    best = int(scores[:, :, 0].mean(1).argmax())  # scores: (C, draw, validation or test)
     if draws:  # seeds after the ones C was chosen on: fresh draws
-        tests = np.array([fit_draw(features, labels, per_class, draws_for_c + draw, c_grid[best], fits)[1] for draw in range(draws)])
+        tests = np.array([score_draw(features, labels, per_class, draws_for_c + draw, (c_grid[best],), fits)[0, 1]
+                          for draw in range(draws)])
     else:
         tests = scores[best, :, 1]
     return {"mean": float(tests.mean()), "std": float(tests.std()), "C": c_grid[best],

@@ -16,8 +16,9 @@ The bias is the weight of a constant feature 1 and is regularised with the rest 
 `intercept_scaling=1`). The torch solver is a Newton method with (diagonally preconditioned) conjugate gradients on
 the generalised Hessian I + 2C X_A^T X_A (A: the samples inside the margin), as liblinear's primal
 solver for this loss, with an exact line search (the objective along a direction is a convex
-piecewise quadratic in the step, minimised on the stored margins without passes over X).
-Convergence: ||grad f(w)|| <= tol * ||grad f(0)|| for every class (liblinear's relative
+piecewise quadratic in the step, minimised on the stored margins without passes over X); a
+conjugate-gradient step's two products share one pass over X. Each fit of a C grid on one
+training set starts at the last's solution (TorchSvm). Convergence: ||grad f(w)|| <= tol * ||grad f(0)|| for every class (liblinear's relative
 gradient-norm rule, tighter by default: TOL); a fit that stops at max_iter first says so
 (`converged` False, a warning the probe counts, prints and tags in MLflow).
 """
@@ -72,12 +73,18 @@ class _Rows:
         self.device, self.rows = device, max(1, CHUNK_VALUES // max(1, features.shape[1]))
 
     def chunks(self):
+        """(first row, the chunk in float32); a float16 chunk is upcast into one buffer reused by
+        every chunk (into a fresh tensor each time it took 3-5x as long on CPU), so each chunk
+        is valid only until the next is read."""
+        buffer = None
         for start in range(0, len(self.matrix), self.rows):
             chunk = self.matrix[start : start + self.rows]
-            if self.device == "cpu":  # numpy's float16 -> float32 is about twice torch's on CPU
-                yield start, torch.from_numpy(chunk.numpy().astype(np.float32, copy=False))
-            else:
-                yield start, chunk.to(torch.float32)
+            if chunk.dtype == torch.float32:
+                yield start, chunk
+                continue
+            if buffer is None:
+                buffer = torch.empty((min(self.rows, len(self.matrix)), chunk.shape[1]), dtype=torch.float32, device=self.device)
+            yield start, buffer[: len(chunk)].copy_(chunk)
 
     def squares_times(self, active: torch.Tensor) -> torch.Tensor:
         """(X * X).T @ A: (d, k) float64, the diagonal of X_A^T X_A per column."""
@@ -205,12 +212,16 @@ def _line_search(weights, bias, dir_w, dir_b, scores, step_scores, y, c: float) 
     return t
 
 
-def _newton(rows: _Rows | _Factor, dims: int, y: torch.Tensor, c: float, tol: float, max_iter: int):
-    """(weights, bias, scores, converged, iterations) of Newton-CG from w = 0 (module docstring)."""
-    weights = torch.zeros((dims, y.shape[1]), dtype=torch.float64, device=y.device)
-    bias = torch.zeros(y.shape[1], dtype=torch.float64, device=y.device)
-    scores = torch.zeros_like(y)
-    first_norm = None
+def _newton(rows: _Rows | _Factor, dims: int, y: torch.Tensor, c: float, tol: float, max_iter: int, start=None):
+    """(weights, bias, scores, converged, iterations) of Newton-CG (module docstring) from w = 0,
+    or from `start`: (weights, bias, scores, ||[X^T y, sum y]||), a solution at another C and
+    what the gradient at w = 0 is made of (2C times it: the stop stays relative to f's at 0)."""
+    if start is None:
+        weights = torch.zeros((dims, y.shape[1]), dtype=torch.float64, device=y.device)
+        bias = torch.zeros(y.shape[1], dtype=torch.float64, device=y.device)
+        scores, first_norm = torch.zeros_like(y), None
+    else:
+        weights, bias, scores, first_norm = *start[:3], 2 * c * start[3]
     for iteration in range(1, max_iter + 1):
         margins = 1 - y * scores
         active = (margins > 0).double()
@@ -227,24 +238,49 @@ def _newton(rows: _Rows | _Factor, dims: int, y: torch.Tensor, c: float, tol: fl
     return weights, bias, scores, False, max_iter
 
 
+class TorchSvm:
+    """One training set's torch L2-SVMs at any number of C: the features held once (where there
+    are fewer samples than features, at most GRAM_SAMPLES, the Gram matrix's factor computed
+    once), and each fit starting at the solution of the one before (a C grid in increasing
+    order, as liblinear's own search for C). Over the probe's grid of 9 C: 57 Newton iterations
+    instead of 67 for 3,000 x 512 synthetic features, 60 instead of 105 and 1.8x faster for
+    600 x 2,048 (factor computed once)."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, device: str = "cpu"):
+        self.rows = _Rows(features, device)
+        self.classes, signs = targets(labels)
+        self.y = torch.from_numpy(signs).to(device)
+        gram = len(features) < features.shape[1] and len(features) <= GRAM_SAMPLES
+        self.factor = _Factor(self.rows) if gram else None
+        self.dims = len(features) if gram else features.shape[1]
+        self.last = None  # (weights, bias, scores) of the last fit, in the solved problem's terms
+        self.unit_norm = None  # ||[X^T y, sum y]||: the gradient at w = 0 over 2C
+
+    def fit(self, c: float, tol: float = TOL, max_iter: int = MAX_ITER) -> LinearSvm:
+        """The SVM at `c`, from the last fit's solution; warns SvmNotConverged at max_iter."""
+        solved = self.rows if self.factor is None else self.factor
+        start = None
+        if self.last is not None:
+            if self.unit_norm is None:  # one pass, paid by the second fit (a single fit needs none)
+                gradient_w, gradient_b = solved.transposed_times(self.y)
+                self.unit_norm = (gradient_w.square().sum(0) + gradient_b.square()).sqrt()
+            start = (*self.last, self.unit_norm)
+        weights, bias, scores, converged, iterations = _newton(solved, self.dims, self.y, c, tol, max_iter, start)
+        self.last = (weights, bias, scores)
+        if not converged:
+            warnings.warn(f"torch L2-SVM (C={c:g}) stopped after {max_iter} Newton iterations with the gradient norm above "
+                          f"{tol:g} of its value at w = 0", SvmNotConverged, stacklevel=2)
+        if self.factor is not None:
+            weights, bias = self.factor.weights(self.rows, weights)
+        return LinearSvm(weights.T.float().cpu().numpy(), bias.float().cpu().numpy(), self.classes, converged, iterations,
+                         objective_values(weights, bias, 1 - self.y * scores, c).cpu().numpy())
+
+
 def fit_torch(features: np.ndarray, labels: np.ndarray, c: float, device: str = "cpu", tol: float = TOL,
               max_iter: int = MAX_ITER) -> LinearSvm:
-    """Newton-CG in the primal (module docstring), on the n x n factor of the Gram matrix where
-    there are fewer samples than features (and at most GRAM_SAMPLES); warns SvmNotConverged at max_iter."""
-    rows = _Rows(features, device)
-    classes, signs = targets(labels)
-    y = torch.from_numpy(signs).to(device)
-    if len(features) < features.shape[1] and len(features) <= GRAM_SAMPLES:
-        factor = _Factor(rows)
-        z, _, scores, converged, iterations = _newton(factor, len(features), y, c, tol, max_iter)
-        weights, bias = factor.weights(rows, z)
-    else:
-        weights, bias, scores, converged, iterations = _newton(rows, features.shape[1], y, c, tol, max_iter)
-    if not converged:
-        warnings.warn(f"torch L2-SVM (C={c:g}) stopped after {max_iter} Newton iterations with the gradient norm above "
-                      f"{tol:g} of its start", SvmNotConverged, stacklevel=2)
-    return LinearSvm(weights.T.float().cpu().numpy(), bias.float().cpu().numpy(), classes, converged, iterations,
-                     objective_values(weights, bias, 1 - y * scores, c).cpu().numpy())
+    """One torch L2-SVM (TorchSvm): Newton-CG in the primal (module docstring), on the n x n
+    factor of the Gram matrix where there are fewer samples than features."""
+    return TorchSvm(features, labels, device).fit(c, tol, max_iter)
 
 
 def fit_liblinear(features: np.ndarray, labels: np.ndarray, c: float, tol: float = 1e-4, max_iter: int = 1000) -> LinearSvm:
