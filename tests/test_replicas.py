@@ -62,7 +62,7 @@ def test_replica_spread_measures_drift_in_weights_and_synced_buffers_and_warns()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    results = mp.Manager().dict()
+    results = mp.get_context("spawn").Manager().dict()  # spawned: a forked one inherits pytest's Ray driver (it hung in ActorHandle.__del__)
     mp.spawn(_drifting_rank, args=(port, results), nprocs=WORLD, join=True)
 
     spreads, warnings = results[0]

@@ -47,7 +47,7 @@ def test_global_batchnorm_equals_batchnorm_on_the_whole_batch():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    results = mp.Manager().dict()
+    results = mp.get_context("spawn").Manager().dict()  # spawned: a forked one inherits pytest's Ray driver (it hung in ActorHandle.__del__)
     mp.spawn(_rank, args=(port, results), nprocs=WORLD, join=True)
 
     reference = nn.BatchNorm2d(5)
@@ -88,7 +88,7 @@ def test_global_batchnorm_compiles_into_one_graph():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    results = mp.Manager().dict()
+    results = mp.get_context("spawn").Manager().dict()  # spawned: a forked one inherits pytest's Ray driver (it hung in ActorHandle.__del__)
     mp.spawn(_rank_compiled, args=(port, results), nprocs=WORLD, join=True)
 
     for r in range(WORLD):
@@ -135,7 +135,7 @@ def test_global_batchnorm_under_bf16_keeps_fp32_statistics():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    results = mp.Manager().dict()
+    results = mp.get_context("spawn").Manager().dict()  # spawned: a forked one inherits pytest's Ray driver (it hung in ActorHandle.__del__)
     mp.spawn(_rank_bf16, args=(port, results), nprocs=WORLD, join=True)
 
     torch.manual_seed(0)
