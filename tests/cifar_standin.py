@@ -44,4 +44,6 @@ def write_cifar_archive(path: Path, per_batch: int = 30, test: int = 60) -> Path
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or not sys.argv[1].endswith(".tar.gz"):  # --help, say, would be taken for the archive's name
+        sys.exit("usage: python -m tests.cifar_standin PATH.tar.gz   (writes CIFAR-10's 50,000 + 10,000 images, synthetic)")
     print(write_cifar_archive(Path(sys.argv[1]), per_batch=10_000, test=10_000))

@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,14 @@ def test_probe_on_a_cifar_archive_writes_the_json_document(tmp_path, capsys):
     assert code == 0
     result = json.loads(output.read_text())
     # the few-labels result is named by its count, --per-class 5, not the paper's 400
-    assert set(result) == {"accuracy", "accuracy_5", "test_error_5", "feature_dims", "baselines", "protocol"}
+    assert set(result) == {"accuracy", "accuracy_5", "test_error_5", "feature_dims", "baselines", "protocol", "svm_fits", "stages"}
+    # 3 feature sets x (2 draws x 2 C, 2 fresh draws, 2 C on the whole split)
+    assert result["svm_fits"]["fits"] == 3 * (2 + 2 + 2) and result["svm_fits"]["iterations"] >= result["svm_fits"]["fits"]
+    stages = [(row["features"], row["stage"]) for row in result["stages"]]
+    assert stages[:2] == [("-", "load cifar10"), ("both D", "BatchNorm statistics: running")]
+    assert stages[2:] == [(name, stage) for name in ("discriminator", "random_d", "raw_pixels") for stage in
+                          ("features", "C search: 1 draws x 2 C", "2 fresh draws", "full fit: 135 x 2 C")]
+    assert all(row["seconds"] >= 0 and 0 < row["peak_rss_gb"] <= row["process_peak_rss_gb"] for row in result["stages"])
     assert set(result["accuracy_5"]) == {"mean", "std", "C"} and set(result["baselines"]) == {"raw_pixels", "random_d"}
     assert result["feature_dims"] == 7168
     assert result["protocol"] | {"c_grid": None} == {"bn_stats": "running", "feature_dtype": "float16", "c_grid": None,
@@ -116,6 +124,22 @@ def test_probe_on_a_cifar_archive_writes_the_json_document(tmp_path, capsys):
     assert result["baselines"]["raw_pixels"]["accuracy"] >= 0.9  # the colours: proof that images and labels line up
     printed = capsys.readouterr().out
     assert "trained D" in printed and "raw pixels" in printed and "random D" in printed
+    assert "| raw_pixels | full fit: 135 x 2 C |" in printed  # the stage table (150 training images less 15 for validation)
+
+
+def test_each_stage_reports_its_own_peak_memory_and_leaves_the_process_peak_alone():
+    """The full-size probe's RESULTS row per stage: a stage reports the memory it held, even below
+    an earlier stage's peak (sampled), and a stage that allocates nothing reports the memory in
+    use then; the process's peak (what getrusage and /usr/bin/time report) is never reset."""
+    stages = probe_protocol.Stages()
+    for name, megabytes in (("800 MB", 800), ("400 MB", 400), ("nothing", 0)):
+        with stages.timed("set", name):
+            block = np.ones(megabytes * 2**20 // 8)
+            time.sleep(0.3)  # longer than a few samples
+            del block  # gone before the stage ends: only the samples saw it
+    big, medium, small = (row["peak_rss_gb"] for row in stages.rows)
+    assert big - medium >= 0.3 and medium - small >= 0.3, stages.rows
+    assert probe_protocol.memory_kib()[1] / 2**20 >= big - 0.01 and stages.rows[-1]["process_peak_rss_gb"] >= big - 0.01
 
 
 def test_probe_logs_to_the_checkpoints_run(tmp_path, mlflow_sqlite):

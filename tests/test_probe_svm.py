@@ -81,7 +81,7 @@ def test_a_fit_that_stops_early_says_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # counted, not re-raised
         fits.fit(features, labels, 1e-1)
-    assert fits.counts() == {"fits": 1, "not_converged": 1, "solver": "torch"}
+    assert fits.counts() == {"fits": 1, "iterations": 1, "not_converged": 1, "solver": "torch"}
 
 
 def test_the_authors_draws_choose_c_on_some_and_score_fresh_ones():

@@ -104,7 +104,7 @@ def test_training_on_a_server_registers_models_that_load_and_probe(ray_local, ml
     )
     assert probe.returncode == 0, probe.stderr[-3000:]
     result = json.loads(output.read_text())
-    assert set(result) == {"accuracy", "accuracy_50", "test_error_50", "feature_dims", "baselines", "protocol"}
+    assert set(result) == {"accuracy", "accuracy_50", "test_error_50", "feature_dims", "baselines", "protocol", "svm_fits", "stages"}
     assert result["feature_dims"] == 7168 and set(result["baselines"]) == {"raw_pixels", "random_d"}
     assert result["accuracy"] >= 0.80, result
     metric = client.get_metric_history(run_id, "probe/digits/accuracy")

@@ -90,7 +90,7 @@ import torch  # noqa: E402
 
 from dcgan_dist.authors import weights as authors  # noqa: E402
 from dcgan_dist.probe import protocol  # noqa: E402
-from dcgan_dist.probe.protocol import SvmFits, extract_features, probe_feature_set, raw_pixels, set_bn_statistics  # noqa: E402
+from dcgan_dist.probe.protocol import Stages, SvmFits, extract_features, probe_feature_set, raw_pixels, set_bn_statistics  # noqa: E402
 from dcgan_dist.tracking.registry import LoadedNetwork, load_network  # noqa: E402
 from dcgan_dist.tracking.store import TrackingError, check_reachable, ensure_experiment, resolve_tracking_uri  # noqa: E402
 
@@ -107,26 +107,30 @@ def load_model(reference: str, tracking_uri: str) -> LoadedNetwork:
 
 def run_probe(model: LoadedNetwork, splits: Splits, per_class: int, draws: tuple[int, int] = (DRAWS_FOR_C, DRAWS),
               c_grid: tuple[float, ...] = C_GRID, seed: int = 0, bn_stats: str = "running", device: str = "cpu",
-              feature_dtype: str = "float32", with_full_fit: bool = True, solver: str = "torch") -> dict[str, Any]:
+              feature_dtype: str = "float32", with_full_fit: bool = True, solver: str = "torch",
+              stages: Stages | None = None) -> dict[str, Any]:
     """The trained D, a random D of the same architecture and the raw pixels through the protocol;
-    `draws`: (draws C is chosen on, fresh draws scored with it; 0 = score those C was chosen on)."""
+    `draws`: (draws C is chosen on, fresh draws scored with it; 0 = score those C was chosen on);
+    each stage's wall time and peak memory in `stages` (and the result's "stages")."""
+    stages = stages or Stages()
     smallest = min(np.bincount(splits.train[1]))
     if per_class > smallest:
         raise ProbeError(f"--per-class {per_class}: the training split has only {smallest} images of its rarest class")
     torch.manual_seed(seed)
     _, random_d = model.architecture.build()
     dtype = protocol.FEATURE_DTYPES[feature_dtype]  # the name's numpy type
-    for discriminator in (model.network, random_d):
-        set_bn_statistics(discriminator, splits.train[0], bn_stats, device)
+    with stages.timed("both D", f"BatchNorm statistics: {bn_stats}"):
+        for discriminator in (model.network, random_d):
+            set_bn_statistics(discriminator, splits.train[0], bn_stats, device)
     feature_sets = {
         "discriminator": lambda images: extract_features(model.network, images, device=device, dtype=dtype),
         "random_d": lambda images: extract_features(random_d, images, device=device, dtype=dtype),
         "raw_pixels": lambda images: raw_pixels(images, dtype),
     }
     fits = SvmFits(solver, device)
-    results: dict[str, Any] = {name: probe_feature_set(featurize, splits, per_class, *draws, c_grid, with_full_fit, fits)
+    results: dict[str, Any] = {name: probe_feature_set(name, featurize, splits, per_class, *draws, c_grid, with_full_fit, fits, stages)
                                for name, featurize in feature_sets.items()}
-    results["svm_fits"] = fits.counts()
+    results["svm_fits"], results["stages"] = fits.counts(), stages.rows
     results["protocol"] = {"bn_stats": bn_stats, "feature_dtype": feature_dtype, "c_grid": list(c_grid), "solver": solver,
                            "per_class": per_class, "draws_for_c": draws[0], "draws": draws[1] or draws[0], "fresh_draws": bool(draws[1])}
     return results
@@ -144,6 +148,8 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
         "baselines": {name: {"accuracy": results[name].get("accuracy"), f"accuracy_{per_class}": results[name]["few"]["mean"]}
                       for name in ("raw_pixels", "random_d")},
         "protocol": results["protocol"],
+        "svm_fits": results["svm_fits"],
+        "stages": results["stages"],
     }
 
 
@@ -157,6 +163,14 @@ def table(results: dict[str, Any]) -> str:
         full = f"{r['accuracy']:.2%} ({r['C']:g})" if "accuracy" in r else "-"
         lines.append(f"| {label} | {r['dims']:,} | {full} | {few['mean']:.2%} +/- {few['std']:.2%} ({few['C']:g}) "
                      f"| {1 - few['mean']:.2%} |")
+    return "\n".join(lines)
+
+
+def stage_table(stages: list[dict[str, Any]]) -> str:
+    """What each stage cost: wall seconds and the peak resident memory while it ran."""
+    lines = ["| features | stage | wall s | peak RSS GB |", "|---|---|---:|---:|"]
+    lines += [f"| {row['features']} | {row['stage']} | {row['seconds']:,.1f} | {row['peak_rss_gb']:.2f} |" for row in stages]
+    lines += [f"The probe's peak resident memory: {stages[-1]['process_peak_rss_gb']:.2f} GB"] if stages else []
     return "\n".join(lines)
 
 
@@ -272,15 +286,18 @@ def probe_command(args: argparse.Namespace) -> int:
     arch = model.architecture
     if args.preset and arch.preset != args.preset:
         raise ProbeError(f"--discriminator {args.discriminator}: a D of preset {arch.preset!r}, not --preset {args.preset!r}")
-    splits = load_splits(args.dataset, args.data_path, arch.image_size)
+    stages = Stages()
+    with stages.timed("-", f"load {args.dataset}"):
+        splits = load_splits(args.dataset, args.data_path, arch.image_size)
     draws = (args.draws_for_c, 0 if args.same_draws else args.draws)
-    results = run_probe(model, splits, per_class, draws, c_grid, bn_stats=bn_stats, device=args.device,
-                        feature_dtype=args.feature_dtype, with_full_fit=protocol.full_fit and not args.no_full_fit, solver=args.solver)
+    results = run_probe(model, splits, per_class, draws, c_grid, bn_stats=bn_stats, device=args.device, feature_dtype=args.feature_dtype,
+                        with_full_fit=protocol.full_fit and not args.no_full_fit, solver=args.solver, stages=stages)
 
     print(f"\nL2-SVM probe on {args.dataset}: D {redact(args.discriminator)} ({arch.preset}, {arch.image_size} px, "
           f"bn {arch.bn}, step {model.step}); BatchNorm statistics: {bn_stats}; features {args.feature_dtype} on {args.device}")
     print(table(results))
     fits = results["svm_fits"]
+    print(f"\n{fits['fits']} SVM fits ({fits['solver']}, {fits['iterations']:,} iterations); the stages:\n{stage_table(results['stages'])}")
     if fits["not_converged"]:
         print(f"warning: {fits['not_converged']} of {fits['fits']} SVM fits ({fits['solver']}) stopped at their iteration "
               "limit before converging", file=sys.stderr)

@@ -7,9 +7,15 @@ Torch and numpy (scikit-learn for the liblinear solver).
 
 from __future__ import annotations
 
+import resource
+import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,6 +82,7 @@ class SvmFits:
     device: str = "cpu"
     max_iter: int = 0  # 0: the solver's own limit
     fits: int = 0
+    iterations: int = 0  # Newton's (torch) or liblinear's, summed over the fits
     not_converged: int = 0
 
     def fit(self, features: np.ndarray, labels: np.ndarray, c: float) -> svm.LinearSvm:
@@ -92,6 +99,7 @@ class SvmFits:
                 warnings.simplefilter("always", svm.SvmNotConverged)
                 model = problem.fit(c, **limit) if problem else svm.fit_liblinear(features, labels, c, **limit)
             self.fits += 1
+            self.iterations += model.iterations
             self.not_converged += not model.converged
             for warning in caught:
                 if not issubclass(warning.category, svm.SvmNotConverged):
@@ -99,7 +107,7 @@ class SvmFits:
             yield model
 
     def counts(self) -> dict[str, Any]:
-        return {"fits": self.fits, "not_converged": self.not_converged, "solver": self.solver}
+        return {"fits": self.fits, "iterations": self.iterations, "not_converged": self.not_converged, "solver": self.solver}
 
 
 def accuracy(model: svm.LinearSvm, features: np.ndarray, labels: np.ndarray) -> float:
@@ -139,16 +147,20 @@ def score_draw(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], p
 
 
 def few_labels(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], per_class: int, draws_for_c: int,
-               draws: int, c_grid: tuple[float, ...], fits: SvmFits) -> dict[str, Any]:
+               draws: int, c_grid: tuple[float, ...], fits: SvmFits, stages: Stages | None = None,
+               name: str = "") -> dict[str, Any]:
     """The authors' protocol (svhn/svhn_semisup_analysis.py): for each C an SVM on each of
     `draws_for_c` draws of `per_class` labelled training images per class; the C of the best mean
     validation accuracy; then that C on `draws` fresh draws, whose test accuracies give the mean
     and std. `draws` 0: the test accuracies of the draws C was chosen on (this probe's earlier way)."""
-    scores = np.stack([score_draw(features, labels, per_class, draw, c_grid, fits) for draw in range(draws_for_c)], axis=1)
+    timed = stages.timed if stages else lambda *_: nullcontext()
+    with timed(name, f"C search: {draws_for_c} draws x {len(c_grid)} C"):
+        scores = np.stack([score_draw(features, labels, per_class, draw, c_grid, fits) for draw in range(draws_for_c)], axis=1)
     best = int(scores[:, :, 0].mean(1).argmax())  # scores: (C, draw, validation or test)
     if draws:  # seeds after the ones C was chosen on: fresh draws
-        tests = np.array([score_draw(features, labels, per_class, draws_for_c + draw, (c_grid[best],), fits)[0, 1]
-                          for draw in range(draws)])
+        with timed(name, f"{draws} fresh draws"):
+            tests = np.array([score_draw(features, labels, per_class, draws_for_c + draw, (c_grid[best],), fits)[0, 1]
+                              for draw in range(draws)])
     else:
         tests = scores[best, :, 1]
     return {"mean": float(tests.mean()), "std": float(tests.std()), "C": c_grid[best],
@@ -156,14 +168,76 @@ def few_labels(features: dict[str, np.ndarray], labels: dict[str, np.ndarray], p
             "draws": draws or draws_for_c, "fresh_draws": bool(draws)}
 
 
-def probe_feature_set(featurize: Callable[[torch.Tensor], np.ndarray], splits, per_class: int, draws_for_c: int, draws: int,
-                      c_grid: tuple[float, ...], with_full_fit: bool, fits: SvmFits) -> dict[str, Any]:
+def probe_feature_set(name: str, featurize: Callable[[torch.Tensor], np.ndarray], splits, per_class: int, draws_for_c: int,
+                      draws: int, c_grid: tuple[float, ...], with_full_fit: bool, fits: SvmFits, stages: Stages) -> dict[str, Any]:
     """The protocol for one feature set: features of every split, the few-labels SVMs and (when
-    asked) the full-training-split SVM."""
+    asked) the full-training-split SVM, each stage timed."""
     labels = {split: getattr(splits, split)[1] for split in ("train", "val", "test")}
-    features = {split: featurize(getattr(splits, split)[0]) for split in ("train", "val", "test")}
+    with stages.timed(name, "features"):
+        features = {split: featurize(getattr(splits, split)[0]) for split in ("train", "val", "test")}
     result = {"dims": int(features["train"].shape[1]), "feature_bytes": int(sum(f.nbytes for f in features.values())),
-              "few": few_labels(features, labels, per_class, draws_for_c, draws, c_grid, fits)}
+              "few": few_labels(features, labels, per_class, draws_for_c, draws, c_grid, fits, stages, name)}
     if with_full_fit:
-        result |= full_fit(features, labels, c_grid, fits)
+        with stages.timed(name, f"full fit: {len(labels['train']):,} x {len(c_grid)} C"):
+            result |= full_fit(features, labels, c_grid, fits)
     return result
+
+
+# ---------------------------------------------------------------- what each stage costs
+
+
+RSS_SAMPLE_S = 0.05  # how often a stage's resident set is sampled
+
+
+def memory_kib() -> tuple[int, int]:
+    """(the resident set now, the process's peak) in KiB: Linux's VmRSS and VmHWM; elsewhere the
+    peak (ru_maxrss) for both."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+        fields = dict(line.split(":", 1) for line in lines if line.startswith(("VmRSS:", "VmHWM:")))
+        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+    except (OSError, KeyError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        return peak, peak
+
+
+class PeakWatch:
+    """One stage's own peak resident set, leaving the process's peak alone (resetting VmHWM would
+    also lower what getrusage and /usr/bin/time report): the process's new peak where the stage
+    set one, else the largest resident set sampled every RSS_SAMPLE_S while it ran."""
+
+    def __init__(self):
+        self.largest, self.peak_before = memory_kib()
+        self.done = threading.Event()
+        self.sampler = threading.Thread(target=self._sample, daemon=True)
+        self.sampler.start()
+
+    def _sample(self) -> None:
+        while not self.done.wait(RSS_SAMPLE_S):
+            self.largest = max(self.largest, memory_kib()[0])
+
+    def stop(self) -> float:
+        """The stage's peak in GiB."""
+        self.done.set()
+        self.sampler.join()
+        now, peak = memory_kib()
+        return (peak if peak > self.peak_before else max(self.largest, now)) / 2**20
+
+
+@dataclass
+class Stages:
+    """Wall time and peak resident memory of each stage of a probe (its table; RESULTS' figures)."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @contextmanager
+    def timed(self, features: str, stage: str) -> Iterator[None]:
+        watch, began = PeakWatch(), time.perf_counter()
+        try:
+            yield
+        finally:
+            peak = watch.stop()
+        row = {"features": features, "stage": stage, "seconds": round(time.perf_counter() - began, 1), "peak_rss_gb": round(peak, 2),
+               "process_peak_rss_gb": round(memory_kib()[1] / 2**20, 2)}
+        self.rows.append(row)
+        print(f"probe: {features}: {stage}: {row['seconds']:,.1f} s, peak RSS {row['peak_rss_gb']:.2f} GB", file=sys.stderr, flush=True)
