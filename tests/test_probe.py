@@ -109,8 +109,8 @@ def test_probe_on_a_cifar_archive_writes_the_json_document(tmp_path, capsys):
     assert set(result) == {"accuracy", "accuracy_5", "test_error_5", "feature_dims", "baselines", "protocol", "svm_fits", "stages"}
     # 3 feature sets x (2 draws x 2 C, 2 fresh draws, 2 C on the whole split)
     assert result["svm_fits"]["fits"] == 3 * (2 + 2 + 2) and result["svm_fits"]["iterations"] >= result["svm_fits"]["fits"]
-    stages = [(row["features"], row["stage"]) for row in result["stages"]]
-    assert stages[:2] == [("-", "load cifar10"), ("both D", "BatchNorm statistics: running")]
+    stages = [(row["feature_set"], row["stage"]) for row in result["stages"]]
+    assert stages[:2] == [("all", "load cifar10"), ("both D", "BatchNorm statistics: running")]
     assert stages[2:] == [(name, stage) for name in ("discriminator", "random_d", "raw_pixels") for stage in
                           ("features", "C search: 1 draws x 2 C", "2 fresh draws", "full fit: 135 x 2 C")]
     assert all(row["seconds"] >= 0 and 0 < row["peak_rss_gb"] <= row["process_peak_rss_gb"] for row in result["stages"])

@@ -168,8 +168,8 @@ def table(results: dict[str, Any]) -> str:
 
 def stage_table(stages: list[dict[str, Any]]) -> str:
     """What each stage cost: wall seconds and the peak resident memory while it ran."""
-    lines = ["| features | stage | wall s | peak RSS GB |", "|---|---|---:|---:|"]
-    lines += [f"| {row['features']} | {row['stage']} | {row['seconds']:,.1f} | {row['peak_rss_gb']:.2f} |" for row in stages]
+    lines = ["| feature set | stage | wall s | peak RSS GB |", "|---|---|---:|---:|"]
+    lines += [f"| {row['feature_set']} | {row['stage']} | {row['seconds']:,.1f} | {row['peak_rss_gb']:.2f} |" for row in stages]
     lines += [f"The probe's peak resident memory: {stages[-1]['process_peak_rss_gb']:.2f} GB"] if stages else []
     return "\n".join(lines)
 
@@ -287,7 +287,7 @@ def probe_command(args: argparse.Namespace) -> int:
     if args.preset and arch.preset != args.preset:
         raise ProbeError(f"--discriminator {args.discriminator}: a D of preset {arch.preset!r}, not --preset {args.preset!r}")
     stages = Stages()
-    with stages.timed("-", f"load {args.dataset}"):
+    with stages.timed("all", f"load {args.dataset}"):
         splits = load_splits(args.dataset, args.data_path, arch.image_size)
     draws = (args.draws_for_c, 0 if args.same_draws else args.draws)
     results = run_probe(model, splits, per_class, draws, c_grid, bn_stats=bn_stats, device=args.device, feature_dtype=args.feature_dtype,

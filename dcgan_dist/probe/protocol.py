@@ -231,13 +231,13 @@ class Stages:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     @contextmanager
-    def timed(self, features: str, stage: str) -> Iterator[None]:
+    def timed(self, feature_set: str, stage: str) -> Iterator[None]:
         watch, began = PeakWatch(), time.perf_counter()
         try:
             yield
         finally:
             peak = watch.stop()
-        row = {"features": features, "stage": stage, "seconds": round(time.perf_counter() - began, 1), "peak_rss_gb": round(peak, 2),
+        row = {"feature_set": feature_set, "stage": stage, "seconds": round(time.perf_counter() - began, 1), "peak_rss_gb": round(peak, 2),
                "process_peak_rss_gb": round(memory_kib()[1] / 2**20, 2)}
         self.rows.append(row)
-        print(f"probe: {features}: {stage}: {row['seconds']:,.1f} s, peak RSS {row['peak_rss_gb']:.2f} GB", file=sys.stderr, flush=True)
+        print(f"probe: {feature_set}: {stage}: {row['seconds']:,.1f} s, peak RSS {row['peak_rss_gb']:.2f} GB", file=sys.stderr, flush=True)
