@@ -137,7 +137,7 @@ def log_final_models(logger: RunLogger, architecture: Architecture, generator: t
     the last. Each is registered from the LoggedModel its evaluation logged (the best by score,
     champion.evaluate), or, where there is none (--logged-models champion-and-last, or the server
     away then), from one logged now at its step, to which MLflow links the run's metrics of that
-    step. Ends with the tag `registered.step`, which tells a later resume (or `python -m
+    step. LoggedModels an outage left PENDING are marked FAILED. Ends with the tag `registered.step`, which tells a later resume (or `python -m
     dcgan_dist.register`) that nothing is left to do (`holds_final_models`). Without it, doing
     this again registers no model twice: the registry answers which versions of this run and
     step exist (registry.log_models). Returns {registered model name: version}."""
@@ -153,6 +153,7 @@ def log_final_models(logger: RunLogger, architecture: Architecture, generator: t
                 "champion.metric": evaluate.SCORE, "champion.backbone": backbone,
             })
         logger.set_tags({"champion.step": best.step, "champion.score": best.score})
+    logger.fail_abandoned_models()
     logger.set_tags({REGISTERED_TAG: last_step})
     return versions
 

@@ -433,6 +433,24 @@ def test_a_finished_run_re_run_at_or_below_its_step_says_so_and_changes_nothing(
         assert registry_and_run(client, run_id) == before, f"--max-steps {max_steps}"
 
 
+def test_the_end_of_training_marks_failed_the_models_an_outage_left_pending(mlflow_sqlite):
+    """A send cut between MLflow's create and its upload leaves a PENDING LoggedModel (CI met one);
+    the end of training marks it FAILED and leaves the READY ones as they are."""
+    ensure_experiment(mlflow_sqlite, "tests")
+    logger = RunLogger(mlflow_sqlite, "tests", "pending", None, system_metrics=False)
+    client = MlflowClient(mlflow_sqlite)
+    experiment_id = client.get_run(logger.run_id).info.experiment_id
+    cut = mlflow.initialize_logged_model(name="generator", source_run_id=logger.run_id, experiment_id=experiment_id,
+                                         tags={registry.STEP_TAG: "4"})
+    assert cut.status == LoggedModelStatus.PENDING
+    architecture = Architecture.of("pytorch-examples", 32, "paper")
+    log_final_models(logger, architecture, *architecture.build(), 8, None, "digits")
+    logger.finish()
+    found = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{logger.run_id}'")
+    assert sorted((m.name, m.tags[registry.STEP_TAG], m.status) for m in found) == [
+        ("discriminator", "8", LoggedModelStatus.READY), ("generator", "4", LoggedModelStatus.FAILED), ("generator", "8", LoggedModelStatus.READY)]
+
+
 def test_a_resumed_logger_skips_the_steps_the_run_already_holds(mlflow_sqlite):
     """What a restart after a crash relies on: steps 11..15 were logged before the crash and
     are trained again from the step-10 checkpoint; they are kept once, not logged twice."""

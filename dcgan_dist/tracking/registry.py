@@ -133,6 +133,22 @@ def logged_model_id(name: str, run_id: str, step: int, experiment_id: str) -> st
     return ready[0] if ready else None
 
 
+def fail_abandoned(run_id: str, uri: str | None = None) -> int:
+    """Marks FAILED every LoggedModel of run `run_id` still PENDING: at the end of training none
+    is being uploaded, so those are what a send cut between MLflow's create and its upload left
+    (nothing uses them; the UI would show them pending for ever). Returns how many."""
+    client, abandoned, page = MlflowClient(uri), [], None
+    experiment_id = client.get_run(run_id).info.experiment_id
+    while True:  # a long run logs two models an evaluation: page through them
+        found = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'", page_token=page)
+        abandoned += [model.model_id for model in found if model.status == LoggedModelStatus.PENDING]
+        if not (page := found.token):
+            break
+    for model_id in abandoned:
+        client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+    return len(abandoned)
+
+
 def registered_version(name: str, run_id: str, step: int, uri: str | None = None) -> str | None:
     """The version of `name` that run `run_id` registered for its models of `step`, or None: the
     registry's own answer, whatever tags the run holds. The oldest, should there be several."""

@@ -134,6 +134,11 @@ class RunLogger:
         returns {registered model name: version}."""
         return registry.log_models(architecture, generator.state_dict(), discriminator.state_dict(), step, register=register)
 
+    def fail_abandoned_models(self) -> None:
+        """The run's LoggedModels left PENDING by an outage marked FAILED (registry.fail_abandoned)."""
+        if count := registry.fail_abandoned(self.run_id, self.client.tracking_uri):
+            log.warning("MLflow run %s: %d LoggedModel(s) left pending by an outage marked FAILED", self.run_id, count)
+
     def log_checkpoint(self, architecture: Architecture, generator: torch.nn.Module, discriminator: torch.nn.Module,
                        step: int) -> dict[str, str]:
         """An evaluated checkpoint's G and D as LoggedModels at `step` (registry.log_checkpoint):
@@ -142,7 +147,7 @@ class RunLogger:
         (the run goes on; the evaluation's metrics are then logged unlinked, through the buffer
         that spills them; the checkpoint stays in Ray's storage, and the end of training logs
         the champion and the last from it). A send cut half-way may leave a PENDING LoggedModel,
-        which nothing uses."""
+        which nothing uses and the end of training marks FAILED (fail_abandoned_models)."""
         try:
             check_reachable(self.client.tracking_uri)
             return registry.log_checkpoint(architecture, generator.state_dict(), discriminator.state_dict(), step)
