@@ -137,8 +137,9 @@ def log_final_models(logger: RunLogger, architecture: Architecture, generator: t
     the last. Each is registered from the LoggedModel its evaluation logged (the best by score,
     champion.evaluate), or, where there is none (--logged-models champion-and-last, or the server
     away then), from one logged now at its step, to which MLflow links the run's metrics of that
-    step. LoggedModels an outage left PENDING are marked FAILED. Ends with the tag `registered.step`, which tells a later resume (or `python -m
-    dcgan_dist.register`) that nothing is left to do (`holds_final_models`). Without it, doing
+    step. LoggedModels an outage left PENDING are marked FAILED. Ends with the tag
+    `registered.step`, which tells a later resume (or `python -m dcgan_dist.register`) that
+    nothing is left to do (`holds_final_models`). Without it, doing
     this again registers no model twice: the registry answers which versions of this run and
     step exist (registry.log_models). Returns {registered model name: version}."""
     champion = None
