@@ -217,6 +217,10 @@ def finish(client: MlflowClient, parent_id: str, sweep: Sweep, results, resumed:
         if row["status"] == "stopped early" and row["mlflow_run_id"]:
             client.set_tag(row["mlflow_run_id"], "sweep.stopped_early", "true")
             client.set_terminated(row["mlflow_run_id"], status="KILLED")
+        elif row["status"] == "interrupted" and row["mlflow_run_id"]:
+            # Cut off by the interrupt: KILLED, whatever the trial's process wrote on its way down
+            # (run_trial's handler may have ended it FAILED first: a race CI met once).
+            client.set_terminated(row["mlflow_run_id"], status="KILLED")
     status, code, why = outcome(rows, interrupted)
     experiment_id = client.get_run(parent_id).info.experiment_id
     # A trial cut off by an interrupt, or whose process died, never closed its run.
