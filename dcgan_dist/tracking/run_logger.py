@@ -165,6 +165,8 @@ class RunLogger:
     def finish(self, status: str = "FINISHED", timeout_s: float = 300.0) -> None:
         self.sender.close(timeout_s)
         try:
+            if status == "FAILED" and (ended := self.client.get_run(self.run_id).info.status) != "RUNNING":
+                status = ended  # a sweep that stopped or cut off this trial ended it KILLED first: keep that
             mlflow.end_run(status=status)
         except Exception as e:  # noqa: BLE001 - the server is away; the run keeps its last status
             log.warning("MLflow %s: could not mark run %s %s (%s)", redact(self.client.tracking_uri), self.run_id, status,
