@@ -260,6 +260,52 @@ def test_asha_stops_a_losing_trial_early(ray_local, mlflow_sqlite, tmp_path):
     assert learner[0].info.status == "FINISHED"
 
 
+class Trial:
+    """What Tune's callbacks read of a trial (ray.tune.experiment.Trial)."""
+
+    def __init__(self, trial_id: str, last_result: dict):
+        self.trial_id, self.last_result = trial_id, last_result
+
+
+def test_the_run_of_a_trial_the_scheduler_stops_ends_killed_before_tune_stops_it(mlflow_sqlite, monkeypatch):
+    # Tune calls on_trial_complete before it stops the trial: the run is KILLED before the trial's
+    # own process can see its TrainController die (a FAILED it wrote could land after the sweep's KILLED).
+    import pickle
+
+    from tuning import run
+
+    client = MlflowClient(mlflow_sqlite)
+    experiment = client.create_experiment("stops")
+    stopped, finished = (client.create_run(experiment).info.run_id for _ in range(2))
+    monkeypatch.setattr(run, "STOPPING", {"client": client, "max_steps": 16})
+    callback = pickle.loads(pickle.dumps(run.TrialEnds()))  # Tune pickles its run config with the experiment
+    callback.on_trial_complete(0, [], Trial("t_00000", {"mlflow_run_id": stopped, "step": 8}))
+    callback.on_trial_complete(0, [], Trial("t_00001", {"mlflow_run_id": finished, "step": 16}))  # reached its last step
+    assert client.get_run(stopped).info.status == "KILLED" and client.get_run(stopped).data.tags["sweep.stopped_early"] == "true"
+    assert client.get_run(finished).info.status == "RUNNING" and "sweep.stopped_early" not in client.get_run(finished).data.tags
+    assert {"t_00000", "t_00001"} <= run.ENDED
+
+
+@pytest.mark.slow
+def test_a_trial_whose_placement_group_tune_removed_is_stopped_not_failed(ray_local, mlflow_sqlite):
+    # Stopping a trial (ASHA, an interrupt) removes its placement group, which kills its TrainController:
+    # fit() raises in run_trial with nothing wrong. Only a trial whose group is still there failed.
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from tuning import run
+
+    client = MlflowClient(mlflow_sqlite)
+    experiment = client.create_experiment("stops")
+    failed, stopped, outside = (client.create_run(experiment).info.run_id for _ in range(3))
+    group = placement_group([{"CPU": 0.01}])
+    ray_local.get(group.ready(), timeout=60)
+    run.end_failed_unless_stopped(mlflow_sqlite, failed, group)
+    remove_placement_group(group)
+    run.end_failed_unless_stopped(mlflow_sqlite, stopped, group)
+    run.end_failed_unless_stopped(mlflow_sqlite, outside, None)  # not in a placement group: a failure
+    assert [client.get_run(r).info.status for r in (failed, stopped, outside)] == ["FAILED", "RUNNING", "FAILED"]
+
+
 @pytest.mark.slow
 def test_a_trial_whose_workers_cannot_be_placed_fails_within_its_bound(ray_local, mlflow_server, tmp_path, capsys):
     # Each worker asks for a resource no node has: Ray Train's worker group never starts, and
@@ -364,11 +410,7 @@ def test_what_the_sweep_hands_to_ray_survives_pickling():
     dimensions = pickle.loads(pickle.dumps(sweep.parse_args(["--ablation", "paper"]).dimensions))
     assert space.trial_label(dimensions, {"optim.beta1": 0.9, "optim.lr": 2e-4, "model.bn": "none"}) == "beta1=0.9 lr=2e-4 bn=none"
     callback = pickle.loads(pickle.dumps(run.TrialEnds()))  # Tune pickles its run config with the experiment
-
-    class Trial:
-        trial_id = "abc_00001"
-
-    callback.on_trial_complete(0, [], Trial())
+    callback.on_trial_complete(0, [], Trial("abc_00001", {}))
     assert "abc_00001" in run.ENDED
 
 

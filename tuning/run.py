@@ -20,7 +20,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from dcgan_dist import config, placement, train
 from dcgan_dist.tracking import training_run
-from dcgan_dist.util import redact
+from dcgan_dist.util import first_line, redact
 from tuning import report, space, tracking
 from tuning.space import Sweep
 
@@ -61,8 +61,18 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep_name: str, par
     try:
         train.build_trainer(cfg, callbacks=[TuneReportCallback()], launch=launch).fit()
     except BaseException:
-        training_run.end_failed(cfg.tracking.tracking_uri, launch["mlflow_run_id"])
+        end_failed_unless_stopped(cfg.tracking.tracking_uri, launch["mlflow_run_id"], ray.util.get_current_placement_group())
         raise
+
+
+def end_failed_unless_stopped(uri: str, run_id: str, group) -> None:
+    """A trial's fit() raised: its run ends FAILED, unless Tune is stopping the trial (its scheduler, or the
+    sweep's interrupt). Stopping removes the trial's placement group `group`, which kills the trial's
+    TrainController, so fit() raises ActorDiedError here with nothing wrong with the training: the sweep's
+    driver ends that run KILLED (TrialEnds, finish), and a FAILED written here could land after it."""
+    if group is not None and ray.util.placement_group_table(group).get("state") == "REMOVED":
+        return
+    training_run.end_failed(uri, run_id)
 
 
 WORKER_GROUP_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -124,15 +134,29 @@ def environment(values: dict[str, str]):
 
 
 ENDED: set[str] = set()  # the trials that ended in this process: completed, stopped by the scheduler, or errored
+# Where TrialEnds ends the runs of stopped trials (run_sweep sets it: the client, the last step).
+# The module's, as ENDED: Tune pickles the callback into the experiment's state, which must
+# not hold the tracking URI (it may carry credentials).
+STOPPING: dict[str, Any] = {}
 
 
 class TrialEnds(ray.tune.Callback):
-    """Records in ENDED the trials Tune ended by itself. Tune's run config is pickled with the
-    experiment and a restored sweep gets a copy of it: the set is the module's, not the copy's.
-    Trials an interrupt stops are stopped without these calls."""
+    """Records in ENDED the trials Tune ended by itself, and ends KILLED, at once, the run of a
+    trial the scheduler stopped before its last step. Tune calls on_trial_complete before it
+    stops the trial, so the trial's own process, on its way down, finds the run ended already
+    (end_failed_unless_stopped) and the MLflow UI does not show it running until the sweep ends.
+    Tune's run config is pickled with the experiment and a restored sweep gets a copy of it: the
+    set is the module's, not the copy's. Trials an interrupt stops are stopped without these calls."""
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         ENDED.add(trial.trial_id)
+        last = trial.last_result or {}
+        if STOPPING and last.get("mlflow_run_id") and int(last.get("step", 0)) < STOPPING["max_steps"]:
+            try:
+                tracking.end_stopped_trial(STOPPING["client"], last["mlflow_run_id"])
+            except Exception as e:  # noqa: BLE001 - an exception here would fail the trial; finish() ends it again
+                print(f"MLflow: could not end stopped trial {trial.trial_id}'s run ({redact(first_line(e))}); "
+                      "the sweep's end will", file=sys.stderr)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         ENDED.add(trial.trial_id)
@@ -213,10 +237,9 @@ def finish(client: MlflowClient, parent_id: str, sweep: Sweep, results, resumed:
     rows = report.trial_rows(results, sweep, trials, cut_off)
     if interrupted:
         rows += report.missing_trials(rows, sweep)
-    for row in rows:  # ASHA's stops kill the trial's workers before they can close their run
+    for row in rows:  # ASHA's stops kill the trial's workers before they can close their run (TrialEnds did, if it could)
         if row["status"] == "stopped early" and row["mlflow_run_id"]:
-            client.set_tag(row["mlflow_run_id"], "sweep.stopped_early", "true")
-            client.set_terminated(row["mlflow_run_id"], status="KILLED")
+            tracking.end_stopped_trial(client, row["mlflow_run_id"])
         elif row["status"] == "interrupted" and row["mlflow_run_id"]:
             # Cut off by the interrupt: KILLED, whatever the trial's process wrote on its way down
             # (run_trial's handler may have ended it FAILED first: a race CI met once).
@@ -266,6 +289,7 @@ def run_sweep(sweep: Sweep) -> int:
     tune_path = join(base.tracking.storage_path, sweep.sweep_name)
     client = MlflowClient(base.tracking.tracking_uri)
     parent_id, resumed = tracking.parent_run(client, sweep, tune_path)
+    STOPPING.update(client=client, max_steps=base.loop.max_steps)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
             run_trial, base=config.flatten(base), sweep_name=sweep.sweep_name, parent_run_id=parent_id,

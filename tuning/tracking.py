@@ -107,6 +107,12 @@ def trial_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list
     return client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=1000)
 
 
+def end_stopped_trial(client: MlflowClient, run_id: str) -> None:
+    """A trial the scheduler stopped: tagged so, and KILLED (not FAILED: nothing went wrong)."""
+    client.set_tag(run_id, "sweep.stopped_early", "true")
+    client.set_terminated(run_id, status=KILLED)
+
+
 def close_open_trials(client: MlflowClient, experiment_id: str, parent_id: str, status: str) -> int:
     """End the trials' runs that are still RUNNING (their process was stopped before it could)."""
     open_runs = [run for run in trial_runs(client, experiment_id, parent_id) if run.info.status == "RUNNING"]
