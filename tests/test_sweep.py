@@ -76,10 +76,13 @@ def test_search_keys_are_config_paths_and_the_paper_ablation():
     assert paper.scheduler == "asha" and (paper.metric, paper.mode) == ("eval/fid", "min")
     assert paper.grace_steps >= paper.base.eval.eval_every
     assert sweep.parse_args(["--ablation", "paper", "--eval-every", "0"]).metric == "loss_g"
-    # training flags apply to every trial; sweeps do not register a model version per trial
+    # training flags apply to every trial; sweeps do not register a model version per trial, nor
+    # log each evaluation's models (the flags opt in)
     flagged = sweep.parse_args(["--ablation", "paper", "--max-steps", "77", "--workers-per-trial", "2", "--batch-size", "64"])
     assert flagged.base.loop.max_steps == 77 and flagged.base.cluster.num_workers == "2"
-    assert flagged.base.tracking.register_models is False
+    assert flagged.base.tracking.register_models is False and flagged.base.tracking.logged_models == "champion-and-last"
+    opted = sweep.parse_args(["--ablation", "paper", "--register-models", "--logged-models", "every-eval"]).base.tracking
+    assert opted.register_models is True and opted.logged_models == "every-eval"
 
 
 def test_the_paper_ablation_uses_only_the_configs_own_choices():

@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> Sweep:
 def settings_from_args(args: argparse.Namespace) -> Sweep:
     base = config.Config()
     base.tracking.register_models = False  # one registry version per trial is noise; opt in with the flag
+    # Each evaluation's G and D as LoggedModels cost ~14 MB and seconds of a trial's time, over
+    # every trial (docs/tracking.md); trials are compared on their metrics. Opt in with the flag.
+    base.tracking.logged_models = "champion-and-last"
     base = config.from_args(args, base)
     if args.workers_per_trial is not None:
         base.cluster.num_workers = str(args.workers_per_trial)
