@@ -28,8 +28,12 @@ def tune_trials(results) -> list | None:
     return list(analysis.trials) if analysis is not None else None
 
 
+def short_of_the_end(metrics: dict | None, max_steps: int) -> bool:
+    """Whether a trial's last report came before its last step: a trial that ended there was stopped."""
+    return int((metrics or {}).get("step", 0)) < max_steps
+
+
 def trial_status(result, trial, max_steps: int, cut_off: bool) -> str:
-    last_step = int((result.metrics or {}).get("step", 0))
     state = getattr(trial, "status", "")
     if result.error is not None:
         return "error"
@@ -37,7 +41,7 @@ def trial_status(result, trial, max_steps: int, cut_off: bool) -> str:
         return "not run"
     if cut_off or state in ("RUNNING", "PAUSED"):  # stopped by an interrupt, not by the scheduler
         return "interrupted"
-    return "completed" if last_step >= max_steps else "stopped early"
+    return "stopped early" if short_of_the_end(result.metrics, max_steps) else "completed"
 
 
 def missing_trials(rows: list[dict[str, Any]], sweep: Sweep) -> list[dict[str, Any]]:

@@ -154,7 +154,7 @@ class TrialEnds(ray.tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         ENDED.add(trial.trial_id)
         last = trial.last_result or {}
-        if STOPPING and last.get("mlflow_run_id") and int(last.get("step", 0)) < STOPPING["max_steps"]:
+        if STOPPING and last.get("mlflow_run_id") and report.short_of_the_end(last, STOPPING["max_steps"]):
             try:
                 tracking.end_stopped_trial(STOPPING["client"], last["mlflow_run_id"])
             except Exception as e:  # noqa: BLE001 - an exception here would fail the trial; finish() ends it again
